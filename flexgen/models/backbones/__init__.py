@@ -1,0 +1,3 @@
+from .flex_dit import FlexDiT
+
+__all__ = ['FlexDiT']

@@ -1,0 +1,87 @@
+"""The diffusion transformer backbone behind every reference configuration."""
+import torch.nn as nn
+
+from flexgen.registry import MODELS, POSITION_ENCODINGS
+from ..blocks import FinalLayer
+from ..layers import LabelEmbedder, PatchEmbed, TimestepEmbedder
+
+
+@MODELS.register_module()
+class FlexDiT(nn.Module):
+    """A DiT (Peebles & Xie 2023) on jagged token batches of any image sizes.
+
+    ``forward(batch, t, y)`` maps the tokens of a :class:`~flexgen.structures.TokenBatch`
+    (patches in ``(c, p1, p2)`` order) with per-image model times ``t`` ``[B]`` and labels
+    ``y`` ``[B]`` (``num_classes`` = no class) to ``p*p*out_channels`` values per token.
+    Configurations choose the block (``block``), the absolute position embedding
+    (``pos_embed``, e.g. ``SinCos2D``; DiT / SiT) and/or the rotary one (``rope``, e.g.
+    ``AxialRoPE2D``; FiT / NiT).
+
+    Args:
+        time_scale: the model time fed to the timestep sinusoid is ``time_scale * t`` for
+            flexgen's ``t`` in [0, 1]. 1000 spreads [0, 1] over the sinusoid's frequencies
+            as DiT's integer steps do; checkpoints trained otherwise set what they used.
+    """
+
+    def __init__(self, in_channels, patch_size, hidden_size, depth, num_heads, num_classes,
+                 out_channels=None, learn_sigma=False, mlp_ratio=4.0,
+                 block=dict(type='AdaLNZeroBlock'), mlp=dict(type='GeluMlp'), qk_norm=None,
+                 modulation=dict(type='AdaLNZero'), attn_backend='sdpa',
+                 pos_embed=dict(type='SinCos2D'), rope=None, time_scale=1000.0,
+                 frequency_embedding_size=256):
+        super().__init__()
+        self.in_channels, self.patch_size = in_channels, patch_size
+        self.out_channels = (out_channels or in_channels) * (2 if learn_sigma else 1)
+        self.learn_sigma, self.num_classes = learn_sigma, num_classes
+        self.hidden_size, self.num_heads = hidden_size, num_heads
+        self.time_scale = time_scale
+
+        self.x_embedder = PatchEmbed(in_channels, patch_size, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size, frequency_embedding_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size)
+        self.pos_embed = (POSITION_ENCODINGS.build(dict(pos_embed, dim=hidden_size))
+                          if pos_embed else None)
+        self.rope = (POSITION_ENCODINGS.build(dict(rope, head_dim=hidden_size // num_heads))
+                     if rope else None)
+        mlp = dict(mlp, mlp_ratio=mlp_ratio) if 'mlp_ratio' not in mlp else mlp
+        self.blocks = nn.ModuleList(
+            MODELS.build(dict(block, hidden_size=hidden_size, num_heads=num_heads, mlp=mlp,
+                              qk_norm=qk_norm, modulation=modulation,
+                              attn_backend=attn_backend))
+            for _ in range(depth))
+        self.final_layer = FinalLayer(hidden_size, patch_size ** 2 * self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """DiT's initialisation: xavier linears, N(0, 0.02) embeddings, zero adaLN and
+        output layers (every block starts as the identity, the output at zero)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            last = block.adaLN_modulation[-1]
+            nn.init.zeros_(last.weight)
+            if last.bias is not None:
+                nn.init.zeros_(last.bias)
+        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def condition(self, t, y):
+        """Per-image conditioning ``c = t_emb + y_emb`` ``[B, D]``."""
+        return self.t_embedder(self.time_scale * t) + self.y_embedder(y)
+
+    def forward(self, batch, t, y):
+        x = self.x_embedder(batch.tokens)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(batch.positions).to(x.dtype)
+        rope = self.rope(batch.positions) if self.rope is not None else None
+        c = self.condition(t, y)
+        for block in self.blocks:
+            x = block(x, c, batch, rope)
+        return self.final_layer(x, c, batch)

@@ -1,0 +1,182 @@
+"""The class-conditional generator: backbone + transport + sampler + autoencoder."""
+from typing import List, Optional, Sequence
+
+import torch
+from mmengine.model import BaseModel
+
+from flexgen.registry import (GUIDANCE, MODELS, SAMPLERS, TIME_SAMPLERS, TRANSPORTS,
+                              build)
+from flexgen.structures import TokenBatch, patchify, unpatchify
+
+_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, step, index) over 64 bits
+
+
+def image_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (splitmix-style), the same in every process."""
+    value = 0
+    for part in parts:
+        value = (value ^ (int(part) & 0xFFFFFFFFFFFFFFFF)) * _MIX & 0xFFFFFFFFFFFFFFFF
+        value ^= value >> 31
+    return value & 0x7FFFFFFFFFFFFFFF
+
+
+@MODELS.register_module()
+class DiffusionGenerator(BaseModel):
+    """An mmengine model that trains a diffusion transformer and generates with it.
+
+    ``forward(inputs, data_samples, mode)``:
+
+    - ``mode='loss'``: ``inputs`` is a list of images / latents ``[C, H, W]`` of any sizes,
+      ``data_samples`` a dict with ``labels`` ``[B]`` (and, from flexgen's train loop,
+      ``seed``, ``step`` and the dataset ``index`` ``[B]``). Returns ``dict(loss=...)``.
+    - ``mode='predict'``: ``data_samples`` holds the requests: ``label`` ``[B]``, ``size``
+      ``[B, 2]`` (image pixels) and ``seed`` ``[B]``. Returns one dict per image with
+      ``image`` (``[3, H, W]`` in [0, 1]), ``label``, ``index``.
+
+    Randomness: every image's draws (time, noise, label drop) come from its own
+    ``torch.Generator`` seeded by ``(seed, step, dataset index)`` in training and by its
+    request seed in generation, so the numbers do not depend on batching, process count
+    or resumption.
+
+    Args:
+        backbone: the network, e.g. ``FlexDiT``.
+        transport: the noise process, e.g. ``RectifiedFlow``.
+        time_sampler: the training distribution of t.
+        sampler: the generation sampler, e.g. ``EulerODE``.
+        guidance: e.g. ``ClassifierFreeGuidance``; ``None`` samples the conditional model.
+        autoencoder: ``IdentityAutoencoder`` (pixel space, or data already in latents) or
+            ``DiffusersAutoencoder``.
+        class_dropout_prob: probability of replacing a training label by "no class".
+        loss_reduction: ``'image'`` (mean per image, then over images; DiT / FiT) or
+            ``'token'`` (mean over all tokens; NiT's packs).
+    """
+
+    def __init__(self, backbone, transport, time_sampler=dict(type='UniformTime'),
+                 sampler=dict(type='EulerODE'), guidance=None,
+                 autoencoder=dict(type='IdentityAutoencoder'), class_dropout_prob=0.1,
+                 loss_reduction='image', data_preprocessor=None, init_cfg=None):
+        super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
+        self.backbone = MODELS.build(backbone)
+        self.autoencoder = MODELS.build(autoencoder)
+        self.transport = build(TRANSPORTS, transport)
+        self.time_sampler = build(TIME_SAMPLERS, time_sampler)
+        self.sampler = build(SAMPLERS, sampler)
+        self.guidance = build(GUIDANCE, guidance)
+        if loss_reduction not in ('image', 'token'):
+            raise ValueError(f"loss_reduction must be 'image' or 'token', got {loss_reduction!r}")
+        self.class_dropout_prob, self.loss_reduction = class_dropout_prob, loss_reduction
+        self.num_classes = self.backbone.num_classes
+        self.patch_size = self.backbone.patch_size
+
+    # ------------------------------------------------------------------ helpers
+    def _generators(self, seeds: Optional[Sequence[int]], count: int):
+        if seeds is None:
+            return [None] * count
+        return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    @staticmethod
+    def _training_seeds(data_samples):
+        """Per-image seeds from the train loop's (seed, step) and the dataset index."""
+        if not all(k in data_samples for k in ('seed', 'step', 'index')):
+            return None  # called outside flexgen's loop: global RNG
+        seed, step = int(data_samples['seed']), int(data_samples['step'])
+        return [image_seed(seed, step, i) for i in data_samples['index'].tolist()]
+
+    @staticmethod
+    def _noise_like(batch: TokenBatch, generators):
+        parts = [torch.randn(part.shape, generator=g, dtype=torch.float32)
+                 for part, g in zip(batch.split(batch.tokens), generators)]
+        return torch.cat(parts).to(batch.device, batch.tokens.dtype)
+
+    def network(self, batch: TokenBatch, t, y):
+        """The backbone's raw output tokens for model inputs in flexgen's convention."""
+        return self.backbone(batch, t, y)
+
+    # ------------------------------------------------------------------ modes
+    def forward(self, inputs=None, data_samples=None, mode='tensor'):
+        if mode == 'loss':
+            return self.loss(inputs, data_samples)
+        if mode == 'predict':
+            return self.predict(data_samples)
+        if mode == 'tensor':
+            batch = patchify(inputs, self.patch_size)
+            return self.network(batch, data_samples['t'], data_samples['labels'])
+        raise ValueError(f"mode must be 'loss', 'predict' or 'tensor', got {mode!r}")
+
+    def loss(self, inputs: List[torch.Tensor], data_samples: dict) -> dict:
+        with torch.no_grad():
+            latents = self.autoencoder.encode(inputs)
+        batch = patchify(latents, self.patch_size)
+        labels = data_samples['labels'].to(batch.device)
+        generators = self._generators(self._training_seeds(data_samples), batch.num_images)
+        # Draw order per image: time, label drop, noise (a fixed order keeps runs comparable).
+        t = self.time_sampler(generators, batch.device)
+        drop = torch.cat([torch.rand(1, generator=g) for g in generators]).to(batch.device)
+        labels = torch.where(drop < self.class_dropout_prob,
+                             torch.full_like(labels, self.num_classes), labels)
+        noise = self._noise_like(batch, generators)
+
+        x0 = batch.tokens
+        t_tok = batch.per_token(t.to(x0.dtype))[:, None]
+        xt = self.transport.interpolate(x0, noise, t_tok)
+        output = self.network(batch.replace(xt), t, labels)
+        per_token = self.transport.loss(output, x0, noise, t_tok)
+        if self.loss_reduction == 'token':
+            loss = per_token.mean()
+        else:
+            per_image = torch.zeros(batch.num_images, device=per_token.device,
+                                    dtype=per_token.dtype)
+            per_image.index_add_(0, batch.image_ids, per_token)
+            loss = (per_image / batch.seqlens).mean()
+        return dict(loss=loss)
+
+    @torch.no_grad()
+    def generate(self, labels, sizes, seeds=None, sampler=None, guidance='default',
+                 callback=None) -> List[torch.Tensor]:
+        """Generate one image per label at its ``(H, W)`` size (pixels), in [-1, 1].
+
+        Images of different sizes are generated together in one jagged batch.
+        ``sampler`` / ``guidance`` override the configured ones for this call.
+        """
+        sampler = build(SAMPLERS, sampler) if sampler is not None else self.sampler
+        guidance = self.guidance if guidance == 'default' else build(GUIDANCE, guidance)
+        device = next(self.backbone.parameters()).device
+        labels = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1)
+        sizes = torch.as_tensor(sizes, dtype=torch.long).reshape(-1, 2)
+        if len(sizes) == 1 and len(labels) > 1:
+            sizes = sizes.repeat(len(labels), 1)
+        seeds = list(range(len(labels))) if seeds is None else [int(s) for s in seeds]
+        step = self.autoencoder.downsample * self.patch_size
+        for h, w in sizes.tolist():
+            if h % step or w % step:
+                raise ValueError(f'generate: size {h}x{w} is not divisible by {step} '
+                                 f'(autoencoder downsampling x patch size)')
+        channels = self.backbone.in_channels
+        noise_images = [torch.randn(channels, h // self.autoencoder.downsample,
+                                    w // self.autoencoder.downsample, generator=g)
+                        for (h, w), g in zip(sizes.tolist(), self._generators(seeds, len(seeds)))]
+        batch = patchify([n.to(device) for n in noise_images], self.patch_size)
+        width = channels * self.patch_size ** 2
+        if guidance is None:
+            def model_fn(x, t):
+                t_vec = torch.full((batch.num_images,), float(t), device=device)
+                return self.network(batch.replace(x), t_vec, labels)
+        else:
+            model_fn = guidance.wrap(self.network, batch, labels, self.num_classes, width,
+                                     self.patch_size ** 2)
+
+        def velocity_fn(x, t):
+            return self.transport.velocity(model_fn(x, t)[:, :width], x, t)
+
+        x0 = sampler(velocity_fn, batch.tokens, callback=callback)
+        latents = unpatchify(x0, batch.sizes, self.patch_size)
+        return self.autoencoder.decode(latents)
+
+    def predict(self, data_samples: dict) -> List[dict]:
+        labels = data_samples['label'] if 'label' in data_samples else data_samples['labels']
+        images = self.generate(labels, data_samples['size'], data_samples.get('seed'))
+        indices = data_samples.get('index', torch.arange(len(images)))
+        return [dict(image=((img.float().cpu() + 1) / 2).clamp(0, 1), label=int(y),
+                     index=int(i))
+                for img, y, i in zip(images, torch.as_tensor(labels).tolist(),
+                                     torch.as_tensor(indices).tolist())]

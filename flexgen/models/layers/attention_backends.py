@@ -1,0 +1,95 @@
+"""Attention backends: block-diagonal attention over a jagged token batch.
+
+Every backend computes, for each image i of a :class:`~flexgen.structures.TokenBatch`,
+``softmax(q_i k_i^T * scale) v_i`` on that image's tokens only. They differ only in how:
+
+- ``sdpa``: one dense batched ``scaled_dot_product_attention`` when all images have the
+  same length (DiT's case, no overhead); otherwise images are grouped by length and each
+  group runs as one dense batch (cost ``sum n_i^2``, never ``(sum n_i)^2``).
+- ``padded``: FiT's way: pad every image to the longest, mask, one SDPA call.
+- ``per_image``: the plainest loop, one SDPA call per image (the reference the others are
+  tested against).
+
+A backend is a callable ``(q, k, v, batch) -> out`` on ``[N, heads, head_dim]`` tensors.
+A new one is one class here (or in your own module) and one config line.
+"""
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+
+from flexgen.registry import ATTENTION_BACKENDS
+
+
+def _sdpa(q, k, v):
+    """``[..., n, H, d]`` inputs -> ``[..., n, H, d]`` (SDPA wants heads before tokens)."""
+    out = F.scaled_dot_product_attention(q.transpose(-3, -2), k.transpose(-3, -2),
+                                         v.transpose(-3, -2))
+    return out.transpose(-3, -2)
+
+
+@ATTENTION_BACKENDS.register_module(name='per_image')
+class PerImageAttention:
+    """One dense SDPA call per image."""
+
+    def __call__(self, q, k, v, batch):
+        outs = [_sdpa(qi, ki, vi) for qi, ki, vi in
+                zip(batch.split(q), batch.split(k), batch.split(v))]
+        return torch.cat(outs) if outs else q.new_zeros(q.shape)
+
+
+@ATTENTION_BACKENDS.register_module(name='sdpa')
+class SDPAAttention:
+    """Dense batched SDPA, grouping images of equal length into one call."""
+
+    def __call__(self, q, k, v, batch):
+        if batch.is_uniform:
+            return _sdpa(batch.dense(q), batch.dense(k), batch.dense(v)).reshape(q.shape)
+        groups = defaultdict(list)
+        for i, n in enumerate(batch.seqlens_list):
+            groups[n].append(i)
+        q_parts, k_parts, v_parts = batch.split(q), batch.split(k), batch.split(v)
+        outs = [None] * batch.num_images
+        for ids in groups.values():
+            o = _sdpa(torch.stack([q_parts[i] for i in ids]),
+                      torch.stack([k_parts[i] for i in ids]),
+                      torch.stack([v_parts[i] for i in ids]))
+            for j, i in enumerate(ids):
+                outs[i] = o[j]
+        return torch.cat(outs)
+
+
+@ATTENTION_BACKENDS.register_module(name='padded')
+class PaddedAttention:
+    """Pad every image to the longest and mask, as FiT does.
+
+    Valid tokens attend to valid tokens of their image; padded slots attend only to
+    padded slots (FiT's ``mask_i == mask_j``), so no softmax row is empty.
+    """
+
+    def __call__(self, q, k, v, batch):
+        b, length = batch.num_images, batch.max_seqlen
+        local = torch.arange(q.shape[0], device=q.device) - \
+            batch.cu_seqlens[:-1].long()[batch.image_ids]
+        index = (batch.image_ids, local)
+
+        def pad(x):
+            padded = x.new_zeros((b, length) + tuple(x.shape[1:]))
+            padded[index] = x
+            return padded
+
+        valid = torch.zeros(b, length, dtype=torch.bool, device=q.device)
+        valid[index] = True
+        mask = valid[:, None, :, None] == valid[:, None, None, :]
+        out = F.scaled_dot_product_attention(pad(q).transpose(1, 2), pad(k).transpose(1, 2),
+                                             pad(v).transpose(1, 2), attn_mask=mask)
+        return out.transpose(1, 2)[index]
+
+
+def build_attention_backend(cfg):
+    """A backend from a name (``'sdpa'``), a config dict, or a ready callable."""
+    if isinstance(cfg, str):
+        cfg = dict(type=cfg)
+    if isinstance(cfg, dict):
+        return ATTENTION_BACKENDS.build(cfg)
+    return cfg
