@@ -1,0 +1,187 @@
+"""Evaluation: the Frechet distance against closed forms, the cached classifier of the real
+data, and the generated-class-accuracy metric on perfect, mislabelled and noise generators."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from flexgen.evaluation import classifier as classifier_module
+from flexgen.evaluation import (GeneratedClassAccuracy, SmallConvClassifier, feature_statistics,
+                                frechet_distance, train_classifier)
+from flexgen.registry import DATASETS, METRICS
+
+
+class ToyShapes:
+    """Squares, discs and crosses of random colours on dark backgrounds; label = index % 3,
+    sizes alternate every three images."""
+
+    CLASSES = ('square', 'disc', 'cross')
+
+    def __init__(self, num_images=600, sizes=((16, 16), (16, 24)), seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.sizes = [tuple(sizes[(i // 3) % len(sizes)]) for i in range(num_images)]
+        self.images = [self._draw(i % 3, *self.sizes[i], g) for i in range(num_images)]
+        self.metainfo = dict(classes=self.CLASSES)
+
+    @staticmethod
+    def _draw(label, h, w, g):
+        colour = torch.rand(3, 1, 1, generator=g) * 0.7 + 0.3
+        background = torch.rand(3, 1, 1, generator=g) * 0.25
+        r = 3 + int(torch.randint(0, 3, (1,), generator=g))
+        cy = int(torch.randint(r, h - r, (1,), generator=g))
+        cx = int(torch.randint(r, w - r, (1,), generator=g))
+        dy = (torch.arange(h) - cy).abs()[:, None]
+        dx = (torch.arange(w) - cx).abs()[None, :]
+        if label == 0:
+            mask = torch.maximum(dy, dx) <= r
+        elif label == 1:
+            mask = dy ** 2 + dx ** 2 <= r * r + r
+        else:
+            mask = ((dy <= 1) & (dx <= r)) | ((dx <= 1) & (dy <= r))
+        return torch.where(mask, colour, background) * 2 - 1
+
+    def __len__(self):
+        return len(self.images)
+
+    def get_size(self, i):
+        return self.sizes[i]
+
+    def __getitem__(self, i):
+        return dict(inputs=self.images[i], data_samples=dict(label=i % 3, index=i))
+
+
+DATASETS.register_module(name='_TestEvaluationToyShapes', module=ToyShapes, force=True)
+DATASET = dict(type='_TestEvaluationToyShapes', num_images=600)
+TRAIN = dict(epochs=20, batch_size=64)
+
+
+# ----------------------------------------------------------------------- Frechet distance
+def _random_spd(d, seed):
+    a = np.random.default_rng(seed).normal(size=(d, d))
+    return a @ a.T + 0.1 * np.eye(d)
+
+
+def test_frechet_closed_forms():
+    rng = np.random.default_rng(0)
+    d = 6
+    mu, sigma = rng.normal(size=d), _random_spd(d, 1)
+    assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-9
+    shift = rng.normal(size=d)
+    assert frechet_distance(mu, sigma, mu + shift, sigma) == pytest.approx(shift @ shift,
+                                                                          rel=1e-9)
+    # Diagonal, then commuting (same eigenvectors): sum (sqrt(a) - sqrt(b))^2.
+    a, b = rng.uniform(0.1, 3, d), rng.uniform(0.1, 3, d)
+    expected = ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    assert frechet_distance(mu, np.diag(a), mu, np.diag(b)) == pytest.approx(expected, rel=1e-9)
+    q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    assert frechet_distance(mu, q * a @ q.T, mu + shift, q * b @ q.T) == pytest.approx(
+        expected + shift @ shift, rel=1e-9)
+    # General covariances: Tr (S1 S2)^(1/2) from the (non-symmetric) product's eigenvalues.
+    s1, s2 = _random_spd(d, 2), _random_spd(d, 3)
+    trace_sqrt = np.sqrt(np.linalg.eigvals(s1 @ s2).real).sum()
+    general = np.trace(s1) + np.trace(s2) - 2 * trace_sqrt
+    assert frechet_distance(mu, s1, mu, s2) == pytest.approx(general, rel=1e-9)
+    assert frechet_distance(mu, s2, mu, s1) == pytest.approx(general, rel=1e-9)
+    # Torch inputs (float32) go through the same float64 path.
+    assert frechet_distance(torch.tensor(mu), torch.tensor(s1), mu, s2) == pytest.approx(
+        general, rel=1e-9)
+
+
+def test_feature_statistics_and_errors():
+    features = np.random.default_rng(0).normal(size=(50, 4))
+    mu, sigma = feature_statistics(torch.tensor(features, dtype=torch.float64))
+    np.testing.assert_allclose(mu, features.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(features.T), rtol=1e-12)
+    with pytest.raises(ValueError, match='N >= 2'):
+        feature_statistics(features[:1])
+    with pytest.raises(ValueError, match='sigma2 has shape \\(3, 3\\), expected \\(4, 4\\)'):
+        frechet_distance(mu, sigma, mu, np.eye(3))
+
+
+# ----------------------------------------------------------------------- classifier
+@pytest.fixture(scope='module')
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp('classifiers'))
+
+
+@pytest.fixture(scope='module')
+def trained(cache_dir):
+    return train_classifier(DATASET, seed=0, cache_dir=cache_dir, **TRAIN)
+
+
+def _no_training(*args, **kwargs):
+    raise AssertionError('the classifier was retrained instead of loaded from the cache')
+
+
+def test_classifier_accuracy_and_any_size(trained):
+    assert trained.accuracy >= 90
+    assert trained.classes == list(ToyShapes.CLASSES)
+    assert trained.model(torch.zeros(2, 3, 20, 28)).shape == (2, 3)
+    assert trained.model.features(torch.zeros(1, 3, 12, 40)).shape == (1, 64)
+
+
+def test_classifier_cache_is_reused(trained, cache_dir, monkeypatch):
+    assert os.listdir(cache_dir) == [os.path.basename(trained.path)]  # no temporary left
+    assert trained.path.endswith('.safetensors')
+    monkeypatch.setattr(classifier_module, '_fit', _no_training)
+    again = train_classifier(DATASET, seed=0, cache_dir=cache_dir, **TRAIN)
+    assert again.accuracy == trained.accuracy and again.classes == trained.classes
+    reference = trained.model.state_dict()
+    assert all(torch.equal(v, reference[k]) for k, v in again.model.state_dict().items())
+    # Anything that changes the weights changes the cache file: these would retrain.
+    for changed in (dict(seed=1), dict(epochs=3), dict(dataset_cfg=dict(DATASET, seed=5))):
+        kwargs = dict(dict(dataset_cfg=DATASET, seed=0, cache_dir=cache_dir, **TRAIN), **changed)
+        with pytest.raises(AssertionError, match='retrained'):
+            train_classifier(**kwargs)
+
+
+def test_classifier_training_is_deterministic(trained, tmp_path):
+    again = train_classifier(DATASET, seed=0, cache_dir=str(tmp_path), **TRAIN)
+    assert os.path.basename(again.path) == os.path.basename(trained.path)
+    reference = trained.model.state_dict()
+    assert all(torch.equal(v, reference[k]) for k, v in again.model.state_dict().items())
+
+
+# ----------------------------------------------------------------------- metric
+def _evaluate(metric, images, labels, batch=50):
+    for start in range(0, len(images), batch):
+        metric.process(None, [dict(image=(x + 1) / 2, label=y)
+                              for x, y in zip(images[start:start + batch],
+                                              labels[start:start + batch])])
+    return metric.evaluate(len(images))
+
+
+def test_generated_class_accuracy(trained, cache_dir, monkeypatch):
+    monkeypatch.setattr(classifier_module, '_fit', _no_training)  # the fixture's weights
+    metric = METRICS.build(dict(type='GeneratedClassAccuracy', classifier_dataset=DATASET,
+                                cache_dir=cache_dir, train_cfg=TRAIN, num_real=300))
+    assert isinstance(metric, GeneratedClassAccuracy)
+    fresh = ToyShapes(num_images=300, seed=123)  # real images the classifier never saw
+    images = [fresh[i]['inputs'] for i in range(len(fresh))]
+    labels = [fresh[i]['data_samples']['label'] for i in range(len(fresh))]
+
+    perfect = _evaluate(metric, images, labels)
+    assert set(perfect) == {'gen/accuracy', 'gen/frechet_distance', 'gen/classifier_accuracy'}
+    assert perfect['gen/classifier_accuracy'] == trained.accuracy
+    assert abs(perfect['gen/accuracy'] - trained.accuracy) <= 5
+
+    wrong = _evaluate(metric, images, [(y + 1) % 3 for y in labels])
+    assert wrong['gen/accuracy'] <= 10
+    assert wrong['gen/frechet_distance'] == pytest.approx(perfect['gen/frechet_distance'])
+
+    g = torch.Generator().manual_seed(0)
+    noise = _evaluate(metric, [torch.rand(x.shape, generator=g) * 2 - 1 for x in images], labels)
+    assert noise['gen/frechet_distance'] > 20 * perfect['gen/frechet_distance']
+
+    with pytest.raises(ValueError, match='"label"\\] = 3 is not a class index in \\[0, 3\\)'):
+        metric.process(None, [dict(image=torch.zeros(3, 16, 16), label=3)])
+    with pytest.raises(ValueError, match='must be a Tensor\\[3, H, W\\]'):
+        metric.process(None, [dict(image=torch.zeros(16, 16), label=0)])
+
+
+def test_classifier_init_is_seeded():
+    a, b = SmallConvClassifier(3), SmallConvClassifier(3)
+    a.reset_parameters(torch.Generator().manual_seed(4))
+    b.reset_parameters(torch.Generator().manual_seed(4))
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
