@@ -1,0 +1,85 @@
+"""The training loop: mmengine's iteration loop with O(1) resume and step-seeded noise."""
+from typing import Sequence
+
+from mmengine.logging import print_log
+from mmengine.runner import IterBasedTrainLoop
+from mmengine.runner.loops import _InfiniteDataloaderIterator
+
+from flexgen.registry import LOOPS
+
+
+@LOOPS.register_module()
+class FlexTrainLoop(IterBasedTrainLoop):
+    """``IterBasedTrainLoop`` that resumes without replaying data and seeds each step.
+
+    Arguments are those of ``IterBasedTrainLoop`` (``max_iters``, ``val_begin``,
+    ``val_interval``, ``dynamic_intervals``). Two differences:
+
+    - **Resume.** mmengine's loop loads and throws away every batch up to the resumed
+      iteration. If the train dataloader's ``batch_sampler`` has ``set_start_iter(it)``
+      (flexgen's bucket and token-budget samplers: infinite, and positioned by the step
+      alone), this loop calls it and opens the dataloader there: the cost no longer grows
+      with the iteration. Other samplers fall back to mmengine's replay, with a warning.
+    - **Seeds.** Before each ``train_step``, a dict ``data_samples`` gets
+      ``seed`` (``runner.seed``) and ``step`` (the iteration). Models derive their random
+      draws (noise, timesteps) from ``(seed, step, image index)`` instead of the global
+      RNG, so resumed and multi-process runs draw exactly what one uninterrupted process
+      draws, with no RNG state in the checkpoint.
+    """
+
+    def run(self):
+        self.runner.call_hook('before_train')
+        # An iteration-based run is one big epoch, as in mmengine.
+        self.runner.call_hook('before_train_epoch')
+        if self._iter > 0:
+            self._skip_to(self._iter)
+        while self._iter < self._max_iters and not self.stop_training:
+            self.runner.model.train()
+            data_batch = next(self.dataloader_iterator)
+            self.run_iter(data_batch)
+            self._decide_current_val_interval()
+            if (self.runner.val_loop is not None and self._iter >= self.val_begin
+                    and (self._iter % self.val_interval == 0
+                         or self._iter == self._max_iters)):
+                self.runner.val_loop.run()
+        self.runner.call_hook('after_train_epoch')
+        self.runner.call_hook('after_train')
+        return self.runner.model
+
+    def run_iter(self, data_batch: Sequence[dict]) -> None:
+        samples = data_batch.get('data_samples') if isinstance(data_batch, dict) else None
+        if isinstance(samples, dict):
+            samples['seed'] = self.runner.seed
+            samples['step'] = self._iter
+        super().run_iter(data_batch)
+
+    def _skip_to(self, start_iter: int) -> None:
+        batch_sampler = getattr(self.dataloader, 'batch_sampler', None)
+        if not hasattr(batch_sampler, 'set_start_iter'):
+            sampler = getattr(batch_sampler, 'sampler', None)
+            name = type(batch_sampler).__name__ + (
+                f'(sampler={type(sampler).__name__})' if sampler is not None else '')
+            print_log(f'{name} has no set_start_iter(), so resuming replays the dataloader: '
+                      f'{start_iter} batches are loaded and discarded. Use a batch sampler '
+                      'with set_start_iter (BucketBatchSampler, TokenBudgetBatchSampler) '
+                      'to resume at once.', logger='current', level='WARNING')
+            for _ in range(start_iter):
+                next(self.dataloader_iterator)
+            return
+        # The base class opened the dataloader in __init__, before the resumed iteration
+        # was known: its workers may be prefetching batches 0, 1, ... Close it, then open
+        # the dataloader again at `start_iter`.
+        self._close_iterator()
+        batch_sampler.set_start_iter(start_iter)
+        self.dataloader_iterator = _InfiniteDataloaderIterator(self.dataloader)
+        print_log(f'Resumed the dataloader at iteration {start_iter} '
+                  f'({type(batch_sampler).__name__}.set_start_iter).', logger='current')
+
+    def _close_iterator(self) -> None:
+        iterator = getattr(self.dataloader_iterator, '_iterator', None)
+        # Persistent workers are reused: DataLoader.__iter__ resets them and drains the
+        # stale prefetched batches. Other worker iterators are shut down here.
+        persistent = getattr(self.dataloader, 'persistent_workers', False)
+        if iterator is not None and not persistent and hasattr(iterator, '_shutdown_workers'):
+            iterator._shutdown_workers()
+        self.dataloader_iterator = None
