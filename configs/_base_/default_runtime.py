@@ -1,0 +1,37 @@
+# Runtime shared by every flexgen config: hooks, logging, environment, seed.
+# The training loop (train_cfg=dict(type='FlexTrainLoop', max_iters=...)), the optimiser
+# and the learning-rate schedule come from configs/_base_/schedules/.
+#
+# Top-level keys: tools/train.py refuses keys that neither mmengine's Runner nor flexgen
+# reads (a misspelled `trian_cfg` is an error, not a silent no-op). Helper variables of
+# a config must start with an underscore, e.g. `_latent_size = 32`.
+default_scope = 'flexgen'
+
+default_hooks = dict(
+    timer=dict(type='IterTimerHook'),
+    logger=dict(type='LoggerHook', interval=100, log_metric_by_epoch=False),
+    param_scheduler=dict(type='ParamSchedulerHook'),
+    # Atomic writes, weights_only files; max_keep_ckpts prunes only after a save is whole.
+    checkpoint=dict(type='FlexCheckpointHook', by_epoch=False, interval=10000,
+                    max_keep_ckpts=3, save_last=True),
+)
+
+env_cfg = dict(
+    cudnn_benchmark=False,
+    mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),
+    # tools/train.py switches to gloo when --launcher pytorch runs without CUDA.
+    dist_cfg=dict(backend='nccl'),
+)
+
+log_processor = dict(by_epoch=False, window_size=50)
+
+# tools/train.py adds dict(type='TensorboardVisBackend') when the optional `tensorboard`
+# package is installed (pip install flexgen[dev] or tensorboard).
+vis_backends = [dict(type='LocalVisBackend')]
+# No fixed name: each Runner gets its own visualizer instance (named after the run).
+visualizer = dict(type='Visualizer', vis_backends=vis_backends)
+
+log_level = 'INFO'
+load_from = None
+resume = False
+randomness = dict(seed=0)

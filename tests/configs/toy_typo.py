@@ -1,0 +1,3 @@
+_base_ = ['./toy_train.py']
+
+trian_cfg = dict(max_iters=3)
