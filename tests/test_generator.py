@@ -48,13 +48,13 @@ def test_loss_draws_depend_only_on_seed_step_and_index():
     _randomised(model.backbone)
     g = torch.Generator().manual_seed(3)
     images = [torch.randn(3, 4, 4, generator=g) for _ in range(4)]
-    samples = dict(labels=torch.tensor([0, 1, 2, 3]), index=torch.tensor([10, 11, 12, 13]),
+    samples = dict(label=torch.tensor([0, 1, 2, 3]), index=torch.tensor([10, 11, 12, 13]),
                    seed=5, step=7)
     full = model.loss(images, samples)['loss']
     again = model.loss(images, samples)['loss']
     assert torch.equal(full, again)
     # the two halves computed apart average to the whole (the per-image draws do not move)
-    halves = [model.loss(images[i:i + 2], dict(labels=samples['labels'][i:i + 2],
+    halves = [model.loss(images[i:i + 2], dict(label=samples['label'][i:i + 2],
                                                index=samples['index'][i:i + 2], seed=5, step=7))
               ['loss'] for i in (0, 2)]
     torch.testing.assert_close(full, (halves[0] + halves[1]) / 2)
@@ -95,7 +95,7 @@ def test_short_training_run_lowers_the_loss():
     # two classes of constant images: learnable in a few steps
     images = [torch.full((3, 4, 4), 0.8) if i % 2 else torch.full((3, 4, 4), -0.8)
               for i in range(16)]
-    samples = dict(labels=torch.tensor([i % 2 for i in range(16)]), index=torch.arange(16),
+    samples = dict(label=torch.tensor([i % 2 for i in range(16)]), index=torch.arange(16),
                    seed=0)
     losses = []
     for step in range(60):

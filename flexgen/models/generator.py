@@ -27,7 +27,7 @@ class DiffusionGenerator(BaseModel):
     ``forward(inputs, data_samples, mode)``:
 
     - ``mode='loss'``: ``inputs`` is a list of images / latents ``[C, H, W]`` of any sizes,
-      ``data_samples`` a dict with ``labels`` ``[B]`` (and, from flexgen's train loop,
+      ``data_samples`` a dict with ``label`` ``[B]`` (and, from flexgen's train loop,
       ``seed``, ``step`` and the dataset ``index`` ``[B]``). Returns ``dict(loss=...)``.
     - ``mode='predict'``: ``data_samples`` holds the requests: ``label`` ``[B]``, ``size``
       ``[B, 2]`` (image pixels) and ``seed`` ``[B]``. Returns one dict per image with
@@ -100,14 +100,14 @@ class DiffusionGenerator(BaseModel):
             return self.predict(data_samples)
         if mode == 'tensor':
             batch = patchify(inputs, self.patch_size)
-            return self.network(batch, data_samples['t'], data_samples['labels'])
+            return self.network(batch, data_samples['t'], data_samples['label'])
         raise ValueError(f"mode must be 'loss', 'predict' or 'tensor', got {mode!r}")
 
     def loss(self, inputs: List[torch.Tensor], data_samples: dict) -> dict:
         with torch.no_grad():
             latents = self.autoencoder.encode(inputs)
         batch = patchify(latents, self.patch_size)
-        labels = data_samples['labels'].to(batch.device)
+        labels = data_samples['label'].to(batch.device)
         generators = self._generators(self._training_seeds(data_samples), batch.num_images)
         # Draw order per image: time, label drop, noise (a fixed order keeps runs comparable).
         t = self.time_sampler(generators, batch.device)
@@ -173,7 +173,7 @@ class DiffusionGenerator(BaseModel):
         return self.autoencoder.decode(latents)
 
     def predict(self, data_samples: dict) -> List[dict]:
-        labels = data_samples['label'] if 'label' in data_samples else data_samples['labels']
+        labels = data_samples['label']
         images = self.generate(labels, data_samples['size'], data_samples.get('seed'))
         indices = data_samples.get('index', torch.arange(len(images)))
         return [dict(image=((img.float().cpu() + 1) / 2).clamp(0, 1), label=int(y),

@@ -1,0 +1,203 @@
+"""The embedded demo dataset: procedurally drawn, class-conditional shapes."""
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from flexgen.registry import DATASETS
+
+SHAPES = ('disc', 'square', 'triangle', 'cross', 'ring', 'bars')
+DEFAULT_SIZES = ((16, 16), (24, 24), (16, 24), (24, 16), (32, 16), (16, 32))
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's output function (Steele et al., 2014) on uint64 arrays (wrapping)."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def index_uniforms(seed: int, index, streams) -> np.ndarray:
+    """Uniforms in [0, 1) that depend only on ``(seed, index, stream)``: a SplitMix64 hash
+    chain, so item i never depends on the dataset length or on other items.
+    ``index`` and ``streams`` broadcast against each other."""
+    index = np.asarray(index, dtype=np.uint64)
+    streams = np.asarray(streams, dtype=np.uint64)
+    with np.errstate(over='ignore'):
+        h = _splitmix64(np.atleast_1d(np.asarray(seed, dtype=np.uint64)))
+        h = _splitmix64(_splitmix64(h ^ index) ^ streams)
+    return (h >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+
+
+def shape_mask(kind: str, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Which points of the grid ``u [1, W] x v [H, 1]`` (in units of the shape's radius,
+    centred, v down) lie inside a shape: ``[H, W]`` bool. Every shape fits in the unit
+    circle. Work is done on the 1-D axes where the shape allows (cheap), 2-D at the end."""
+    au, av = u.abs(), v.abs()
+    if kind == 'disc':
+        return u * u + v * v <= 1
+    if kind == 'square':
+        return (au <= 0.7) & (av <= 0.7)
+    if kind == 'triangle':
+        # Equilateral, inscribed in the unit circle, apex (0, -1) up: base v <= 1/2 and
+        # the two sides sqrt(3) |u| <= 1 + v.
+        return (v <= 0.5) & (3 ** 0.5 * au <= 1 + v)
+    if kind == 'cross':
+        return ((au <= 0.3) & (av <= 0.95)) | ((av <= 0.3) & (au <= 0.95))
+    if kind == 'ring':
+        rho2 = u * u + v * v
+        return (rho2 >= 0.55 ** 2) & (rho2 <= 1)
+    if kind == 'bars':  # two vertical bars
+        return (au >= 0.25) & (au <= 0.75) & (av <= 0.66)
+    raise KeyError(f"unknown shape '{kind}', expected one of {SHAPES}")
+
+
+@DATASETS.register_module()
+class ProceduralShapes(Dataset):
+    """Shapes on a plain background, drawn on the fly: the class is the shape kind.
+
+    Each class is one of ``SHAPES`` (disc, square, triangle, cross, ring, two bars),
+    axis-aligned so that it stays recognisable at 16x16 px. The background colour is
+    uniform in RGB; the shape colour differs from it by 0.35 to 0.65 in EVERY channel
+    (``fg = (bg + 0.35 + 0.3 u) mod 1``), so both colours are uniformly distributed and
+    say nothing about the class. The shape's diameter is a random fraction ``scale`` of
+    the image's short side, its centre random with the whole shape at least ``margin``
+    px inside the image. Edges are antialiased: the mask is evaluated on a
+    ``supersample`` x finer grid and average-pooled (area coverage), so every pixel is
+    ``bg + coverage * (fg - bg)``.
+
+    Item ``i`` is a pure function of ``(seed, i)`` (SplitMix64 hashes, see
+    :func:`index_uniforms`): its label is ``i % num_classes`` (balanced), its size one
+    of ``sizes`` drawn by hash. Nothing is downloaded or stored.
+
+    Args:
+        num_samples: the dataset length.
+        sizes: (H, W) pixel sizes the images come in.
+        seed: selects the whole dataset.
+        classes: shape names to use (labels are their positions); default all of SHAPES.
+        scale: (min, max) shape diameter as a fraction of the image's short side.
+        margin: the smallest gap between the shape's bounding circle and the border (px).
+        supersample: antialiasing factor.
+
+    Items: ``dict(inputs=Tensor[3, H, W] float32 in [-1, 1],
+    data_samples=dict(label=int, index=int))``.
+    """
+
+    def __init__(self, num_samples: int = 10_000,
+                 sizes: Sequence[Tuple[int, int]] = DEFAULT_SIZES, seed: int = 0,
+                 classes: Optional[Sequence[str]] = None,
+                 scale: Tuple[float, float] = (0.5, 0.85), margin: float = 1.0,
+                 supersample: int = 4):
+        if not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f'ProceduralShapes: num_samples must be a positive int, '
+                             f'got {num_samples!r}')
+        if not isinstance(seed, int) or seed < 0:
+            raise ValueError(f'ProceduralShapes: seed must be a non-negative int, got {seed!r}')
+        self.sizes = _check_sizes('ProceduralShapes', sizes)
+        self.classes = tuple(SHAPES if classes is None else classes)
+        unknown = [c for c in self.classes if c not in SHAPES]
+        if unknown or not self.classes or len(set(self.classes)) != len(self.classes):
+            raise ValueError(f'ProceduralShapes: classes must be distinct names from {SHAPES}, '
+                             f'got {classes!r}')
+        lo, hi = scale
+        if not 0 < lo <= hi or any(hi * min(s) + 2 * margin > min(s) for s in self.sizes):
+            raise ValueError(f'ProceduralShapes: scale={scale!r} with margin={margin} does '
+                             f'not fit every size in {self.sizes} (need 0 < min <= max and '
+                             'max * short side + 2 * margin <= short side)')
+        self.num_samples, self.seed = num_samples, seed
+        self.scale, self.margin, self.supersample = (float(lo), float(hi)), margin, supersample
+        # Every item's draws, hashed at once into tables: batch samplers ask for every
+        # index's size each epoch, and rendering only reads them.
+        u = index_uniforms(seed, np.arange(num_samples)[:, None], np.arange(10))
+        self._size_ids = torch.from_numpy((u[:, 0] * len(self.sizes)).astype(np.int64))
+        hw = torch.tensor(self.sizes, dtype=torch.float64)[self._size_ids]
+        u = torch.from_numpy(u)
+        radius = (lo + (hi - lo) * u[:, 1]) * hw.min(1).values / 2
+        reach = radius + margin
+        self._radius = radius.float()
+        self._center = (reach[:, None] + (hw - 2 * reach[:, None]) * u[:, 2:4]).float()
+        self._background = u[:, 4:7].float()
+        self._foreground = (self._background + 0.35 + 0.3 * u[:, 7:10].float()) % 1
+        # Supersampled pixel-centre coordinates per side length.
+        self._grid = {n: (torch.arange(n * supersample) + 0.5) / supersample
+                      for n in {n for s in self.sizes for n in s}}
+
+    @property
+    def metainfo(self) -> dict:
+        return dict(classes=self.classes)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def _check(self, index) -> int:
+        if not 0 <= index < self.num_samples:
+            raise IndexError(f'ProceduralShapes: index {index} is out of range for a dataset '
+                             f'of length {self.num_samples}')
+        return int(index)
+
+    def get_size(self, index: int) -> Tuple[int, int]:
+        """(H, W) of item ``index``, without drawing it."""
+        return self.sizes[self._size_ids[self._check(index)]]
+
+    def get_label(self, index: int) -> int:
+        return self._check(index) % len(self.classes)
+
+    def params(self, index: int) -> dict:
+        """The random draws behind item ``index``: radius and centre (px), colours in [0, 1]."""
+        index = self._check(index)
+        return dict(radius=float(self._radius[index]),
+                    center=tuple(self._center[index].tolist()),
+                    background=self._background[index], foreground=self._foreground[index])
+
+    def render(self, indices: Sequence[int]) -> List[torch.Tensor]:
+        """Images ``[3, H, W]`` in [-1, 1] of ``indices``, drawn together per size."""
+        groups = {}  # size -> label -> positions in `indices`
+        for j, i in enumerate(indices):
+            i = self._check(i)
+            groups.setdefault(self.get_size(i), {}).setdefault(i % len(self.classes), []).append(j)
+        images = [None] * len(indices)
+        k = self.supersample
+        for (h, w), by_label in groups.items():
+            where = [j for js in by_label.values() for j in js]
+            idx = torch.tensor([int(indices[j]) for j in where])
+            radius = self._radius[idx][:, None, None]
+            v = (self._grid[h][None, :, None] - self._center[idx, 0, None, None]) / radius
+            u = (self._grid[w][None, None, :] - self._center[idx, 1, None, None]) / radius
+            masks, start = [], 0
+            for label, js in by_label.items():
+                part = slice(start, start + len(js))
+                masks.append(shape_mask(self.classes[label], u[part], v[part]))
+                start += len(js)
+            mask = masks[0] if len(masks) == 1 else torch.cat(masks)
+            coverage = mask.view(-1, h, k, w, k).float().mean((2, 4))  # k x k average pool
+            bg = self._background[idx][:, :, None, None]
+            fg = self._foreground[idx][:, :, None, None]
+            batch = torch.addcmul(bg * 2 - 1, (fg - bg) * 2, coverage[:, None])
+            for j, image in zip(where, batch):
+                images[j] = image
+        return images
+
+    def __getitem__(self, index: int) -> dict:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> List[dict]:
+        """A whole batch at once (torch's DataLoader calls this when it exists)."""
+        images = self.render(indices)
+        return [dict(inputs=image, data_samples=dict(label=int(i) % len(self.classes),
+                                                     index=int(i)))
+                for i, image in zip(indices, images)]
+
+
+def _check_sizes(owner: str, sizes) -> list:
+    """``sizes`` as a list of (H, W) int tuples, or a ValueError naming the bad entry."""
+    out = []
+    for s in sizes:
+        if (not isinstance(s, (tuple, list)) or len(s) != 2
+                or not all(isinstance(x, (int, np.integer)) and x > 0 for x in s)):
+            raise ValueError(f'{owner}: sizes must be (H, W) pairs of positive ints, got {s!r} '
+                             f'in {sizes!r}')
+        out.append((int(s[0]), int(s[1])))
+    if not out:
+        raise ValueError(f'{owner}: sizes is empty')
+    return out
