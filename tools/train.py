@@ -59,7 +59,7 @@ def register_flexgen():
     flexgen.register_all_modules()
 
 
-def check_top_level_keys(cfg: Config) -> None:
+def check_config_keys(cfg: Config, filename: str = None) -> None:
     """Refuse top-level keys that nothing reads: a misspelled ``trian_cfg`` would
     otherwise be ignored and the run would silently use the base config's value.
     Helper variables of a config start with an underscore and are skipped."""
@@ -69,13 +69,13 @@ def check_top_level_keys(cfg: Config) -> None:
         if key.startswith('_') or key in known or isinstance(cfg[key], (LazyObject, LazyAttr)):
             continue
         close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
-        hint = f" (did you mean '{close[0]}'?)" if close else ''
-        problems.append(f"'{key}'{hint}")
+        hint = f" Did you mean '{close[0]}'?" if close else ''
+        problems.append(f"'{key}'.{hint}")
     if problems:
-        raise ValueError(
-            f'{cfg.filename}: unknown top-level config key(s) {", ".join(problems)}. '
-            'Neither mmengine\'s Runner nor flexgen reads them. Name helper variables '
-            'with a leading underscore.')
+        raise KeyError(
+            f'{filename or cfg.filename}: unknown top-level config key {" ".join(problems)} '
+            "Neither mmengine's Runner nor flexgen reads it. Name helper variables with a "
+            'leading underscore.')
 
 
 def merge_args(cfg: Config, args) -> Config:
@@ -116,13 +116,9 @@ def merge_args(cfg: Config, args) -> Config:
     return cfg
 
 
-def setup_cpu_distributed(cfg: Config) -> None:
-    """``--launcher pytorch`` without CUDA: gloo, and DDP without device ids.
-
-    mmengine's own set-up calls ``torch.cuda.set_device`` and uses nccl; it skips that
-    when the process group already exists, so the group is created here first.
-    """
-    if cfg.launcher != 'pytorch' or torch.cuda.is_available():
+def use_cpu_ddp(cfg: Config) -> None:
+    """``--launcher pytorch`` without CUDA: gloo, and DDP without device ids."""
+    if cfg.get('launcher') != 'pytorch' or torch.cuda.is_available():
         return
     cfg.env_cfg = cfg.get('env_cfg') or {}
     cfg.env_cfg.dist_cfg = dict(cfg.env_cfg.get('dist_cfg') or {}, backend='gloo')
@@ -130,13 +126,27 @@ def setup_cpu_distributed(cfg: Config) -> None:
                                                    broadcast_buffers=False)
     wrapper['device_ids'] = None  # CPU modules take no device ids
     cfg.model_wrapper_cfg = wrapper
-    if not torch.distributed.is_initialized():
+
+
+def init_cpu_distributed(launcher: str) -> None:
+    """Create the gloo process group for ``--launcher pytorch`` without CUDA.
+
+    mmengine's own set-up calls ``torch.cuda.set_device`` and uses nccl; it skips both
+    when a process group already exists, so the group is created here first.
+    """
+    if launcher == 'pytorch' and not torch.cuda.is_available() \
+            and not torch.distributed.is_initialized():
         torch.distributed.init_process_group('gloo')
 
 
-def build_runner(cfg: Config):
-    check_top_level_keys(cfg)
-    setup_cpu_distributed(cfg)
+def build_runner(argv=None):
+    """Parse ``argv``, load and check the config, and build (not run) the Runner."""
+    args = parse_args(argv)
+    register_flexgen()
+    cfg = merge_args(Config.fromfile(args.config), args)
+    check_config_keys(cfg, args.config)
+    use_cpu_ddp(cfg)
+    init_cpu_distributed(args.launcher)
     if 'runner_type' in cfg:
         from flexgen.registry import RUNNERS
         return RUNNERS.build(cfg)
@@ -144,10 +154,7 @@ def build_runner(cfg: Config):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    register_flexgen()
-    cfg = merge_args(Config.fromfile(args.config), args)
-    runner = build_runner(cfg)
+    runner = build_runner(argv)
     runner.train()
     return runner
 

@@ -14,6 +14,7 @@ Two guarantees on top of mmengine's ``CheckpointHook``:
   (``HistoryBuffer`` objects holding numpy arrays) in every checkpoint; they are saved as
   plain dicts of tensors and rebuilt on load, so smoothed logs continue exactly on resume.
 """
+import logging
 import os
 import os.path as osp
 import uuid
@@ -209,7 +210,7 @@ class FlexCheckpointHook(CheckpointHook):
         if dropped:
             print_log('Left out of the checkpoint (not storable without pickling code, '
                       f'so it would not load with weights_only=True): {", ".join(dropped)}',
-                      logger='current', level='WARNING')
+                      logger='current', level=logging.WARNING)
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         restore_message_hub(checkpoint)

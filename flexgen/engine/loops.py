@@ -1,4 +1,5 @@
 """The training loop: mmengine's iteration loop with O(1) resume and step-seeded noise."""
+import logging
 from typing import Sequence
 
 from mmengine.logging import print_log
@@ -62,7 +63,8 @@ class FlexTrainLoop(IterBasedTrainLoop):
             print_log(f'{name} has no set_start_iter(), so resuming replays the dataloader: '
                       f'{start_iter} batches are loaded and discarded. Use a batch sampler '
                       'with set_start_iter (BucketBatchSampler, TokenBudgetBatchSampler) '
-                      'to resume at once.', logger='current', level='WARNING')
+                      'to resume at once.', logger='current',
+                      level=logging.WARNING)
             for _ in range(start_iter):
                 next(self.dataloader_iterator)
             return
