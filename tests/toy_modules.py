@@ -7,11 +7,10 @@ import math
 import torch
 from mmengine.dist import get_dist_info
 from mmengine.evaluator import BaseMetric
-from mmengine.hooks import Hook
 from mmengine.model import BaseModel
 from torch import nn
 
-from flexgen.registry import DATA_SAMPLERS, DATASETS, HOOKS, METRICS, MODELS
+from flexgen.registry import DATA_SAMPLERS, DATASETS, METRICS, MODELS
 
 
 def image_generator(seed: int, step: int, index: int) -> torch.Generator:
@@ -126,13 +125,3 @@ class ToyLossMetric(BaseMetric):
     def compute_metrics(self, results):
         return dict(loss=sum(results) / len(results))
 
-
-@HOOKS.register_module()
-class LossRecorderHook(Hook):
-    """Keeps the raw (unsmoothed) loss tensor of every training iteration."""
-
-    def __init__(self):
-        self.losses = []
-
-    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
-        self.losses.append(outputs['loss'].detach().clone())
