@@ -26,7 +26,7 @@ RUNNER_KEYS = {
     'data_preprocessor', 'load_from', 'resume', 'launcher', 'env_cfg', 'log_processor',
     'log_level', 'visualizer', 'default_scope', 'randomness', 'experiment_name',
     'model_wrapper_cfg', 'sync_bn', 'compile', 'runner_type', 'strategy', 'custom_imports',
-    'gpu_ids',
+    'gpu_ids', 'find_unused_parameters', 'activation_checkpointing', 'efficient_conv_bn_eval',
 }
 # ... and flexgen's own. A subpackage that reads a new top-level key adds it here.
 FLEXGEN_KEYS = {'vis_backends'}
