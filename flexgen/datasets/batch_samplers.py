@@ -1,12 +1,24 @@
-"""Batch samplers that decide how many images of which sizes a step holds.
+"""Batch samplers that decide which images, of which sizes, a training step holds.
 
-Both are infinite (epoch after epoch, each reshuffled from ``(seed, epoch)``), shard a
-sequence of GLOBAL batches across ranks (rank r takes its part of global batch s, so
-DDP over W ranks sees exactly what one process would see at the global batch), and resume
-at any step with :meth:`set_start_iter` without loading a single sample.
+Both samplers here:
+
+- are infinite: epoch after epoch, epoch ``e`` in an order drawn from a ``torch.Generator``
+  seeded with ``(seed, e)`` (the sampler mmengine wraps only supplies the dataset; its own
+  order and rank sharding are not used);
+- build one sequence of GLOBAL batches, the same on every rank, and give rank ``r`` its
+  part of global batch ``s`` at step ``s``: W ranks together see exactly what one process
+  with W times the per-rank budget sees, which makes multi-process runs reproduce
+  single-process ones;
+- resume without loading a sample: :meth:`set_start_iter` positions the next iteration at
+  a global step from the epoch lengths alone.
+
+``dataset.get_size(i) -> (H, W)`` must be cheap: it is called once per index when the
+sampler is built.
 """
-from collections import defaultdict
+from collections import deque
+from typing import Dict, Iterator, List
 
+import numpy as np
 import torch
 from mmengine.dist import get_dist_info, sync_random_seed
 from torch.utils.data import Sampler
@@ -14,141 +26,248 @@ from torch.utils.data import Sampler
 from flexgen.registry import DATA_SAMPLERS
 
 
+def _positive_int(owner: str, name: str, value, allow_none: bool = False):
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise ValueError(f'{owner}: {name} must be a positive int, got {value!r}')
+    return int(value)
+
+
 class _GlobalBatchSampler(Sampler):
-    """Shared machinery: subclasses implement ``global_batches(epoch)``."""
+    """Shared machinery. A subclass gives ``_epoch_length(e)`` (global batches in epoch
+    ``e``) and ``_epoch_batches(e)`` (those global batches, each a list of W rank parts)."""
 
     def __init__(self, sampler, seed=None, shuffle=True):
-        self.dataset = sampler.dataset if hasattr(sampler, 'dataset') else sampler
+        self.sampler = sampler
+        self.dataset = getattr(sampler, 'dataset', sampler)
+        name = type(self).__name__
         if not hasattr(self.dataset, 'get_size'):
-            raise TypeError(f'{type(self).__name__}: dataset {type(self.dataset).__name__} has '
-                            'no get_size(index); size-aware batching needs it')
+            raise TypeError(f'{name}: the dataset {type(self.dataset).__name__} has no '
+                            'get_size(index) -> (H, W), which size-aware batching needs')
         self.rank, self.world_size = get_dist_info()
-        self.seed = sync_random_seed() if seed is None else seed
+        if seed is None:  # the wrapped sampler's seed (mmengine: the runner's), else a shared one
+            seed = getattr(sampler, 'seed', None)
+        self.seed = sync_random_seed() if seed is None else int(seed)
         self.shuffle = shuffle
         self.start_iter = 0
-        self._sizes = [tuple(self.dataset.get_size(i)) for i in range(len(self.dataset))]
+        self._hw = [tuple(int(x) for x in self.dataset.get_size(i))
+                    for i in range(len(self.dataset))]
+        if not self._hw:
+            raise ValueError(f'{name}: the dataset is empty')
 
-    def order(self, epoch):
+    # ------------------------------------------------------------ the epoch order
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        """Dataset indices in the order of epoch ``epoch`` (a permutation if shuffling)."""
+        n = len(self._hw)
         if not self.shuffle:
-            return list(range(len(self._sizes)))
-        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        return torch.randperm(len(self._sizes), generator=g).tolist()
+            return torch.arange(n)
+        state = np.random.SeedSequence((self.seed, epoch)).generate_state(1, np.uint64)[0]
+        generator = torch.Generator().manual_seed(int(state) >> 1)
+        return torch.randperm(n, generator=generator)
 
-    def global_batches(self, epoch):
+    def _epoch_length(self, epoch: int) -> int:
         raise NotImplementedError
 
-    def rank_part(self, global_batch):
+    def _epoch_batches(self, epoch: int) -> List[List[List[int]]]:
         raise NotImplementedError
 
-    def set_start_iter(self, iteration):
-        """The next ``__iter__`` starts at global step ``iteration``."""
-        self.start_iter = int(iteration)
+    # ------------------------------------------------------------ position and iteration
+    def set_start_iter(self, start_iter: int) -> None:
+        """Make the next ``__iter__`` start at global step ``start_iter`` (for resuming):
+        the position is computed from the epoch lengths, no sample is loaded."""
+        if not isinstance(start_iter, (int, np.integer)) or start_iter < 0:
+            raise ValueError(f'{type(self).__name__}.set_start_iter: expected a step >= 0, '
+                             f'got {start_iter!r}')
+        self.start_iter = int(start_iter)
 
-    def set_epoch(self, epoch):
-        """Epochs are internal (the sampler is infinite); kept for mmengine's loops."""
+    def set_epoch(self, epoch: int) -> None:
+        """A no-op kept for mmengine's loops: epochs are counted inside (the sampler is
+        infinite and each epoch's order comes from ``(seed, epoch)``)."""
 
-    def __iter__(self):
-        epoch, skip = 0, self.start_iter
+    def locate(self, step: int):
+        """``(epoch, step within that epoch)`` of global step ``step``."""
+        epoch = 0
         while True:
-            batches = self.global_batches(epoch)
-            if not batches:
-                raise ValueError(f'{type(self).__name__}: an epoch holds no complete batch')
-            if skip >= len(batches):
-                skip -= len(batches)
-            else:
-                for batch in batches[skip:]:
-                    yield self.rank_part(batch)
-                skip = 0
+            length = self._epoch_length(epoch)
+            if length == 0:
+                raise ValueError(f'{type(self).__name__}: epoch {epoch} holds no complete '
+                                 'global batch')
+            if step < length:
+                return epoch, step
+            step -= length
             epoch += 1
 
-    def __len__(self):
-        return len(self.global_batches(0))
+    def __iter__(self) -> Iterator[List[int]]:
+        epoch, offset = self.locate(self.start_iter)
+        while True:
+            for batch in self._epoch_batches(epoch)[offset:]:
+                yield batch[self.rank]
+            epoch, offset = epoch + 1, 0
+
+    def __len__(self) -> int:
+        """Batches per rank in one epoch (of epoch 0 where epochs differ)."""
+        return self._epoch_length(0)
 
 
 @DATA_SAMPLERS.register_module()
 class BucketBatchSampler(_GlobalBatchSampler):
-    """Batches of ``batch_size`` images per rank, all of ONE size (DiT-style dense
-    batches at mixed resolutions). Per epoch, each size bucket is cut into global batches
-    of ``batch_size * world_size``; the remainder of each bucket is left out of that epoch
-    (a different remainder every epoch, since each epoch reshuffles)."""
+    """Batches of ``batch_size`` images per rank, all of ONE size (dense, DiT-style steps
+    at mixed resolutions and aspect ratios).
 
-    def __init__(self, sampler, batch_size, seed=None, shuffle=True):
+    Walking the epoch's order, each image joins the bucket of its size; a bucket that
+    reaches ``batch_size * world_size`` images becomes the next global batch, and rank r
+    takes images ``[r * batch_size, (r + 1) * batch_size)`` of it. The images left in
+    incomplete buckets at the end of the epoch are dropped (as ``drop_last`` does): at
+    most ``batch_size * world_size - 1`` per size, see :attr:`num_dropped`. Each epoch
+    reshuffles, so it is a different few every epoch.
+
+    Args:
+        sampler: the sampler mmengine builds from the dataloader's ``sampler`` config;
+            only its ``dataset`` (and ``seed`` when ``seed`` is None) is used.
+        batch_size: images per rank and step (mmengine passes the dataloader's).
+        seed: the order's seed; None takes the wrapped sampler's seed, else
+            ``mmengine.dist.sync_random_seed()`` (the same on every rank).
+        shuffle: False walks the dataset in index order every epoch.
+    """
+
+    def __init__(self, sampler, batch_size: int, seed=None, shuffle: bool = True):
         super().__init__(sampler, seed, shuffle)
-        self.batch_size = batch_size
-        self.global_size = batch_size * self.world_size
+        self.batch_size = _positive_int('BucketBatchSampler', 'batch_size', batch_size)
+        self.global_size = self.batch_size * self.world_size
+        sizes = sorted(set(self._hw))
+        lookup = {hw: k for k, hw in enumerate(sizes)}
+        self._size_ids = torch.tensor([lookup[hw] for hw in self._hw])
+        counts = torch.bincount(self._size_ids, minlength=len(sizes))
+        self.bucket_sizes = dict(zip(sizes, counts.tolist()))
+        self._length = int((counts // self.global_size).sum())
+        self.num_dropped = int((counts % self.global_size).sum())
+        if self._length == 0:
+            raise ValueError(f'BucketBatchSampler: no image size has batch_size x world_size = '
+                             f'{self.batch_size} x {self.world_size} images; images per size: '
+                             f'{self.bucket_sizes}')
 
-    def global_batches(self, epoch):
-        buckets = defaultdict(list)
-        for index in self.order(epoch):
-            buckets[self._sizes[index]].append(index)
-        batches = [bucket[i:i + self.global_size]
-                   for _, bucket in sorted(buckets.items())
-                   for i in range(0, len(bucket) - self.global_size + 1, self.global_size)]
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch + 50_000)
-            batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
-        return batches
+    def _epoch_length(self, epoch: int) -> int:
+        return self._length
 
-    def rank_part(self, global_batch):
-        return global_batch[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+    def _epoch_batches(self, epoch: int) -> List[List[List[int]]]:
+        order = self.epoch_order(epoch)
+        size_ids, g = self._size_ids[order], self.global_size
+        batches, completed_at = [], []
+        for k in size_ids.unique().tolist():
+            positions = (size_ids == k).nonzero()[:, 0]
+            full = len(positions) // g * g
+            batches.append(order[positions[:full]].view(-1, g))
+            completed_at.append(positions[g - 1:full:g])
+        batches = torch.cat(batches)[torch.cat(completed_at).argsort()]
+        return batches.view(-1, self.world_size, self.batch_size).tolist()
 
 
 @DATA_SAMPLERS.register_module()
 class TokenBudgetBatchSampler(_GlobalBatchSampler):
-    """Each rank's batch is a pack of images whose token counts
-    (``(H // patch_size) * (W // patch_size)``) sum to at most ``max_tokens``.
+    """Each rank's step is a pack of images whose token counts
+    ``(H // patch_size) * (W // patch_size)`` sum to at most ``max_tokens`` (NiT-style
+    packing; the model sees one jagged batch).
 
-    Packs are filled online from a buffer of the next ``buffer_size`` images of the
-    shuffled order: the open pack takes the largest buffered image that still fits, and
-    closes when none does. Global step s is packs ``[s*W, (s+1)*W)``; rank r takes one.
+    Packs are filled online, best fit: a buffer holds the next ``buffer_size`` images of
+    the epoch's order; the open pack takes the largest buffered image that still fits
+    (the earliest of equal ones), the buffer refills from the order, and the pack closes
+    when nothing fits or it holds ``batch_size`` images. The pack sequence depends only
+    on ``(seed, epoch)`` and the dataset, never on the number of ranks: global step s is
+    packs ``[s * W * P, (s + 1) * W * P)`` with W ranks and ``P = packs_per_batch``, and
+    rank r takes P consecutive ones. So W ranks with P = 1 see at step s exactly what one
+    process with ``packs_per_batch = W`` sees. The packs that do not fill a last global
+    batch of an epoch are dropped; :meth:`efficiency` reports how full the packs are.
+
+    Args:
+        sampler: the sampler mmengine builds from the dataloader's ``sampler`` config;
+            only its ``dataset`` (and ``seed`` when ``seed`` is None) is used.
+        max_tokens: the token budget of one pack.
+        patch_size: pixels (or latent cells) per token along each side.
+        batch_size: the most images in one pack; None for no limit. mmengine passes the
+            dataloader's ``batch_size`` here unless the batch sampler config sets it.
+        seed, shuffle: as in :class:`BucketBatchSampler`.
+        buffer_size: how many upcoming images the packer may choose from.
+        packs_per_batch: packs per rank and step (P above).
+
+    Raises:
+        ValueError: when the sampler is built, if an image alone exceeds ``max_tokens``.
     """
 
-    def __init__(self, sampler, max_tokens, patch_size=1, batch_size=None, seed=None,
-                 shuffle=True, buffer_size=64):
+    def __init__(self, sampler, max_tokens: int, patch_size: int = 1, batch_size=None,
+                 seed=None, shuffle: bool = True, buffer_size: int = 256,
+                 packs_per_batch: int = 1):
         super().__init__(sampler, seed, shuffle)
-        self.max_tokens, self.max_images, self.buffer_size = max_tokens, batch_size, buffer_size
-        self._tokens = [(h // patch_size) * (w // patch_size) for h, w in self._sizes]
-        too_large = [i for i, n in enumerate(self._tokens) if n > max_tokens]
+        name = 'TokenBudgetBatchSampler'
+        self.max_tokens = _positive_int(name, 'max_tokens', max_tokens)
+        self.patch_size = _positive_int(name, 'patch_size', patch_size)
+        self.batch_size = _positive_int(name, 'batch_size', batch_size, allow_none=True)
+        self.buffer_size = _positive_int(name, 'buffer_size', buffer_size)
+        self.packs_per_batch = _positive_int(name, 'packs_per_batch', packs_per_batch)
+        p = self.patch_size
+        self._tokens = [(h // p) * (w // p) for h, w in self._hw]
+        too_large = [i for i, n in enumerate(self._tokens) if n > self.max_tokens]
         if too_large:
             i = too_large[0]
-            raise ValueError(f'TokenBudgetBatchSampler: {len(too_large)} images exceed the budget '
-                             f'of {max_tokens} tokens, e.g. index {i} of size {self._sizes[i]} '
-                             f'({self._tokens[i]} tokens); raise max_tokens or resize them')
-        self._cache = {}
+            raise ValueError(f'{name}: dataset index {i} of size {self._hw[i]} has '
+                             f'{self._tokens[i]} tokens (patch_size {p}), more than the budget '
+                             f'max_tokens={self.max_tokens} ({len(too_large)} of {len(self._hw)} '
+                             'images exceed it); raise max_tokens or leave those images out')
+        if min(self._tokens) == 0:
+            i = self._tokens.index(0)
+            raise ValueError(f'{name}: dataset index {i} of size {self._hw[i]} is smaller than '
+                             f'one patch of {p} x {p}')
+        self._distinct = sorted(set(self._tokens), reverse=True)
+        self._lengths: Dict[int, int] = {}
+        self._packs_cache = (None, None)
+        if self._epoch_length(0) == 0:
+            raise ValueError(f'{name}: epoch 0 packs into fewer than world_size x '
+                             f'packs_per_batch = {self.world_size * self.packs_per_batch} packs')
 
-    def packs(self, epoch):
-        order, buffer, packs = self.order(epoch), [], []
-        position = 0
-        while position < len(order) or buffer:
-            while len(buffer) < self.buffer_size and position < len(order):
-                buffer.append(order[position])
-                position += 1
+    def epoch_packs(self, epoch: int) -> List[List[int]]:
+        """Every pack of epoch ``epoch``, in order (before dropping the incomplete
+        global batch at the end)."""
+        if self._packs_cache[0] == epoch:
+            return self._packs_cache[1]
+        order = self.epoch_order(epoch).tolist()
+        tokens, cap = self._tokens, self.batch_size
+        buffer = {t: deque() for t in self._distinct}  # token count -> indices, oldest first
+        buffered, position, packs = 0, 0, []
+        while True:
             pack, room = [], self.max_tokens
-            while buffer and (self.max_images is None or len(pack) < self.max_images):
-                fits = [j for j, i in enumerate(buffer) if self._tokens[i] <= room]
-                if not fits:
+            while cap is None or len(pack) < cap:
+                while buffered < self.buffer_size and position < len(order):
+                    buffer[tokens[order[position]]].append(order[position])
+                    buffered, position = buffered + 1, position + 1
+                best = next((t for t in self._distinct if t <= room and buffer[t]), None)
+                if best is None:
                     break
-                j = max(fits, key=lambda j: self._tokens[buffer[j]])
-                room -= self._tokens[buffer[j]]
-                pack.append(buffer.pop(j))
-                if position < len(order):
-                    buffer.append(order[position])
-                    position += 1
+                pack.append(buffer[best].popleft())
+                buffered, room = buffered - 1, room - best
+            if not pack:
+                break
             packs.append(pack)
+        self._packs_cache = (epoch, packs)
         return packs
 
-    def global_batches(self, epoch):
-        if epoch not in self._cache:
-            self._cache = {epoch: self.packs(epoch)}  # only the current epoch is kept
-        packs = self._cache[epoch]
-        w = self.world_size
-        return [packs[i:i + w] for i in range(0, len(packs) - w + 1, w)]
+    def _epoch_length(self, epoch: int) -> int:
+        if epoch not in self._lengths:
+            per_step = self.world_size * self.packs_per_batch
+            self._lengths[epoch] = len(self.epoch_packs(epoch)) // per_step
+        return self._lengths[epoch]
 
-    def rank_part(self, global_batch):
-        return global_batch[self.rank]
+    def _epoch_batches(self, epoch: int) -> List[List[List[int]]]:
+        packs, p = self.epoch_packs(epoch), self.packs_per_batch
+        batches = []
+        for s in range(self._epoch_length(epoch)):
+            step = packs[s * self.world_size * p:(s + 1) * self.world_size * p]
+            batches.append([[i for pack in step[r * p:(r + 1) * p] for i in pack]
+                            for r in range(self.world_size)])
+        return batches
 
-    def efficiency(self, epoch=0):
-        """Real tokens over budget, averaged over the packs of an epoch."""
-        packs = self.packs(epoch)
+    def efficiency(self, epoch: int = 0) -> float:
+        """Tokens used over tokens budgeted, over the packs epoch ``epoch`` keeps."""
+        kept = self._epoch_length(epoch) * self.world_size * self.packs_per_batch
+        packs = self.epoch_packs(epoch)[:kept]
         used = sum(self._tokens[i] for pack in packs for i in pack)
         return used / (len(packs) * self.max_tokens)

@@ -1,4 +1,5 @@
 """The embedded demo dataset: procedurally drawn, class-conditional shapes."""
+from itertools import groupby
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -7,8 +8,11 @@ from torch.utils.data import Dataset
 
 from flexgen.registry import DATASETS
 
+_GRAIN_SIZE = 32768  # at::internal::GRAIN_SIZE: ops on fewer elements run on one thread
+
 SHAPES = ('disc', 'square', 'triangle', 'cross', 'ring', 'bars')
 DEFAULT_SIZES = ((16, 16), (24, 24), (16, 24), (24, 16), (32, 16), (16, 32))
+
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
     """SplitMix64's output function (Steele et al., 2014) on uint64 arrays (wrapping)."""
@@ -31,9 +35,10 @@ def index_uniforms(seed: int, index, streams) -> np.ndarray:
 
 
 def shape_mask(kind: str, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Which points of the grid ``u [1, W] x v [H, 1]`` (in units of the shape's radius,
-    centred, v down) lie inside a shape: ``[H, W]`` bool. Every shape fits in the unit
-    circle. Work is done on the 1-D axes where the shape allows (cheap), 2-D at the end."""
+    """Which points of the grid ``u [..., 1, W] x v [..., H, 1]`` (coordinates in units of
+    the shape's radius from its centre, v down) lie inside a shape: ``[..., H, W]`` bool.
+    Every shape fits in the unit circle. Tests run on the 1-D axes where the shape allows
+    (cheap) and broadcast to 2-D last."""
     au, av = u.abs(), v.abs()
     if kind == 'disc':
         return u * u + v * v <= 1
@@ -151,32 +156,40 @@ class ProceduralShapes(Dataset):
                     background=self._background[index], foreground=self._foreground[index])
 
     def render(self, indices: Sequence[int]) -> List[torch.Tensor]:
-        """Images ``[3, H, W]`` in [-1, 1] of ``indices``, drawn together per size."""
-        groups = {}  # size -> label -> positions in `indices`
+        """Images ``[3, H, W]`` in [-1, 1] of ``indices``, drawn in chunks of one size."""
+        indices = [self._check(i) for i in indices]
+        by_size = {}
         for j, i in enumerate(indices):
-            i = self._check(i)
-            groups.setdefault(self.get_size(i), {}).setdefault(i % len(self.classes), []).append(j)
+            by_size.setdefault(self.get_size(i), []).append(j)
         images = [None] * len(indices)
-        k = self.supersample
-        for (h, w), by_label in groups.items():
-            where = [j for js in by_label.values() for j in js]
-            idx = torch.tensor([int(indices[j]) for j in where])
-            radius = self._radius[idx][:, None, None]
-            v = (self._grid[h][None, :, None] - self._center[idx, 0, None, None]) / radius
-            u = (self._grid[w][None, None, :] - self._center[idx, 1, None, None]) / radius
-            masks, start = [], 0
-            for label, js in by_label.items():
-                part = slice(start, start + len(js))
-                masks.append(shape_mask(self.classes[label], u[part], v[part]))
-                start += len(js)
-            mask = masks[0] if len(masks) == 1 else torch.cat(masks)
-            coverage = mask.view(-1, h, k, w, k).float().mean((2, 4))  # k x k average pool
-            bg = self._background[idx][:, :, None, None]
-            fg = self._foreground[idx][:, :, None, None]
-            batch = torch.addcmul(bg * 2 - 1, (fg - bg) * 2, coverage[:, None])
-            for j, image in zip(where, batch):
-                images[j] = image
+        for (h, w), where in by_size.items():
+            where.sort(key=lambda j: indices[j] % len(self.classes))  # runs of one label
+            # Chunks of fewer supersampled points than torch's intra-op grain size run on
+            # one thread: on tensors this small, thread hand-off costs far more than it
+            # saves (25x slower with 2 threads on a busy 2-core machine).
+            step = max(1, (_GRAIN_SIZE - 1) // (h * w * self.supersample ** 2))
+            for start in range(0, len(where), step):
+                chunk = where[start:start + step]
+                for j, image in zip(chunk, self._draw(h, w, [indices[j] for j in chunk])):
+                    images[j] = image
         return images
+
+    def _draw(self, h: int, w: int, indices: List[int]) -> torch.Tensor:
+        """``[B, 3, H, W]`` images of ``indices`` (all of size (h, w), labels in runs)."""
+        k, idx = self.supersample, torch.tensor(indices)
+        radius = self._radius[idx][:, None, None]
+        v = (self._grid[h][None, :, None] - self._center[idx, 0, None, None]) / radius
+        u = (self._grid[w][None, None, :] - self._center[idx, 1, None, None]) / radius
+        masks, start = [], 0
+        for label, run in groupby(i % len(self.classes) for i in indices):
+            end = start + len(list(run))
+            masks.append(shape_mask(self.classes[label], u[start:end], v[start:end]))
+            start = end
+        mask = masks[0] if len(masks) == 1 else torch.cat(masks)
+        coverage = mask.view(-1, h, k, w, k).float().mean((2, 4))  # k x k average pooling
+        bg = self._background[idx][:, :, None, None]
+        fg = self._foreground[idx][:, :, None, None]
+        return torch.addcmul(bg * 2 - 1, (fg - bg) * 2, coverage[:, None])
 
     def __getitem__(self, index: int) -> dict:
         return self.__getitems__([index])[0]
