@@ -1,17 +1,10 @@
 import pytest
 import torch
+from helpers import randomise
 
 from flexgen.models.blocks import AdaLNZeroBlock
 from flexgen.models.layers import AdaLNLoRA, AdaLNZero
 from flexgen.structures import TokenBatch
-
-
-def _randomise(module, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return module
 
 
 def _per_token_block(block, x, c, batch):
@@ -27,7 +20,7 @@ def _per_token_block(block, x, c, batch):
 @pytest.mark.parametrize('sizes', [[[2, 3], [3, 2]], [[2, 3], [1, 1], [4, 2]]])
 @pytest.mark.parametrize('modulation', [dict(type='AdaLNZero'), dict(type='AdaLNLoRA', rank=4)])
 def test_per_image_modulation_equals_per_token(sizes, modulation):
-    block = _randomise(AdaLNZeroBlock(16, 2, modulation=modulation)).double()
+    block = randomise(AdaLNZeroBlock(16, 2, modulation=modulation), std=0.2).double()
     batch_sizes = torch.tensor(sizes)
     n = int(batch_sizes.prod(1).sum())
     g = torch.Generator().manual_seed(1)
@@ -38,7 +31,7 @@ def test_per_image_modulation_equals_per_token(sizes, modulation):
 
 
 def test_adaln_lora_with_full_rank_equals_dense_product():
-    lora = _randomise(AdaLNLoRA(8, rank=8)).double()
+    lora = randomise(AdaLNLoRA(8, rank=8), std=0.2).double()
     dense = AdaLNZero(8).double()
     down, up = lora[1], lora[2]
     with torch.no_grad():

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from helpers import randomise
 
 from flexgen.models import DiffusionGenerator, FlexDiT
 from flexgen.structures import TokenBatch, patchify
@@ -8,20 +9,12 @@ TINY = dict(type='FlexDiT', in_channels=3, patch_size=2, hidden_size=32, depth=2
             num_classes=4)
 
 
-def _randomised(backbone, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in backbone.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return backbone
-
-
 @pytest.mark.parametrize('variant', [dict(), dict(pos_embed=None, rope=dict(type='AxialRoPE2D'),
                                                    mlp=dict(type='SwiGLUMlp'),
                                                    qk_norm='layernorm')])
 def test_backbone_jagged_batch_equals_images_one_by_one(variant):
     torch.manual_seed(0)
-    backbone = _randomised(FlexDiT(**{k: v for k, v in TINY.items() if k != 'type'}, **variant))
+    backbone = randomise(FlexDiT(**{k: v for k, v in TINY.items() if k != 'type'}, **variant))
     g = torch.Generator().manual_seed(1)
     images = [torch.randn(3, h, w, generator=g) for h, w in [(4, 6), (8, 8), (6, 2)]]
     t, y = torch.tensor([0.1, 0.5, 0.9]), torch.tensor([0, 3, 4])
@@ -45,7 +38,7 @@ def _generator(**kwargs):
 def test_loss_draws_depend_only_on_seed_step_and_index():
     torch.manual_seed(0)
     model = _generator()
-    _randomised(model.backbone)
+    randomise(model.backbone)
     g = torch.Generator().manual_seed(3)
     images = [torch.randn(3, 4, 4, generator=g) for _ in range(4)]
     samples = dict(label=torch.tensor([0, 1, 2, 3]), index=torch.tensor([10, 11, 12, 13]),
