@@ -185,3 +185,15 @@ def test_classifier_init_is_seeded():
     a.reset_parameters(torch.Generator().manual_seed(4))
     b.reset_parameters(torch.Generator().manual_seed(4))
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
+def test_classifier_trains_inside_no_grad(tmp_path):
+    """The metric trains its judge lazily, inside mmengine's no-grad evaluation loop."""
+    from flexgen.evaluation.classifier import SmallConvClassifier, _fit
+    model = SmallConvClassifier(2)
+    before = [p.clone() for p in model.parameters()]
+    images = [torch.randn(3, 8, 8) for _ in range(4)]
+    with torch.no_grad():
+        _fit(model, images, torch.tensor([0, 1, 0, 1]), epochs=1, batch_size=4, lr=1e-2,
+             weight_decay=0.0, generator=torch.Generator().manual_seed(0))
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -123,6 +123,7 @@ def load_items(dataset, indices: Sequence[int]) -> Tuple[List[Tensor], Tensor]:
     return images, torch.tensor(labels, dtype=torch.long)
 
 
+@torch.enable_grad()  # the metric first trains inside mmengine's no-grad val/test loops
 def _fit(model: SmallConvClassifier, images: List[Tensor], labels: Tensor, epochs: int,
          batch_size: int, lr: float, weight_decay: float, generator: torch.Generator) -> None:
     """Train with AdamW and a cosine learning rate, one image size per batch."""
