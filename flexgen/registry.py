@@ -14,6 +14,7 @@ TRANSPORTS                  noise processes: rectified flow, DDPM, interpolants
 TIME_SAMPLERS               training-time distributions of t
 SAMPLERS                    generation: ODE / SDE / ancestral samplers
 GUIDANCE                    guidance wrappers (classifier-free, interval, autoguidance)
+CHECKPOINT_CONVERTERS       official checkpoints (DiT, SiT, FiT, FiTv2, NiT) -> flexgen keys
 DATASETS, DATA_SAMPLERS     datasets; bucket / token-budget (packing) batch samplers
 HOOKS, LOOPS, METRICS, ...  the Runner's parts, as in mmengine
 ==========================  ==========================================================
@@ -168,7 +169,7 @@ POSITION_ENCODINGS = FlexRegistry('position encoding', scope=SCOPE,
                                   locations=['flexgen.position_encodings'],
                                   build_func=_build_with_hints)
 ATTENTION_BACKENDS = FlexRegistry('attention backend', scope=SCOPE,
-                                  locations=['flexgen.models.layers.attention_backends'],
+                                  locations=['flexgen.models.layers'],
                                   build_func=_build_with_hints)
 TRANSPORTS = FlexRegistry('transport', scope=SCOPE, locations=['flexgen.schedulers'],
                           build_func=_build_with_hints)
@@ -178,6 +179,9 @@ SAMPLERS = FlexRegistry('sampler', scope=SCOPE, locations=['flexgen.samplers'],
                         build_func=_build_with_hints)
 GUIDANCE = FlexRegistry('guidance', scope=SCOPE, locations=['flexgen.samplers'],
                         build_func=_build_with_hints)
+CHECKPOINT_CONVERTERS = FlexRegistry('checkpoint converter', scope=SCOPE,
+                                     locations=['flexgen.models.converters'],
+                                     build_func=_build_with_hints)
 
 
 def build(registry, cfg, **default_args):

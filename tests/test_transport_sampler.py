@@ -44,7 +44,7 @@ def test_euler_converges_at_first_order_to_the_exact_map():
     exact = MU + S * z
     errors = []
     for steps in (8, 16, 32, 64):
-        out = EulerODE(num_steps=steps)(lambda x, t: exact_velocity(x, t), z.clone())
+        out = EulerODE(num_steps=steps)(exact_velocity, RectifiedFlow(), z.clone())
         errors.append((out - exact).abs().max().item())
     ratios = [a / b for a, b in zip(errors, errors[1:])]
     assert all(1.7 < r < 2.3 for r in ratios), (errors, ratios)

@@ -165,10 +165,13 @@ class DiffusionGenerator(BaseModel):
             model_fn = guidance.wrap(self.network, batch, labels, self.num_classes, width,
                                      self.patch_size ** 2)
 
-        def velocity_fn(x, t):
-            return self.transport.velocity(model_fn(x, t)[:, :width], x, t)
+        sample_generators = self._generators([image_seed(s, 1) for s in seeds], len(seeds))
 
-        x0 = sampler(velocity_fn, batch.tokens, callback=callback)
+        def noise_like(x):
+            return self._noise_like(batch.replace(x), sample_generators)
+
+        x0 = sampler(model_fn, self.transport, batch.tokens, noise_like=noise_like,
+                     callback=callback)
         latents = unpatchify(x0, batch.sizes, self.patch_size)
         return self.autoencoder.decode(latents)
 

@@ -28,5 +28,8 @@ class EulerODE:
     def __init__(self, num_steps=50, shift=1.0):
         self.num_steps, self.shift = num_steps, shift
 
-    def __call__(self, velocity_fn, noise, generator=None, callback=None):
+    def __call__(self, model_fn, transport, noise, noise_like=None, callback=None):
+        def velocity_fn(x, t):
+            return transport.velocity(model_fn(x, t), x, t)
+
         return euler(velocity_fn, noise, shifted_times(self.num_steps, self.shift), callback)

@@ -37,5 +37,6 @@ class RectifiedFlow:
         return (output.float() - self.training_target(x0, noise, t).float()).pow(2).mean(-1)
 
     def velocity(self, output, x, t):
-        """``dx/dt`` at ``(x, t)`` from the network output (the output itself here)."""
-        return output
+        """``dx/dt`` at ``(x, t)`` from the network output (its first ``x.shape[-1]``
+        columns; any further columns, e.g. a learned variance, are not a velocity)."""
+        return output[..., :x.shape[-1]]

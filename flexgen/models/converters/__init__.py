@@ -1,0 +1,5 @@
+"""Official-checkpoint converters: a reference's state dict -> a flexgen state dict.
+
+Each converter registers in ``CHECKPOINT_CONVERTERS``; ``tools/convert_checkpoint.py`` and
+``flexgen.apis.load_official`` look them up by name.
+"""
