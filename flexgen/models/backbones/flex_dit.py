@@ -21,6 +21,10 @@ class FlexDiT(nn.Module):
         time_scale: the model time fed to the timestep sinusoid is ``time_scale * t`` for
             flexgen's ``t`` in [0, 1]. 1000 spreads [0, 1] over the sinusoid's frequencies
             as DiT's integer steps do; checkpoints trained otherwise set what they used.
+        time_flip: feed ``time_scale * (1 - t)``: for checkpoints trained with t = 0 noise
+            (SiT, FiTv2), adapted here so the rest of flexgen keeps one convention.
+        output_scale: multiplies the output (-1 turns SiT's velocity, d/d(1 - t), into
+            flexgen's d/dt).
     """
 
     def __init__(self, in_channels, patch_size, hidden_size, depth, num_heads, num_classes,
@@ -28,13 +32,13 @@ class FlexDiT(nn.Module):
                  block=dict(type='AdaLNZeroBlock'), mlp=dict(type='GeluMlp'), qk_norm=None,
                  modulation=dict(type='AdaLNZero'), attn_backend='sdpa',
                  pos_embed=dict(type='SinCos2D'), rope=None, time_scale=1000.0,
-                 frequency_embedding_size=256):
+                 time_flip=False, output_scale=1.0, frequency_embedding_size=256):
         super().__init__()
         self.in_channels, self.patch_size = in_channels, patch_size
         self.out_channels = (out_channels or in_channels) * (2 if learn_sigma else 1)
         self.learn_sigma, self.num_classes = learn_sigma, num_classes
         self.hidden_size, self.num_heads = hidden_size, num_heads
-        self.time_scale = time_scale
+        self.time_scale, self.time_flip, self.output_scale = time_scale, time_flip, output_scale
 
         self.x_embedder = PatchEmbed(in_channels, patch_size, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size, frequency_embedding_size)
@@ -74,14 +78,23 @@ class FlexDiT(nn.Module):
 
     def condition(self, t, y):
         """Per-image conditioning ``c = t_emb + y_emb`` ``[B, D]``."""
-        return self.t_embedder(self.time_scale * t) + self.y_embedder(y)
+        model_t = 1 - t if self.time_flip else t
+        return self.t_embedder(self.time_scale * model_t) + self.y_embedder(y)
 
-    def forward(self, batch, t, y):
+    def forward(self, batch, t, y, feature_block=None):
+        """Output tokens; with ``feature_block=k`` also the hidden tokens after block ``k``
+        (1-based, REPA's alignment features): ``(output, features)``."""
         x = self.x_embedder(batch.tokens)
         if self.pos_embed is not None:
             x = x + self.pos_embed(batch.positions).to(x.dtype)
         rope = self.rope(batch.positions) if self.rope is not None else None
         c = self.condition(t, y)
-        for block in self.blocks:
+        features = None
+        for index, block in enumerate(self.blocks, start=1):
             x = block(x, c, batch, rope)
-        return self.final_layer(x, c, batch)
+            if index == feature_block:
+                features = x
+        out = self.final_layer(x, c, batch)
+        if self.output_scale != 1.0:
+            out = out * self.output_scale
+        return out if feature_block is None else (out, features)
