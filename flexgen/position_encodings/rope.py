@@ -27,7 +27,7 @@ def apply_rotary(x, cos, sin):
 
 @POSITION_ENCODINGS.register_module()
 class AxialRoPE2D(nn.Module):
-    """Plain 2D axial RoPE: ``forward(positions [N, 2]) -> (cos, sin)`` ``[N, head_dim]``,
+    """Plain 2D axial RoPE: ``forward(batch) -> (cos, sin)`` ``[N, head_dim]``,
     computed in float32 (bf16 angles lose precision at large positions)."""
 
     def __init__(self, head_dim, theta=10000.0):
@@ -47,6 +47,9 @@ class AxialRoPE2D(nn.Module):
         cols = pos[:, 1:2] * self.freqs
         return torch.cat([rows, cols], dim=1).repeat_interleave(2, dim=1)
 
-    def forward(self, positions):
+    def forward(self, batch):
+        """``batch``: a TokenBatch (rules that depend on each image's size read
+        ``batch.sizes``) or bare positions ``[N, 2]``."""
+        positions = batch if torch.is_tensor(batch) else batch.positions
         angles = self.angles(positions)
         return torch.cos(angles), torch.sin(angles)

@@ -87,7 +87,7 @@ class FlexDiT(nn.Module):
         x = self.x_embedder(batch.tokens)
         if self.pos_embed is not None:
             x = x + self.pos_embed(batch.positions).to(x.dtype)
-        rope = self.rope(batch.positions) if self.rope is not None else None
+        rope = self.rope(batch) if self.rope is not None else None
         c = self.condition(t, y)
         features = None
         for index, block in enumerate(self.blocks, start=1):
