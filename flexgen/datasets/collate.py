@@ -1,8 +1,10 @@
 """Collate dataset items into the model's input: images stay a list (their sizes differ)."""
+import logging
 from numbers import Integral, Number
 from typing import List, Sequence
 
 import torch
+from mmengine.logging import print_log
 
 from flexgen.registry import FUNCTIONS
 
@@ -64,3 +66,75 @@ def jagged_collate(items: Sequence[dict]) -> dict:
     return dict(inputs=inputs,
                 data_samples={key: _collate_values(key, [s[key] for s in samples])
                               for key in keys})
+
+
+OVERFLOW_POLICIES = ('error', 'drop')
+
+
+@FUNCTIONS.register_module()
+def padded_collate(items: Sequence[dict], max_length: int = 256, patch_size: int = 2,
+                   overflow: str = 'error') -> dict:
+    """FiT's "pad every image to ``max_length`` tokens" (256; 1024 for the high-resolution
+    fine-tune), as a jagged batch: :func:`jagged_collate` plus the mask of FiT's padded layout.
+
+    Where the padding lives in flexgen: the model always receives a jagged
+    :class:`~flexgen.structures.TokenBatch` (no pad tokens), and an attention backend that
+    wants a rectangle (``'padded'``, FiT's own masked SDPA) pads inside, to the longest
+    image of the batch, as FiT's training loop truncates its padded batch to
+    ``max_b(h_b * w_b)`` tokens. Padding every image to ``max_length`` in the data would only
+    move zeros around. So here ``max_length`` states what FiT's data pipeline states with
+    it: the most tokens one image may hold (its context length, which its RoPE and
+    attention cost were sized for). FiT's masked loss (mean over each image's valid tokens,
+    then over images) is ``DiffusionGenerator(loss_reduction='image')`` on the jagged batch;
+    the mask is added for code that wants FiT's padded view.
+
+    Args:
+        items: dataset items ``dict(inputs=Tensor[C, H, W], data_samples=dict(...))``.
+        max_length: the most tokens ``(H // patch_size) * (W // patch_size)`` of one image.
+        patch_size: the model's patch size (latent cells per token side).
+        overflow: an image of more than ``max_length`` tokens raises a ValueError naming
+            its dataset index (``'error'``), or is left out of the batch (``'drop'``; a
+            batch left empty still raises).
+
+    Returns:
+        :func:`jagged_collate`'s dict, whose ``data_samples`` also holds ``mask``
+        ``bool [B, max_length]`` (the first ``n_b`` positions True, FiT's layout) and
+        ``num_tokens`` ``long [B]`` (``n_b``).
+    """
+    if not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f'padded_collate: max_length must be a positive int, got {max_length!r}')
+    if not isinstance(patch_size, int) or patch_size < 1:
+        raise ValueError(f'padded_collate: patch_size must be a positive int, got {patch_size!r}')
+    if overflow not in OVERFLOW_POLICIES:
+        raise ValueError(f'padded_collate: overflow must be one of {OVERFLOW_POLICIES}, '
+                         f'got {overflow!r}')
+    if len(items) == 0:
+        raise ValueError('padded_collate: got an empty batch')
+    kept, counts, too_long = [], [], []
+    for j, item in enumerate(items):
+        x = item['inputs']
+        if not isinstance(x, torch.Tensor) or x.dim() != 3:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f'padded_collate: item {j} inputs must be a Tensor[C, H, W], '
+                             f'got {shape}')
+        n = (x.shape[1] // patch_size) * (x.shape[2] // patch_size)
+        if n > max_length:
+            index = item.get('data_samples', {}).get('index', f'(batch position {j})')
+            too_long.append(f'index {index}: {x.shape[1]}x{x.shape[2]} = {n} tokens')
+            continue
+        kept.append(item)
+        counts.append(n)
+    if too_long and (overflow == 'error' or not kept):
+        raise ValueError(f'padded_collate: {len(too_long)} of {len(items)} images exceed '
+                         f'max_length={max_length} tokens at patch_size {patch_size} '
+                         f'({"; ".join(too_long[:4])}); raise max_length, resize the data, '
+                         "or pass overflow='drop'")
+    if too_long:
+        print_log(f'padded_collate: dropped {len(too_long)} of {len(items)} images longer than '
+                  f'max_length={max_length} tokens ({"; ".join(too_long[:4])})',
+                  logger='current', level=logging.WARNING)
+    batch = jagged_collate(kept)
+    num_tokens = torch.tensor(counts, dtype=torch.long)
+    batch['data_samples']['num_tokens'] = num_tokens
+    batch['data_samples']['mask'] = torch.arange(max_length)[None, :] < num_tokens[:, None]
+    return batch

@@ -1,0 +1,194 @@
+"""tools/encode_latents.py --format fit: FiT's resize / crop rules, the folder split, latents
+equal to the autoencoder's encoding of the resized (and mirrored) image, readable by
+FiTLatents, resumable and atomic."""
+import importlib.util
+import os
+import os.path as osp
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from flexgen.datasets.fit_latents import FiTLatents
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+L = 64  # tokens; the tiny VAE downsamples 2x, patch 2: m = 4 px per token side, S = 32 px
+SCALE, SHIFT = 0.5, 0.1
+
+
+def load_tool():
+    spec = importlib.util.spec_from_file_location(
+        'flexgen_tool_encode_latents', osp.join(ROOT, 'tools', 'encode_latents.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+tool = load_tool()
+
+# (class folder, file, (W, H) px) -> where it goes and the resized (W, H) worked out by hand.
+IMAGES = {
+    ('a_cat', 'wide.png'): ((40, 28), 'greater_than_64', (36, 24)),  # sqrt(40/28)*32 = 38.25
+    ('a_cat', 'plain.png'): ((24, 20), 'from_16_to_64', (24, 20)),     # kept: 30 tokens
+    ('b_dog', 'sub/floor.PNG'): ((30, 18), 'from_16_to_64', (28, 16)),  # floored: 28 tokens
+    ('b_dog', 'thin.png'): ((3, 60), 'from_16_to_64', (4, 80)),       # w < 4: raised to 4
+    ('b_dog', 'small.png'): ((12, 12), 'less_than_16', (12, 12)),     # 9 tokens
+}
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    """Tiny convolutions on a shared 2-core machine: threads only contend (50x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope='module')
+def vae_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp('vae')
+    with torch.random.fork_rng():  # diffusers initialises from the global RNG
+        torch.manual_seed(0)
+        vae = diffusers.AutoencoderKL(
+            block_out_channels=(8, 16), down_block_types=('DownEncoderBlock2D',) * 2,
+            up_block_types=('UpDecoderBlock2D',) * 2, latent_channels=4, norm_num_groups=4,
+            layers_per_block=1, sample_size=32, scaling_factor=SCALE, shift_factor=SHIFT)
+    vae.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope='module')
+def image_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp('images')
+    rng = np.random.default_rng(0)
+    for (cls, file), ((w, h), _, _) in IMAGES.items():
+        os.makedirs(osp.dirname(root / cls / file), exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / cls / file)
+    (root / 'b_dog' / 'notes.txt').write_text('not an image')
+    return root
+
+
+def run(image_root, out, vae_dir, *extra):
+    return tool.main([str(image_root), str(out), '--vae', str(vae_dir), '--target-len', str(L),
+                      '--workers', '0', '--batch-size', '2', '--device', 'cpu', *extra])
+
+
+def encode(vae_dir, image):
+    """The autoencoder's normalised posterior mean of a PIL image, straight from diffusers."""
+    vae = diffusers.AutoencoderKL.from_pretrained(vae_dir).eval()
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+    with torch.no_grad():
+        return (vae.encode(x[None]).latent_dist.mean[0] - SHIFT) * SCALE
+
+
+def test_resize_rule_matches_fit():
+    """resize_arr's cases at S = 256, m = 16 (worked out by hand)."""
+    assert tool.fit_resize_size(500, 375, 256, 16) == (288, 208)  # sqrt(4/3)*256 = 295.6
+    assert tool.fit_resize_size(256, 256, 256, 16) == (256, 256)
+    assert tool.fit_resize_size(200, 120, 256, 16) == (192, 112)  # floored only
+    assert tool.fit_resize_size(10, 100, 256, 16) == (16, 160)    # narrow: w -> 16
+    assert tool.fit_resize_size(100, 12, 256, 16) == (128, 16)    # low: h -> 16, w 133 -> 128
+    assert tool.fit_resize_size(1024, 256, 256, 16) == (512, 128)
+
+
+def test_center_crop_is_adms():
+    image = Image.fromarray(np.arange(140 * 100 * 3, dtype=np.uint8).reshape(100, 140, 3) % 251)
+    crop = tool.center_crop(image, 32)  # 140x100: BOX-halved to 70x50, BICUBIC to 45x32
+    expected = image.resize((70, 50), Image.BOX).resize((45, 32), Image.BICUBIC)
+    assert np.array_equal(np.asarray(crop), np.asarray(expected)[:, 6:38])
+
+
+def test_encode_then_read_back(tmp_path, image_root, vae_dir):
+    out = tmp_path / 'latents'
+    assert run(image_root, out, vae_dir) == dict(total=5, skipped=0, written=5)
+    folders = {'from_16_to_64': ['floor', 'plain', 'thin'], 'greater_than_64_resize': ['wide'],
+               'greater_than_64_crop': ['wide'], 'less_than_16': ['small']}
+    for folder, names in folders.items():
+        assert sorted(os.listdir(out / folder)) == [f'{n}.safetensors' for n in names]
+    small = load_file(out / 'less_than_16' / 'small.safetensors')
+    assert small['size'].tolist() == [3, 3] and small['feature'].shape == (2, 3, 3, 16)
+
+    plain = FiTLatents(str(out), target_len=L, choice='resize', flip_prob=0.0)
+    mirror = FiTLatents(str(out), target_len=L, choice='resize', flip_prob=1.0)
+    crop = FiTLatents(str(out), target_len=L, choice='crop', flip_prob=0.0)
+    assert len(plain) == 4
+    by_name = {osp.basename(e[0])[:-len('.safetensors')]: i for i, e in enumerate(plain.entries)}
+    labels = {'a_cat': 0, 'b_dog': 1}
+    for (cls, file), ((w, h), _, (new_w, new_h)) in IMAGES.items():
+        name = osp.splitext(osp.basename(file))[0]
+        if name == 'small':
+            continue
+        i = by_name[name]
+        image = Image.open(image_root / cls / file).convert('RGB')
+        resized = image if (new_w, new_h) == (w, h) else image.resize((new_w, new_h),
+                                                                       Image.BICUBIC)
+        assert plain.get_size(i) == (new_h // 2, new_w // 2)
+        assert plain[i]['data_samples']['label'] == labels[cls] == plain.get_label(i)
+        torch.testing.assert_close(plain[i]['inputs'], encode(vae_dir, resized),
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mirror[i]['inputs'],
+                                   encode(vae_dir, resized.transpose(Image.FLIP_LEFT_RIGHT)),
+                                   rtol=1e-5, atol=1e-5)
+    wide = Image.open(image_root / 'a_cat' / 'wide.png')
+    cropped = wide.resize((46, 32), Image.BICUBIC).crop((7, 0, 39, 32))  # 40x28 -> 32x32
+    torch.testing.assert_close(crop[by_name['wide']]['inputs'], encode(vae_dir, cropped),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_second_run_skips_and_interrupted_run_resumes(tmp_path, image_root, vae_dir,
+                                                      monkeypatch):
+    clean = tmp_path / 'clean'
+    run(image_root, clean, vae_dir)
+    stamps = {p: os.stat(p).st_mtime_ns for p in clean.rglob('*.safetensors')}
+    assert run(image_root, clean, vae_dir) == dict(total=5, skipped=5, written=0)
+    assert {p: os.stat(p).st_mtime_ns for p in clean.rglob('*.safetensors')} == stamps
+
+    # Interrupt the 3rd file write half-way (wide.png's crop, after its resize file): a
+    # temporary file is left, no final file, and wide.png counts as not done.
+    out, real_save, saved = tmp_path / 'resumed', tool.save_file, []
+
+    def crashing_save(tensors, path):
+        if len(saved) == 2:
+            with open(path, 'wb') as f:
+                f.write(b'partial')
+            raise KeyboardInterrupt
+        saved.append(path)
+        real_save(tensors, path)
+
+    monkeypatch.setattr(tool, 'save_file', crashing_save)
+    with pytest.raises(KeyboardInterrupt):
+        run(image_root, out, vae_dir)
+    assert sorted(str(p.relative_to(out)) for p in out.rglob('*.safetensors')) == [
+        'from_16_to_64/plain.safetensors', 'greater_than_64_resize/wide.safetensors']
+    assert [p.name for p in out.rglob('*.tmp')] == ['wide.safetensors.tmp']
+    monkeypatch.setattr(tool, 'save_file', real_save)
+    FiTLatents(str(out), target_len=L)  # the partial state is readable (the .tmp is ignored)
+    stats = run(image_root, out, vae_dir)
+    assert stats == dict(total=5, skipped=1, written=4)
+    files = sorted(p.relative_to(clean) for p in clean.rglob('*.safetensors'))
+    assert sorted(p.relative_to(out) for p in out.rglob('*.safetensors')) == files
+    for rel in files:
+        a, b = load_file(clean / rel), load_file(out / rel)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_other_settings_in_the_same_folder_stop(tmp_path, image_root, vae_dir):
+    out = tmp_path / 'latents'
+    run(image_root, out, vae_dir)
+    with pytest.raises(SystemExit, match='dtype'):
+        run(image_root, out, vae_dir, '--dtype', 'float16')
+
+
+def test_duplicate_stems_and_missing_root(tmp_path, image_root, vae_dir):
+    root = tmp_path / 'dup'
+    for cls in ('x', 'y'):
+        os.makedirs(root / cls)
+        Image.new('RGB', (16, 16)).save(root / cls / 'same.png')
+    with pytest.raises(ValueError, match='same file stem'):
+        run(root, tmp_path / 'out', vae_dir)
+    with pytest.raises(FileNotFoundError, match='nowhere'):
+        run(tmp_path / 'nowhere', tmp_path / 'out', vae_dir)
