@@ -25,6 +25,18 @@ class FlexDiT(nn.Module):
             (SiT, FiTv2), adapted here so the rest of flexgen keeps one convention.
         output_scale: multiplies the output (-1 turns SiT's velocity, d/d(1 - t), into
             flexgen's d/dt).
+        global_modulation: e.g. ``dict(type='AdaLNZero')``: FiTv2's global adaLN, one
+            ``SiLU -> Linear(D, 6D)`` computed once per image and added to every block's
+            own modulation (``global_adaLN_modulation``; zero-initialised).
+        time_max: clamp the model time to at most this value. Only to reproduce the
+            FiTv1 reference forward, which embeds ``min(t, 1)`` of its integer DDPM step
+            (so every step >= 1 looks alike); set by the FiTv1 converter's
+            ``clamp_time`` option for parity checks, never for training or sampling.
+        trainable: name substrings; when given, only parameters whose name contains one
+            of them train and every other parameter is frozen (``requires_grad=False``,
+            so it gets no gradient and counts in no gradient-clipping norm). FiTv2's
+            high-resolution fine-tuning trains ``('x_embedder', 'bias', 'LN',
+            'final_layer')`` ('LN' matches every ``adaLN_modulation``).
     """
 
     def __init__(self, in_channels, patch_size, hidden_size, depth, num_heads, num_classes,
@@ -32,13 +44,15 @@ class FlexDiT(nn.Module):
                  block=dict(type='AdaLNZeroBlock'), mlp=dict(type='GeluMlp'), qk_norm=None,
                  modulation=dict(type='AdaLNZero'), attn_backend='sdpa',
                  pos_embed=dict(type='SinCos2D'), rope=None, time_scale=1000.0,
-                 time_flip=False, output_scale=1.0, frequency_embedding_size=256):
+                 time_flip=False, output_scale=1.0, frequency_embedding_size=256,
+                 global_modulation=None, time_max=None, trainable=None):
         super().__init__()
         self.in_channels, self.patch_size = in_channels, patch_size
         self.out_channels = (out_channels or in_channels) * (2 if learn_sigma else 1)
         self.learn_sigma, self.num_classes = learn_sigma, num_classes
         self.hidden_size, self.num_heads = hidden_size, num_heads
         self.time_scale, self.time_flip, self.output_scale = time_scale, time_flip, output_scale
+        self.time_max = time_max
 
         self.x_embedder = PatchEmbed(in_channels, patch_size, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size, frequency_embedding_size)
@@ -53,8 +67,13 @@ class FlexDiT(nn.Module):
                               qk_norm=qk_norm, modulation=modulation,
                               attn_backend=attn_backend))
             for _ in range(depth))
+        self.global_adaLN_modulation = (
+            MODELS.build(dict(global_modulation, hidden_size=hidden_size, num_chunks=6))
+            if global_modulation else None)
         self.final_layer = FinalLayer(hidden_size, patch_size ** 2 * self.out_channels)
         self.initialize_weights()
+        if trainable is not None:
+            self.freeze_all_but(trainable)
 
     def initialize_weights(self):
         """DiT's initialisation: xavier linears, N(0, 0.02) embeddings, zero adaLN and
@@ -67,8 +86,11 @@ class FlexDiT(nn.Module):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for block in self.blocks:
-            last = block.adaLN_modulation[-1]
+        modulations = [block.adaLN_modulation for block in self.blocks]
+        if self.global_adaLN_modulation is not None:
+            modulations.append(self.global_adaLN_modulation)
+        for modulation in modulations:
+            last = modulation[-1]
             nn.init.zeros_(last.weight)
             if last.bias is not None:
                 nn.init.zeros_(last.bias)
@@ -76,10 +98,24 @@ class FlexDiT(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
+    def freeze_all_but(self, trainable):
+        """Freeze every parameter whose name contains none of the substrings ``trainable``."""
+        if isinstance(trainable, str):
+            trainable = (trainable,)
+        names = [name for name, _ in self.named_parameters()]
+        for pattern in trainable:
+            if not any(pattern in name for name in names):
+                raise ValueError(f'FlexDiT: trainable pattern {pattern!r} matches no parameter '
+                                 f'(names look like {names[:3]})')
+        for name, param in self.named_parameters():
+            param.requires_grad_(any(pattern in name for pattern in trainable))
+
     def condition(self, t, y):
         """Per-image conditioning ``c = t_emb + y_emb`` ``[B, D]``."""
-        model_t = 1 - t if self.time_flip else t
-        return self.t_embedder(self.time_scale * model_t) + self.y_embedder(y)
+        model_t = self.time_scale * (1 - t if self.time_flip else t)
+        if self.time_max is not None:
+            model_t = model_t.clamp(max=self.time_max)
+        return self.t_embedder(model_t) + self.y_embedder(y)
 
     def forward(self, batch, t, y, feature_block=None):
         """Output tokens; with ``feature_block=k`` also the hidden tokens after block ``k``
@@ -89,9 +125,14 @@ class FlexDiT(nn.Module):
             x = x + self.pos_embed(batch.positions).to(x.dtype)
         rope = self.rope(batch) if self.rope is not None else None
         c = self.condition(t, y)
+        # Positional only (mmengine's activation checkpointing passes no keywords); a
+        # block without a global modulation is called as DiT's, so custom blocks need no
+        # extra argument.
+        extra = (() if self.global_adaLN_modulation is None else
+                 (self.global_adaLN_modulation(c),))
         features = None
         for index, block in enumerate(self.blocks, start=1):
-            x = block(x, c, batch, rope)
+            x = block(x, c, batch, rope, *extra)
             if index == feature_block:
                 features = x
         out = self.final_layer(x, c, batch)

@@ -61,29 +61,40 @@ class SDPAAttention:
 
 @ATTENTION_BACKENDS.register_module(name='padded')
 class PaddedAttention:
-    """Pad every image to the longest and mask, as FiT does.
+    """Pad every image to the longest and mask, as FiT does (Lu et al. 2024, section 3.2).
 
-    Valid tokens attend to valid tokens of their image; padded slots attend only to
-    padded slots (FiT's ``mask_i == mask_j``), so no softmax row is empty.
+    :meth:`attend` is FiT's masked computation on a padded batch: valid tokens attend to
+    valid tokens of their image, padded slots only to padded slots (``mask_i == mask_j``,
+    so no softmax row is empty), and the output of padded slots is set to zero. Called as
+    a backend it pads the jagged batch, attends, and returns the valid rows.
     """
 
-    def __call__(self, q, k, v, batch):
-        b, length = batch.num_images, batch.max_seqlen
-        local = torch.arange(q.shape[0], device=q.device) - \
+    @staticmethod
+    def pad(x, batch):
+        """``[N, ...]`` -> ``([B, L, ...]`` zero-padded, ``valid`` ``[B, L]`` bool), with
+        ``L`` the longest image; each image's tokens first, padding after them."""
+        local = torch.arange(x.shape[0], device=x.device) - \
             batch.cu_seqlens[:-1].long()[batch.image_ids]
         index = (batch.image_ids, local)
-
-        def pad(x):
-            padded = x.new_zeros((b, length) + tuple(x.shape[1:]))
-            padded[index] = x
-            return padded
-
-        valid = torch.zeros(b, length, dtype=torch.bool, device=q.device)
+        padded = x.new_zeros((batch.num_images, batch.max_seqlen) + tuple(x.shape[1:]))
+        padded[index] = x
+        valid = torch.zeros(batch.num_images, batch.max_seqlen, dtype=torch.bool,
+                            device=x.device)
         valid[index] = True
+        return padded, valid
+
+    @staticmethod
+    def attend(q, k, v, valid):
+        """Masked attention on padded ``[B, L, heads, head_dim]`` with ``valid`` ``[B, L]``;
+        padded rows of the output are zero."""
         mask = valid[:, None, :, None] == valid[:, None, None, :]
-        out = F.scaled_dot_product_attention(pad(q).transpose(1, 2), pad(k).transpose(1, 2),
-                                             pad(v).transpose(1, 2), attn_mask=mask)
-        return out.transpose(1, 2)[index]
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                             v.transpose(1, 2), attn_mask=mask)
+        return out.transpose(1, 2) * valid[:, :, None, None].to(out.dtype)
+
+    def __call__(self, q, k, v, batch):
+        (qp, valid), (kp, _), (vp, _) = (self.pad(x, batch) for x in (q, k, v))
+        return self.attend(qp, kp, vp, valid)[valid]
 
 
 def build_attention_backend(cfg):
