@@ -1,8 +1,11 @@
 """Datasets, collate functions and batch samplers (importing this registers them)."""
 from .batch_samplers import BucketBatchSampler, TokenBudgetBatchSampler
-from .collate import jagged_collate
+from .collate import jagged_collate, padded_collate
+from .fit_latents import FiTFileError, FiTLatents
 from .generation_requests import GenerationRequests
+from .image_folder import ImageFolder
 from .shapes import SHAPES, ProceduralShapes
 
-__all__ = ['BucketBatchSampler', 'TokenBudgetBatchSampler', 'jagged_collate',
-           'GenerationRequests', 'ProceduralShapes', 'SHAPES']
+__all__ = ['BucketBatchSampler', 'TokenBudgetBatchSampler', 'jagged_collate', 'padded_collate',
+           'FiTFileError', 'FiTLatents', 'GenerationRequests', 'ImageFolder',
+           'ProceduralShapes', 'SHAPES']
