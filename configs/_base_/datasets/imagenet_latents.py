@@ -1,0 +1,28 @@
+# ImageNet for latent diffusion (DiT, SiT): ADM's square centre crop of every training image
+# (ImageFolder resolution=...; half of the items mirrored), encoded to SD-VAE latents on the
+# fly by the model's autoencoder (as DiT's / SiT's train.py do). Global batch 256 = 32 per
+# GPU x 8 GPUs; on another GPU count set train_dataloader.batch_size to 256 / GPUs.
+#
+# Generation requests for FID-50K: 50 images per class at the training resolution (the
+# evaluation protocol of DiT / SiT: 50,000 samples, compared with ADM's ImageNet
+# reference batch). An FID metric with local Inception weights plugs in as test_evaluator.
+_resolution = 256
+_data_root = 'data/imagenet/train'
+
+train_dataloader = dict(
+    batch_size=32,
+    num_workers=8,
+    persistent_workers=True,
+    dataset=dict(type='ImageFolder', data_root=_data_root, resolution=_resolution,
+                 hflip=True),
+    sampler=dict(type='DefaultSampler', shuffle=False),  # order: the batch sampler's
+    batch_sampler=dict(type='BucketBatchSampler'),      # shuffled; exact resume
+    collate_fn=dict(type='flexgen.jagged_collate'))
+
+test_dataloader = dict(
+    batch_size=32,
+    num_workers=2,
+    dataset=dict(type='GenerationRequests', num_classes=1000,
+                 sizes=[(_resolution, _resolution)], num_per_class=50, seed=0),
+    sampler=dict(type='DefaultSampler', shuffle=False),
+    collate_fn=dict(type='flexgen.jagged_collate'))
