@@ -98,3 +98,30 @@ def test_short_training_run_lowers_the_loss():
         opt.step()
         losses.append(loss.item())
     assert sum(losses[-10:]) / 10 < 0.6 * sum(losses[:10]) / 10, losses
+
+
+def test_latent_inputs_skip_the_encoder_but_generation_decodes():
+    class Doubling(torch.nn.Module):
+        downsample, latent_channels = 1, 3
+
+        def encode(self, images):
+            return [2 * im for im in images]
+
+        def decode(self, latents):
+            return [-lat for lat in latents]
+
+    from flexgen.registry import MODELS
+    MODELS.register_module('_DoublingAutoencoder', module=Doubling, force=True)
+    pixels = _generator(autoencoder=dict(type='_DoublingAutoencoder'))
+    latents = _generator(autoencoder=dict(type='_DoublingAutoencoder'), inputs_are_latents=True)
+    randomise(pixels.backbone)
+    latents.load_state_dict(pixels.state_dict())
+    images = [torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    samples = dict(label=torch.tensor([0, 1]), index=torch.tensor([0, 1]), seed=0, step=0)
+    encoded = [2 * im for im in images]
+    assert torch.equal(latents.loss(encoded, samples)['loss'], pixels.loss(images, samples)['loss'])
+    a = latents.generate([1], [(4, 4)], seeds=[3], guidance=None)[0]
+    b = pixels.generate([1], [(4, 4)], seeds=[3], guidance=None)[0]
+    assert torch.equal(a, b)
+    latents.autoencoder.decode = lambda lats: list(lats)
+    assert torch.equal(latents.generate([1], [(4, 4)], seeds=[3], guidance=None)[0], -a)

@@ -46,6 +46,9 @@ class DiffusionGenerator(BaseModel):
         guidance: e.g. ``ClassifierFreeGuidance``; ``None`` samples the conditional model.
         autoencoder: ``IdentityAutoencoder`` (pixel space, or data already in latents) or
             ``DiffusersAutoencoder``.
+        inputs_are_latents: the training data are already latents as the backbone sees them
+            (FiT / NiT latent datasets, scaled): ``loss`` skips the encoder, generation
+            still decodes with it.
         class_dropout_prob: probability of replacing a training label by "no class".
         loss_reduction: ``'image'`` (mean per image, then over images; DiT / FiT) or
             ``'token'`` (mean over all tokens; NiT's packs).
@@ -53,8 +56,8 @@ class DiffusionGenerator(BaseModel):
 
     def __init__(self, backbone, transport, time_sampler=dict(type='UniformTime'),
                  sampler=dict(type='EulerODE'), guidance=None,
-                 autoencoder=dict(type='IdentityAutoencoder'), class_dropout_prob=0.1,
-                 loss_reduction='image', data_preprocessor=None, init_cfg=None):
+                 autoencoder=dict(type='IdentityAutoencoder'), inputs_are_latents=False,
+                 class_dropout_prob=0.1, loss_reduction='image', data_preprocessor=None, init_cfg=None):
         super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
         self.backbone = MODELS.build(backbone)
         self.autoencoder = MODELS.build(autoencoder)
@@ -65,6 +68,7 @@ class DiffusionGenerator(BaseModel):
         if loss_reduction not in ('image', 'token'):
             raise ValueError(f"loss_reduction must be 'image' or 'token', got {loss_reduction!r}")
         self.class_dropout_prob, self.loss_reduction = class_dropout_prob, loss_reduction
+        self.inputs_are_latents = inputs_are_latents
         self.num_classes = self.backbone.num_classes
         self.patch_size = self.backbone.patch_size
 
@@ -104,8 +108,11 @@ class DiffusionGenerator(BaseModel):
         raise ValueError(f"mode must be 'loss', 'predict' or 'tensor', got {mode!r}")
 
     def loss(self, inputs: List[torch.Tensor], data_samples: dict) -> dict:
-        with torch.no_grad():
-            latents = self.autoencoder.encode(inputs)
+        if self.inputs_are_latents:
+            latents = list(inputs)
+        else:
+            with torch.no_grad():
+                latents = self.autoencoder.encode(inputs)
         batch = patchify(latents, self.patch_size)
         labels = data_samples['label'].to(batch.device)
         generators = self._generators(self._training_seeds(data_samples), batch.num_images)
