@@ -117,14 +117,15 @@ class DiffusionGenerator(BaseModel):
         labels = data_samples['label'].to(batch.device)
         generators = self._generators(self._training_seeds(data_samples), batch.num_images)
         # Draw order per image: time, label drop, noise (a fixed order keeps runs comparable).
-        t = self.time_sampler(generators, batch.device)
+        t = self.transport.train_time(
+            self.time_sampler(generators, batch.device, seqlens=batch.seqlens_list))
         drop = torch.cat([torch.rand(1, generator=g) for g in generators]).to(batch.device)
         labels = torch.where(drop < self.class_dropout_prob,
                              torch.full_like(labels, self.num_classes), labels)
         noise = self._noise_like(batch, generators)
 
         x0 = batch.tokens
-        t_tok = batch.per_token(t.to(x0.dtype))[:, None]
+        t_tok = batch.per_token(t.float())[:, None]  # float32 even for bf16 latents: DDPM steps
         xt = self.transport.interpolate(x0, noise, t_tok)
         output = self.network(batch.replace(xt), t, labels)
         per_token = self.transport.loss(output, x0, noise, t_tok)
