@@ -2,6 +2,7 @@
 equal to the autoencoder's encoding of the resized (and mirrored) image, readable by
 FiTLatents, resumable and atomic."""
 import importlib.util
+import json
 import os
 import os.path as osp
 
@@ -192,3 +193,111 @@ def test_duplicate_stems_and_missing_root(tmp_path, image_root, vae_dir):
         run(root, tmp_path / 'out', vae_dir)
     with pytest.raises(FileNotFoundError, match='nowhere'):
         run(tmp_path / 'nowhere', tmp_path / 'out', vae_dir)
+
+
+# ---------------------------------------------------------------------- --format nit
+# Tiny VAE: d = 2, NiT's patch 1: sides are multiples of a = --min-image-size 4;
+# --max-image-size 32 (area 1024 px). (W, H) after NiT's native rule, worked out by hand:
+NIT_NATIVE = {'wide': (36, 24),    # 40x28 = 1120 >= 1024: sqrt(40/28)*32 = 38.25 -> 36, 24
+              'plain': (24, 20),   # floored only (already multiples of 4)
+              'floor': (28, 16),   # 30x18 floored to 28x16
+              'thin': (4, 60),     # max(1, 3 // 4) * 4 = 4: raised to a
+              'small': (12, 12)}
+NIT_TYPES = 'native-resolution,fixed-16x16'
+
+
+def run_nit(image_root, out, vae_dir, *extra):
+    return tool.main([str(image_root), str(out), '--vae', str(vae_dir), '--format', 'nit',
+                      '--nit-types', NIT_TYPES, '--min-image-size', '4',
+                      '--max-image-size', '32', '--workers', '0', '--batch-size', '2',
+                      '--device', 'cpu', *extra])
+
+
+def test_nit_resize_rule_matches_nit():
+    """native_resolution_resize at a = 32, S = 2048 (NiT's preprocessing config)."""
+    assert tool.nit_resize_size(580, 403, 32, 2048) == (576, 384)  # the README's example
+    assert tool.nit_resize_size(20, 50, 32, 2048) == (32, 32)      # sides raised to 32
+    assert tool.nit_resize_size(3000, 2000, 32, 2048) == (2496, 1664)  # area 2048^2
+    assert tool.nit_resize_size(2048, 2048, 32, 2048) == (2048, 2048)
+
+
+def test_nit_encode_then_read_back(tmp_path, image_root, vae_dir):
+    from flexgen.datasets.nit_latents import NiTLatents
+    out = tmp_path / 'nit'
+    assert run_nit(image_root, out, vae_dir) == dict(total=5, skipped=0, written=5)
+    meta = out / 'data_meta'
+    assert sorted(os.listdir(meta)) == ['fixed-16x16_meta.jsonl', 'merge_meta.jsonl',
+                                        'native-resolution_meta.jsonl']
+    native = [json.loads(x) for x in (meta / 'native-resolution_meta.jsonl').open()]
+    fixed = [json.loads(x) for x in (meta / 'fixed-16x16_meta.jsonl').open()]
+    merged = [json.loads(x) for x in (meta / 'merge_meta.jsonl').open()]
+    assert merged == native + fixed and len(native) == 5
+    # Images in the tool's list order: class, then folder, then file.
+    assert [m['image_file'] for m in native] == ['a_cat/plain.png', 'a_cat/wide.png',
+                                                'b_dog/small.png', 'b_dog/thin.png',
+                                                'b_dog/sub/floor.PNG']
+    wide = native[1]
+    assert wide == dict(image_file='a_cat/wide.png', latent_file='a_cat/wide.safetensors',
+                        ori_w=40, ori_h=28, latent_h=12, latent_w=18, image_h=24, image_w=36,
+                        type='native-resolution', label=0)
+    assert fixed[4]['latent_file'] == 'b_dog/sub/floor.safetensors'
+    assert (fixed[4]['latent_h'], fixed[4]['latent_w'], fixed[4]['label']) == (8, 8, 1)
+    stored = load_file(out / 'native-resolution' / 'a_cat' / 'wide.safetensors')
+    assert stored['latent'].shape == (2, 4, 12, 18) and stored['label'].shape == ()
+
+    dirs = {'native-resolution': str(out / 'native-resolution'),
+            'fixed-16x16': str(out / 'fixed-16x16')}
+    plain = NiTLatents(str(meta / 'merge_meta.jsonl'), dirs, flip_prob=0.0)
+    mirror = NiTLatents(str(meta / 'merge_meta.jsonl'), dirs, flip_prob=1.0)
+    assert len(plain) == 10
+    for i, line in enumerate(merged):
+        name = os.path.splitext(os.path.basename(line['image_file']))[0]
+        image = Image.open(image_root / line['image_file']).convert('RGB')
+        if line['type'] == 'native-resolution':
+            size = NIT_NATIVE[name]
+            view = image if size == image.size else image.resize(size, Image.BICUBIC)
+        else:
+            view = tool.center_crop(image, 16)
+        assert plain.get_size(i) == (view.size[1] // 2, view.size[0] // 2)
+        assert plain.get_label(i) == line['label'] == plain[i]['data_samples']['label']
+        torch.testing.assert_close(plain[i]['inputs'], encode(vae_dir, view),
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mirror[i]['inputs'],
+                                   encode(vae_dir, view.transpose(Image.FLIP_LEFT_RIGHT)),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_nit_interrupted_run_resumes_to_the_same_files(tmp_path, image_root, vae_dir,
+                                                        monkeypatch):
+    clean = tmp_path / 'clean'
+    run_nit(image_root, clean, vae_dir)
+    assert run_nit(image_root, clean, vae_dir) == dict(total=5, skipped=5, written=0)
+
+    out, real_save, saved = tmp_path / 'resumed', tool.save_file, []
+
+    def crashing_save(tensors, path, metadata=None):
+        if len(saved) == 3:  # the 2nd image's 2nd type: its 1st file is already in place
+            raise KeyboardInterrupt
+        saved.append(path)
+        real_save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(tool, 'save_file', crashing_save)
+    with pytest.raises(KeyboardInterrupt):
+        run_nit(image_root, out, vae_dir)
+    monkeypatch.setattr(tool, 'save_file', real_save)
+    assert run_nit(image_root, out, vae_dir) == dict(total=5, skipped=1, written=4)
+    files = sorted(p.relative_to(clean) for p in clean.rglob('*') if p.is_file())
+    assert sorted(p.relative_to(out) for p in out.rglob('*') if p.is_file()) == files
+    for rel in files:
+        if rel.suffix == '.safetensors':
+            a, b = load_file(clean / rel), load_file(out / rel)
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        elif rel.suffix == '.jsonl':
+            assert (clean / rel).read_text() == (out / rel).read_text()
+
+
+def test_nit_bad_types_stop(tmp_path, image_root, vae_dir):
+    with pytest.raises(ValueError, match='fixed-15x15'):
+        run_nit(image_root, tmp_path / 'a', vae_dir, '--nit-types', 'fixed-15x15')
+    with pytest.raises(ValueError, match='square-ish'):
+        run_nit(image_root, tmp_path / 'b', vae_dir, '--nit-types', 'square-ish')

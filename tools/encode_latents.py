@@ -1,6 +1,6 @@
-"""Encode an ImageNet-style image folder into pre-encoded latents (FiT's format).
+"""Encode an ImageNet-style image folder into pre-encoded latents (FiT's or NiT's format).
 
-    python tools/encode_latents.py IMAGE_ROOT OUT_DIR --vae DIR [--format fit] \
+    python tools/encode_latents.py IMAGE_ROOT OUT_DIR --vae DIR [--format fit|nit] \
         [--target-len 256] [--batch-size 32] [--workers 4] [--device cuda]
 
 ``IMAGE_ROOT/<class>/<images>``: classes are the sorted sub-folder names (label = position);
@@ -26,26 +26,48 @@ directory written by diffusers' ``save_pretrained`` (e.g. sd-vae-ft-ema), loaded
   patches of ``(c, p1, p2)`` order), ``grid`` ``[2, h*w]`` (column index, row index),
   ``size`` ``[2]`` = ``(h, w)`` tokens, ``label`` ``[1]``.
 
+``--format nit`` (NiT; read back by ``flexgen.datasets.NiTLatents``), for every type of
+``--nit-types`` (default ``native-resolution``; also ``fixed-SxS``, e.g. ``fixed-256x256``):
+
+- ``native-resolution``: NiT's ``native_resolution_resize`` with ``a = --min-image-size``
+  (default ``d * p``: 32 for DC-AE, patch 1) and ``S = --max-image-size`` (2048): if
+  ``W * H < S^2`` each side is floored to a multiple of ``a`` (at least ``a``; no crop, the
+  aspect ratio moves slightly), else the image is scaled to area ``S^2`` (aspect kept,
+  ``W' = sqrt(W / H) * S``, ``H' = W' H / W``) and then floored; BICUBIC;
+- ``fixed-SxS``: ADM's centre crop to ``S x S`` (NiT's 256 / 512 copies of ImageNet);
+- files ``OUT_DIR/<type>/<class folder>/<stem>.safetensors`` holding ``latent``
+  ``[2, C, h, w]`` (the image's and its mirror's latent) and ``label`` (0-d int64), and
+  the data-meta jsonl ``OUT_DIR/data_meta/<type>_meta.jsonl`` (NiT's fields ``image_file``,
+  ``latent_file``, ``ori_w``, ``ori_h``, ``latent_h``, ``latent_w``, ``image_h``,
+  ``image_w``, ``type``, plus ``label``), and with several types
+  ``OUT_DIR/data_meta/merge_meta.jsonl`` (the types' lines, in ``--nit-types`` order).
+  The jsonl files are rewritten at the end of every run from what is on disk (the file
+  headers carry each line's fields), so an interrupted run resumes to the same files.
+
 Resumable: an image whose files all exist is skipped, and every file is written to a
 temporary name and renamed into place (``os.replace``), so an interrupted run leaves no
 partial file under a final name. ``OUT_DIR/meta.json`` records the settings; a rerun with
 different ones stops instead of mixing two encodings.
 
-Adding a format (e.g. NiT's): a class with ``pending(name)``, ``prepare(image) -> {key:
-pixels}`` (run in the loader workers) and ``write(name, label, {key: latent})``, listed in
-``FORMATS``.
+Adding a format: a class listed in ``FORMATS`` with ``from_args(args, downsample)``,
+``pending(name)``, ``prepare(image) -> {key: pixels}`` (run in the loader workers) and
+``write(name, label, {key: latent}, info)``; optionally ``bind(items, image_root)``
+(called once with every image), ``info(path, image) -> dict`` (run in the workers; handed
+to ``write``) and ``finish(items)`` (called at the end of the run).
 """
 import argparse
 import json
 import math
 import os
 import os.path as osp
+import posixpath
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -91,11 +113,23 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1
 
 
-def save_atomic(tensors: Dict[str, torch.Tensor], path: str) -> None:
+def save_atomic(tensors: Dict[str, torch.Tensor], path: str,
+                metadata: Optional[Dict[str, str]] = None) -> None:
     """``safetensors.torch.save_file`` to ``path + '.tmp'``, then rename into place."""
     tmp = path + '.tmp'
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+    if metadata is None:  # the two-argument call (what a monkeypatched save_file may take)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+    else:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
     os.replace(tmp, path)
+
+
+def write_text_atomic(path: str, text: str) -> str:
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return path
 
 
 # ---------------------------------------------------------------------- formats
@@ -125,6 +159,12 @@ class FiTFormat:
         self.folders = (self.single, self.resize, self.crop, IGNORED_FOLDER)
         for folder in self.folders:
             os.makedirs(osp.join(out_dir, folder), exist_ok=True)
+
+    @classmethod
+    def from_args(cls, args, downsample: int) -> 'FiTFormat':
+        return cls(args.out_dir, downsample=downsample, target_len=args.target_len,
+                   patch_size=2 if args.patch_size is None else args.patch_size,
+                   dtype=getattr(torch, args.dtype))
 
     def settings(self) -> dict:
         return dict(format=self.name, target_len=self.target_len, patch_size=self.patch_size,
@@ -163,7 +203,8 @@ class FiTFormat:
             out[folder], out[folder + '/flipped'] = x, x.flip(-1)
         return out
 
-    def write(self, name: str, label: int, latents: Dict[str, torch.Tensor]) -> None:
+    def write(self, name: str, label: int, latents: Dict[str, torch.Tensor],
+              info: Optional[dict] = None) -> None:
         # The crop file last: pending() takes it as the sign that the image is complete.
         for folder in sorted((k for k in latents if '/' not in k), key=lambda k: k == self.crop):
             pair = patchify([latents[folder], latents[folder + '/flipped']], self.patch_size)
@@ -175,7 +216,146 @@ class FiTFormat:
                         self._path(folder, name))
 
 
-FORMATS = {FiTFormat.name: FiTFormat}
+def nit_resize_size(width: int, height: int, min_image_size: int, max_image_size: int
+                    ) -> Tuple[int, int]:
+    """NiT's ``native_resolution_resize`` size ``(W', H')`` of a ``width x height`` image
+    (rule in the module docstring; ``min_image_size`` is a, ``max_image_size`` is S)."""
+    a = min_image_size
+    if width * height < max_image_size ** 2:
+        return max(1, int(width / a)) * a, max(1, int(height / a)) * a
+    new_w = np.sqrt(width / height) * max_image_size
+    new_h = new_w * height / width
+    return int(new_w / a) * a, int(new_h / a) * a
+
+
+class NiTFormat:
+    """NiT's latent folders and data-meta jsonl (module docstring; read by
+    ``flexgen.datasets.NiTLatents``).
+
+    Args:
+        out_dir: the dataset root to write.
+        downsample: the autoencoder's pixels per latent cell (d).
+        types: ``'native-resolution'`` and / or ``'fixed-SxS'`` types.
+        patch_size: p (NiT: 1); sizes are multiples of ``d * p``.
+        min_image_size, max_image_size: a and S of the native rule (default ``d * p``, 2048).
+        dtype: the dtype ``latent`` is stored in.
+    """
+
+    name = 'nit'
+    NATIVE = 'native-resolution'
+
+    def __init__(self, out_dir: str, downsample: int, types: Sequence[str] = (NATIVE,),
+                 patch_size: int = 1, min_image_size: Optional[int] = None,
+                 max_image_size: int = 2048, dtype: torch.dtype = torch.float32):
+        self.out_dir, self.patch_size, self.dtype = out_dir, patch_size, dtype
+        self.downsample, self.multiple = downsample, downsample * patch_size
+        self.min_image_size = self.multiple if min_image_size is None else min_image_size
+        self.max_image_size = max_image_size
+        if self.min_image_size % self.multiple:
+            raise ValueError(f'--min-image-size {self.min_image_size} is not a multiple of '
+                             f'{self.multiple} (autoencoder downsampling x patch size)')
+        if not types or len(set(types)) != len(types):
+            raise ValueError(f'--nit-types must name distinct types, got {list(types)}')
+        self.types, self.fixed = tuple(types), {}
+        for t in self.types:
+            if t == self.NATIVE:
+                continue
+            side = t[len('fixed-'):].split('x') if t.startswith('fixed-') else []
+            if len(side) != 2 or side[0] != side[1] or not side[0].isdigit() \
+                    or int(side[0]) % self.multiple or int(side[0]) == 0:
+                raise ValueError(f'--nit-types: {t!r} is not {self.NATIVE!r} or '
+                                 f"'fixed-SxS' with S a multiple of {self.multiple}")
+            self.fixed[t] = int(side[0])
+        self.rel: Dict[str, str] = {}  # image name -> image file relative to the image root
+        for t in self.types:
+            os.makedirs(osp.join(out_dir, t), exist_ok=True)
+        os.makedirs(osp.join(out_dir, 'data_meta'), exist_ok=True)
+
+    @classmethod
+    def from_args(cls, args, downsample: int) -> 'NiTFormat':
+        return cls(args.out_dir, downsample=downsample, types=args.nit_types.split(','),
+                   patch_size=1 if args.patch_size is None else args.patch_size,
+                   min_image_size=args.min_image_size, max_image_size=args.max_image_size,
+                   dtype=getattr(torch, args.dtype))
+
+    def settings(self) -> dict:
+        return dict(format=self.name, types=list(self.types), patch_size=self.patch_size,
+                    min_image_size=self.min_image_size, max_image_size=self.max_image_size,
+                    dtype=str(self.dtype).replace('torch.', ''))
+
+    def bind(self, items, image_root: str) -> None:
+        self.rel = {name: osp.relpath(path, image_root).replace(os.sep, '/')
+                    for path, _, name in items}
+
+    def latent_file(self, name: str) -> str:
+        """``<class folder>/<stem>.safetensors`` (the image's folder under the root)."""
+        return posixpath.join(posixpath.dirname(self.rel[name]), name + '.safetensors')
+
+    def _path(self, data_type: str, name: str) -> str:
+        return osp.join(self.out_dir, data_type, *self.latent_file(name).split('/'))
+
+    def pending(self, name: str) -> bool:
+        return not all(osp.exists(self._path(t, name)) for t in self.types)
+
+    def prepare(self, image: Image.Image) -> Dict[str, torch.Tensor]:
+        """The pixel images to encode, keyed ``type`` and ``type/flipped``."""
+        width, height = image.size
+        out = {}
+        for t in self.types:
+            if t == self.NATIVE:
+                size = nit_resize_size(width, height, self.min_image_size, self.max_image_size)
+                if 0 in size:
+                    raise ValueError(f'{width}x{height} px floors to {size[0]}x{size[1]} under '
+                                     f"NiT's native rule")
+                view = image if size == image.size else \
+                    image.resize(size, resample=Image.BICUBIC)
+            else:
+                view = center_crop(image, self.fixed[t])
+            x = to_tensor(view)
+            out[t], out[t + '/flipped'] = x, x.flip(-1)
+        return out
+
+    def info(self, path: str, image: Image.Image) -> dict:
+        return dict(ori_w=image.size[0], ori_h=image.size[1])
+
+    def write(self, name: str, label: int, latents: Dict[str, torch.Tensor],
+              info: Optional[dict] = None) -> None:
+        for t in self.types:  # pending() needs every type's file: order does not matter
+            latent = torch.stack([latents[t], latents[t + '/flipped']]).to(self.dtype)
+            h, w = latent.shape[-2:]
+            line = dict(image_file=self.rel[name], latent_file=self.latent_file(name),
+                        ori_w=int(info['ori_w']), ori_h=int(info['ori_h']),
+                        latent_h=int(h), latent_w=int(w), image_h=int(h) * self.downsample,
+                        image_w=int(w) * self.downsample, type=t, label=int(label))
+            path = self._path(t, name)
+            os.makedirs(osp.dirname(path), exist_ok=True)
+            save_atomic(dict(latent=latent, label=torch.tensor(label, dtype=torch.int64)), path,
+                        metadata={'nit_meta': json.dumps(line)})
+
+    def _line(self, data_type: str, name: str) -> dict:
+        path = self._path(data_type, name)
+        with safe_open(path, framework='pt') as handle:
+            meta = handle.metadata() or {}
+        if 'nit_meta' not in meta:
+            raise SystemExit(f'{path} has no nit_meta header (not written by this tool?)')
+        return json.loads(meta['nit_meta'])
+
+    def finish(self, items) -> Dict[str, str]:
+        """Write the jsonl files from the files on disk; returns ``{type: jsonl path}``."""
+        names = [name for _, _, name in items if not self.pending(name)]
+        written, merged = {}, []
+        for t in self.types:
+            lines = [json.dumps(self._line(t, name)) + '\n' for name in names]
+            written[t] = write_text_atomic(osp.join(self.out_dir, 'data_meta',
+                                                    f'{t}_meta.jsonl'), ''.join(lines))
+            merged += lines
+        if len(self.types) > 1:
+            written['merge'] = write_text_atomic(
+                osp.join(self.out_dir, 'data_meta', 'merge_meta.jsonl'), ''.join(merged))
+        return written
+
+
+FORMATS = {FiTFormat.name: FiTFormat, NiTFormat.name: NiTFormat}
 
 
 # ---------------------------------------------------------------------- the job
@@ -215,10 +395,12 @@ class _Images(Dataset):
         path, label, name = self.items[i]
         try:
             with Image.open(path) as image:
-                views = self.fmt.prepare(image.convert('RGB'))
+                image = image.convert('RGB')
+                views = self.fmt.prepare(image)
+                info = self.fmt.info(path, image) if hasattr(self.fmt, 'info') else None
         except (OSError, ValueError) as error:
             raise RuntimeError(f'cannot prepare image {path!r}: {error}') from error
-        return name, label, views
+        return name, label, views, info
 
 
 def _check_meta(out_dir: str, meta: dict) -> None:
@@ -248,7 +430,13 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     parser.add_argument('--vae-dtype', default='float32', help='dtype the autoencoder runs in')
     parser.add_argument('--format', default='fit', choices=sorted(FORMATS))
     parser.add_argument('--target-len', type=int, default=256, help='FiT: tokens L (256, 1024)')
-    parser.add_argument('--patch-size', type=int, default=2)
+    parser.add_argument('--patch-size', type=int, help='the model patch size (FiT 2, NiT 1)')
+    parser.add_argument('--nit-types', default=NiTFormat.NATIVE,
+                        help="NiT: comma-separated 'native-resolution', 'fixed-SxS' types")
+    parser.add_argument('--min-image-size', type=int,
+                        help='NiT native rule: sides are multiples of it (default d * p)')
+    parser.add_argument('--max-image-size', type=int, default=2048,
+                        help='NiT native rule: larger images are scaled to this area')
     parser.add_argument('--dtype', default='float32', choices=('float32', 'float16', 'bfloat16'),
                         help='dtype of the stored latents')
     parser.add_argument('--batch-size', type=int, default=16, help='images per encoder call')
@@ -264,9 +452,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     autoencoder = DiffusersAutoencoder(args.vae, kind=args.vae_kind,
                                        subfolder=args.vae_subfolder, dtype=args.vae_dtype)
     autoencoder.to(args.device)
-    fmt = FORMATS[args.format](args.out_dir, downsample=autoencoder.downsample,
-                               target_len=args.target_len, patch_size=args.patch_size,
-                               dtype=getattr(torch, args.dtype))
+    fmt = FORMATS[args.format].from_args(args, autoencoder.downsample)
+    if hasattr(fmt, 'bind'):
+        fmt.bind(items, args.image_root)
     _check_meta(args.out_dir, dict(fmt.settings(), classes=classes,
                                    vae=osp.abspath(args.vae), vae_subfolder=args.vae_subfolder,
                                    scaling_factor=autoencoder.scaling_factor,
@@ -279,16 +467,18 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     with tqdm(total=len(todo), desc=f'encoding ({stats["skipped"]} done before)',
               unit='img', file=sys.stderr) as bar:
         for batch in loader:
-            keys = [(i, key) for i, (_, _, views) in enumerate(batch) for key in views]
+            keys = [(i, key) for i, (_, _, views, _) in enumerate(batch) for key in views]
             pixels = [batch[i][2][key].to(args.device) for i, key in keys]
             latents = [z.cpu() for z in autoencoder.encode(pixels)]
             per_image = [dict() for _ in batch]
             for (i, key), z in zip(keys, latents):
                 per_image[i][key] = z
-            for (name, label, _), encoded in zip(batch, per_image):
-                fmt.write(name, label, encoded)
+            for (name, label, _, info), encoded in zip(batch, per_image):
+                fmt.write(name, label, encoded, info)
                 stats['written'] += 1
                 bar.update(1)
+    if hasattr(fmt, 'finish'):
+        fmt.finish(items)
     return stats
 
 
