@@ -3,6 +3,9 @@ from .backbones import FlexDiT
 from .blocks import AdaLNZeroBlock, FinalLayer
 from .generator import DiffusionGenerator
 from .layers import *  # noqa: F401,F403
+from .repa import REPAHead, REPAProjector
+from .vision_encoders import DINOv2Encoder, RADIOEncoder, TimmViTEncoder
 
 __all__ = ['DiffusersAutoencoder', 'IdentityAutoencoder', 'FlexDiT', 'AdaLNZeroBlock',
-           'FinalLayer', 'DiffusionGenerator']
+           'FinalLayer', 'DiffusionGenerator', 'REPAHead', 'REPAProjector', 'DINOv2Encoder',
+           'RADIOEncoder', 'TimmViTEncoder']
