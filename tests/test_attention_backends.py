@@ -1,0 +1,208 @@
+"""Every attention backend equals per-image dense attention on packed batches."""
+import importlib.util
+import warnings
+
+import pytest
+import torch
+
+import flexgen.models.layers.attention_backends as backends
+from flexgen.models.layers.attention_backends import (AutoAttention, build_attention_backend,
+                                                      length_groups)
+from flexgen.models.layers.attention_flex import (FlexAttention, document_block_mask,
+                                                  flex_attention_available)
+from flexgen.structures import TokenBatch
+
+HAS_CUDA = torch.cuda.is_available()
+HAS_FLASH = importlib.util.find_spec('flash_attn') is not None
+HAS_XFORMERS = importlib.util.find_spec('xformers') is not None
+needs_flex = pytest.mark.skipif(not flex_attention_available(),
+                                reason='torch.nn.attention.flex_attention is not available')
+
+PACKS = {
+    'single_square': [[4, 4]],
+    'single_non_square': [[3, 5]],
+    'equal_lengths': [[3, 4], [4, 3], [2, 6], [6, 2]],             # uniform: dense path
+    'mixed': [[2, 3], [4, 4], [1, 1], [3, 2], [4, 4], [1, 5]],     # groups interleaved
+    'mixed_sorted': [[2, 2], [1, 4], [3, 3], [1, 9], [5, 1]],      # groups already contiguous
+}
+
+
+def _pack(sizes, heads=2, head_dim=8, dtype=torch.float64, seed=0, requires_grad=True):
+    sizes = torch.tensor(sizes)
+    n = int(sizes.prod(1).sum())
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(n, heads, head_dim, generator=g, dtype=dtype,
+                           requires_grad=requires_grad) for _ in range(3))
+    weight = torch.randn(n, heads, head_dim, generator=g, dtype=dtype)
+    return TokenBatch(torch.zeros(n, 1), sizes), q, k, v, weight
+
+
+def _reference(q, k, v, batch):
+    """Per-image softmax attention written out: softmax(q_i k_i^T / sqrt(d)) v_i."""
+    outs = []
+    for qi, ki, vi in zip(batch.split(q), batch.split(k), batch.split(v)):
+        logits = torch.einsum('nhd,mhd->hnm', qi, ki) / qi.shape[-1] ** 0.5
+        outs.append(torch.einsum('hnm,mhd->nhd', logits.softmax(-1), vi))
+    return torch.cat(outs)
+
+
+def _assert_matches_reference(backend, sizes, check_grads=True, tol=1e-10):
+    batch, q, k, v, weight = _pack(sizes, requires_grad=check_grads)
+    out = backend(q, k, v, batch)
+    ref = _reference(q, k, v, batch)
+    assert out.shape == q.shape
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+    if check_grads:
+        grads = torch.autograd.grad((out * weight).sum(), (q, k, v))
+        ref_grads = torch.autograd.grad((ref * weight).sum(), (q, k, v))
+        for name, a, b in zip('qkv', grads, ref_grads):
+            torch.testing.assert_close(a, b, rtol=tol * 10, atol=tol * 10,
+                                       msg=lambda m: f'grad of {name}: {m}')
+
+
+@pytest.mark.parametrize('name', ['sdpa', 'per_image', 'padded', 'auto'])
+@pytest.mark.parametrize('pack', list(PACKS))
+def test_cpu_backend_equals_per_image_attention(name, pack):
+    _assert_matches_reference(build_attention_backend(name), PACKS[pack])
+
+
+@needs_flex
+@pytest.mark.parametrize('block_size', [4, 8, 128])  # small tiles straddle image borders
+@pytest.mark.parametrize('pack', list(PACKS))
+def test_flex_forward_equals_per_image_attention(block_size, pack):
+    # eager flex on CPU (compiling takes tens of seconds; the compiled kernel is tested
+    # in the slow test below); CPU flex has no backward, so no gradients here
+    _assert_matches_reference(FlexAttention(block_size, compile=False), PACKS[pack],
+                              check_grads=False)
+
+
+@needs_flex
+def test_flex_with_gradients_on_cpu_falls_back_to_sdpa_with_a_warning():
+    import flexgen.models.layers.attention_flex as flex
+    flex._WARNED.discard('backward')
+    with pytest.warns(UserWarning, match="no CPU backward.*grouped 'sdpa'"):
+        _assert_matches_reference(FlexAttention(8, compile=False), PACKS['mixed'])
+
+
+@needs_flex
+def test_flex_without_grad_mode_detaches_instead_of_refusing():
+    batch, q, k, v, _ = _pack(PACKS['mixed'])  # inputs require grad, grad mode off
+    with torch.no_grad():
+        out = FlexAttention(8, compile=False)(q, k, v, batch)
+    torch.testing.assert_close(out, _reference(q, k, v, batch).detach(), rtol=1e-10,
+                               atol=1e-10)
+
+
+@needs_flex
+@pytest.mark.parametrize('block_size', [4, 8, 128])
+@pytest.mark.parametrize('pack', ['single_non_square', 'equal_lengths', 'mixed'])
+def test_document_block_mask_equals_create_block_mask(block_size, pack):
+    from torch.nn.attention.flex_attention import create_block_mask
+    batch = _pack(PACKS[pack])[0]
+    ids, n = batch.image_ids, batch.tokens.shape[0]
+    ours = document_block_mask(batch, block_size)
+    theirs = create_block_mask(lambda b, h, i, j: ids[i] == ids[j], None, None, n, n,
+                               device='cpu', BLOCK_SIZE=block_size)
+    assert torch.equal(ours.to_dense(), theirs.to_dense())
+    assert torch.equal(ours.kv_num_blocks, theirs.kv_num_blocks)
+    assert torch.equal(ours.full_kv_num_blocks, theirs.full_kv_num_blocks)
+    assert document_block_mask(batch, block_size) is ours  # cached on the batch
+
+
+@needs_flex
+@pytest.mark.slow
+def test_compiled_flex_equals_per_image_attention():
+    batch, q, k, v, _ = _pack(PACKS['mixed'], heads=2, head_dim=16, dtype=torch.float32,
+                              requires_grad=False)
+    out = FlexAttention(compile=True)(q, k, v, batch)
+    torch.testing.assert_close(out, _reference(q, k, v, batch), rtol=1e-5, atol=1e-5)
+
+
+def test_sdpa_runs_one_dense_call_per_distinct_length(monkeypatch):
+    calls = []
+    real = backends.F.scaled_dot_product_attention
+
+    def recording(q, k, v, **kwargs):
+        calls.append(tuple(q.shape))
+        return real(q, k, v, **kwargs)
+
+    monkeypatch.setattr(backends.F, 'scaled_dot_product_attention', recording)
+    batch, q, k, v, _ = _pack(PACKS['mixed'], heads=2, head_dim=8)
+    backends.SDPAAttention()(q, k, v, batch)
+    # lengths 6, 16, 1, 6, 16, 5 -> groups (6: 2 images), (16: 2), (1: 1), (5: 1)
+    assert calls == [(2, 2, 6, 8), (2, 2, 16, 8), (1, 2, 1, 8), (1, 2, 5, 8)]
+
+
+def test_length_groups_order_gathers_each_group_contiguously():
+    batch = _pack(PACKS['mixed'])[0]
+    groups = length_groups(batch)
+    assert groups.lengths == [6, 16, 1, 5] and groups.counts == [2, 2, 1, 1]
+    ids = batch.image_ids[groups.order]
+    assert ids.tolist() == [0] * 6 + [3] * 6 + [1] * 16 + [4] * 16 + [2] + [5] * 5
+    assert torch.equal(groups.order[groups.inverse], torch.arange(len(ids)))
+    assert length_groups(batch) is groups  # cached on the batch for every layer
+    sorted_groups = length_groups(_pack(PACKS['mixed_sorted'])[0])
+    assert sorted_groups.order is None and sorted_groups.inverse is None
+
+
+def test_auto_picks_grouped_sdpa_on_cpu_and_for_float32():
+    assert AutoAttention.choose('cpu', torch.float32) == 'sdpa'
+    assert AutoAttention.choose('cpu', torch.bfloat16) == 'sdpa'
+    assert AutoAttention.choose('cuda', torch.float32) == 'sdpa'
+    expected = 'flash_varlen' if HAS_FLASH else 'xformers' if HAS_XFORMERS else 'sdpa'
+    assert AutoAttention.choose('cuda', torch.bfloat16) == expected
+
+
+def test_registered_names_build():
+    assert isinstance(build_attention_backend('flex'), FlexAttention)
+    assert isinstance(build_attention_backend(dict(type='auto')), AutoAttention)
+
+
+@pytest.mark.skipif(HAS_FLASH, reason='flash-attn is installed')
+def test_flash_without_the_package_names_the_extra():
+    with pytest.raises(ImportError, match=r"'flash_varlen'.*pip install flexgen\[gpu\]"):
+        build_attention_backend('flash_varlen')
+
+
+@pytest.mark.skipif(HAS_XFORMERS, reason='xformers is installed')
+def test_xformers_without_the_package_names_the_extra():
+    with pytest.raises(ImportError, match=r"'xformers'.*pip install flexgen\[gpu\]"):
+        build_attention_backend('xformers')
+
+
+def _gpu_matches_reference(name, dtype):
+    for pack in PACKS.values():
+        batch, q, k, v, weight = _pack(pack, heads=2, head_dim=64, dtype=torch.float32)
+        batch = TokenBatch(batch.tokens.cuda(), batch.sizes)
+        qc, kc, vc = (x.detach().cuda().to(dtype).requires_grad_() for x in (q, k, v))
+        out = build_attention_backend(name)(qc, kc, vc, batch)
+        ref = _reference(q, k, v, TokenBatch(q.detach(), batch.sizes))
+        torch.testing.assert_close(out.float().cpu(), ref, rtol=2e-2, atol=2e-2)
+        grads = torch.autograd.grad((out.float() * weight.cuda()).sum(), (qc, kc, vc))
+        ref_grads = torch.autograd.grad((ref * weight).sum(), (q, k, v))
+        for a, b in zip(grads, ref_grads):
+            torch.testing.assert_close(a.float().cpu(), b, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.skipif(not (HAS_CUDA and HAS_FLASH), reason='needs CUDA and flash-attn')
+def test_flash_varlen_equals_per_image_attention():
+    _gpu_matches_reference('flash_varlen', torch.bfloat16)
+
+
+@pytest.mark.skipif(not (HAS_CUDA and HAS_XFORMERS), reason='needs CUDA and xformers')
+def test_xformers_equals_per_image_attention():
+    _gpu_matches_reference('xformers', torch.float16)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason='needs CUDA')
+@needs_flex
+def test_flex_on_cuda_equals_per_image_attention():
+    _gpu_matches_reference('flex', torch.float32)
+
+
+@needs_flex
+def test_flex_warnings_do_not_leak_for_eager_use():
+    batch, q, k, v, _ = _pack(PACKS['mixed'], requires_grad=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        FlexAttention(8, compile=False)(q, k, v, batch)
