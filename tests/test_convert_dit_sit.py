@@ -229,12 +229,6 @@ def test_sizes_other_than_the_reference_grid():
     assert all(torch.isfinite(o).all() for o in out)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    'the model time is computed in float32 (guidance.wrap / the generator make float32 t '
-    'vectors; FlexDiT.condition multiplies in float32): float32(k / 1000) * 1000 misses the '
-    'step k by one ulp for k in (127, 251, 253, 254, 502, 503, 506, 507, 508, 511); 253, '
-    '502 and 506 are among DiT\'s 250 sampling steps. Fix outside this task\'s files '
-    '(float64 model time, see the issue 3 DiT/SiT report); remove this marker then'))
 def test_dit_steps_reach_the_sinusoid_exactly():
     """Every DDPM step k, given by a sampler as t = k / 1000 (a python float), must reach the
     network as exactly the reference's input k: outputs equal bit for bit."""

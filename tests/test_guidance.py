@@ -92,7 +92,7 @@ class Affine(nn.Module):
 
     def forward(self, batch, t, y):
         self.calls += 1
-        return batch.tokens @ self.weight + batch.per_token((t + y)[:, None]) * self.bias
+        return batch.tokens @ self.weight + batch.per_token((t.float() + y)[:, None]) * self.bias
 
 
 def test_autoguidance_closed_form_interval_and_scale_one():

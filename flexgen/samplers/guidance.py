@@ -70,7 +70,7 @@ class ClassifierFreeGuidance(_Guidance):
         columns = self.columns(guided_width, patch_area)
 
         def model_fn(x, t):
-            t_vec = torch.full((batch.num_images,), float(t), device=x.device)
+            t_vec = torch.full((batch.num_images,), float(t), device=x.device, dtype=torch.float64)
             if not self.active(t):
                 return network(batch.replace(x), t_vec, labels)
             out = network(double.replace(torch.cat([x, x])), t_vec.repeat(2), both_labels)
@@ -114,7 +114,7 @@ class AutoGuidance(_Guidance):
         columns = self.columns(guided_width, patch_area)
 
         def model_fn(x, t):
-            t_vec = torch.full((batch.num_images,), float(t), device=x.device)
+            t_vec = torch.full((batch.num_images,), float(t), device=x.device, dtype=torch.float64)
             main = network(batch.replace(x), t_vec, labels)
             if not self.active(t):
                 return main

@@ -112,7 +112,9 @@ class FlexDiT(nn.Module):
 
     def condition(self, t, y):
         """Per-image conditioning ``c = t_emb + y_emb`` ``[B, D]``."""
-        model_t = self.time_scale * (1 - t if self.time_flip else t)
+        # float64: the samplers' t = k / T must come back as exactly k (float32 misses by 1 ulp)
+        t = t.double()
+        model_t = (self.time_scale * (1 - t if self.time_flip else t)).float()
         if self.time_max is not None:
             model_t = model_t.clamp(max=self.time_max)
         return self.t_embedder(model_t) + self.y_embedder(y)
