@@ -132,3 +132,25 @@ def test_mismatched_sizes_are_refused(sample_tool, checkpoints, monkeypatch):
         run(sample_tool, monkeypatch, config, tmp / 'weights.safetensors',
             '--height', 16, 24, '--width', 16, 24, 32, '--out', tmp / 'x.png')
     assert not (tmp / 'x.png').exists()
+
+
+def test_rope_interpolation_flags(sample_tool, checkpoints, monkeypatch, one_thread):
+    """--interpolation sets the backbone RoPE's rule: samples beyond the training grid
+    change, and equal generating with that rule set on the model directly."""
+    config, model, tmp = checkpoints
+    common = ['--classes', 1, '--height', 32, '--width', 48, '--seed', 3]
+    run(sample_tool, monkeypatch, config, tmp / 'weights.safetensors', *common,
+        '--out', tmp / 'plain.png')
+    run(sample_tool, monkeypatch, config, tmp / 'weights.safetensors', *common,
+        '--interpolation', 'yarn', '--decouple', '--ori-max-pe-len', 8, '--out', tmp / 'yarn.png')
+    model.backbone.rope.set_rule(dict(type='YaRN', ori_max_pe_len=8, decouple=True))
+    image = model.generate([1], [(32, 48)], [3 * 1_000_003])[0]
+    expected = (((image + 1) / 2).clamp(0, 1) * 255).round().to(torch.uint8)
+    yarn = read(tmp / 'yarn.png')
+    assert np.array_equal(yarn[PAD:PAD + 32, PAD:PAD + 48], expected.permute(1, 2, 0).numpy())
+    assert not np.array_equal(yarn, read(tmp / 'plain.png'))
+    with pytest.raises(SystemExit, match='ori_max_pe_len is required'):
+        run(sample_tool, monkeypatch, config, tmp / 'weights.safetensors', *common,
+            '--interpolation', 'yarn')
+    with pytest.raises(SystemExit, match='need --interpolation'):
+        run(sample_tool, monkeypatch, config, tmp / 'weights.safetensors', *common, '--decouple')

@@ -6,6 +6,9 @@
 Every class is generated at every (height, width) pair (heights and widths are zipped; a
 single value is repeated), all sizes in one jagged batch. One grid row per size.
 
+RoPE models take any extrapolation rule at sampling time, e.g. FiT's
+``--interpolation yarn --decouple --ori-max-pe-len 16`` (``no`` = plain extrapolation).
+
 CHECKPOINT may also be an official reference checkpoint (e.g. DiT-XL-2-256x256.pt): it is
 recognised by its keys and converted on the fly (``flexgen.apis.official.load_official``;
 ``--converter`` names the converter when the config alone cannot tell).
@@ -33,6 +36,14 @@ def parse_args(argv=None):
     parser.add_argument('--steps', type=int, help='sampling steps (overrides the config)')
     parser.add_argument('--cfg-scale', type=float, help='classifier-free guidance scale')
     parser.add_argument('--cfg-interval', type=float, nargs=2, metavar=('LOW', 'HIGH'))
+    parser.add_argument('--interpolation', metavar='RULE',
+                        help='RoPE extrapolation rule: a registered rule (YaRN, NTKAware, ...) '
+                        'or a reference name (no, linear, dynntk, partntk, yarn, ntkpro1, '
+                        'ntkpro2, scale1, scale2)')
+    parser.add_argument('--decouple', action='store_true',
+                        help='one RoPE scale per axis (height, width)')
+    parser.add_argument('--ori-max-pe-len', type=int,
+                        help='the training grid side in tokens the rule scales from')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--no-ema', action='store_true', help='use the raw, not EMA, weights')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
@@ -54,6 +65,25 @@ def build_model(args):
                           args.cfg_options)
 
 
+def set_rope_rule(model, args):
+    """Apply ``--interpolation / --decouple / --ori-max-pe-len`` to the backbone's RoPE."""
+    if args.interpolation is None:
+        if args.decouple or args.ori_max_pe_len is not None:
+            raise SystemExit('--decouple / --ori-max-pe-len need --interpolation RULE')
+        return
+    rope = getattr(model.backbone, 'rope', None)
+    if rope is None or not hasattr(rope, 'set_rule'):
+        raise SystemExit(f'--interpolation {args.interpolation}: the config\'s backbone has no '
+                         'RoPE (model.backbone.rope) to extrapolate')
+    rule = dict(type=args.interpolation, decouple=args.decouple)
+    if args.ori_max_pe_len is not None:
+        rule['ori_max_pe_len'] = args.ori_max_pe_len
+    try:
+        rope.set_rule(rule)
+    except (KeyError, TypeError, ValueError) as error:
+        raise SystemExit(f'--interpolation {args.interpolation}: {error}') from error
+
+
 def main(argv=None):
     args = parse_args(argv)
     heights, widths = args.height, args.width
@@ -65,6 +95,7 @@ def main(argv=None):
         raise SystemExit(f'--height has {len(heights)} values and --width {len(widths)}: '
                          'give one of each per size, or a single value to repeat')
     model = build_model(args)
+    set_rope_rule(model, args)
     if args.steps:
         # Keep the sampler's own type for it (DDPM respacing takes a string, e.g. '250').
         current = getattr(model.sampler, 'num_steps', None)

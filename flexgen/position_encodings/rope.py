@@ -112,6 +112,12 @@ class AxialRoPE2D(nn.Module):
         self._tables = OrderedDict()   # (h, w) -> (row float64, col float64, factor)
         self._base = {}                # device -> float32 plain frequencies
 
+    def set_rule(self, rule):
+        """Swap the extrapolation rule (e.g. at sampling time, ``tools/sample.py
+        --interpolation``); cached tables of the old rule are dropped."""
+        self.rule = build_rope_rule(rule)
+        self._tables.clear()
+
     # ------------------------------------------------------------------ tables
     def frequencies(self, h, w):
         """``(row_freqs, col_freqs, factor)`` (float64 ``[d/2]``, ``[d/2]``, float) for a
