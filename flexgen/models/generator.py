@@ -1,4 +1,5 @@
 """The class-conditional generator: backbone + transport + sampler + autoencoder."""
+from collections import OrderedDict
 from typing import List, Optional, Sequence
 
 import torch
@@ -52,12 +53,25 @@ class DiffusionGenerator(BaseModel):
         class_dropout_prob: probability of replacing a training label by "no class".
         loss_reduction: ``'image'`` (mean per image, then over images; DiT / FiT) or
             ``'token'`` (mean over all tokens; NiT's packs).
+        direction_loss: e.g. ``dict(type='DirectionLoss', weight=1.0)``: NiT's
+            ``1 - cos(v_pred, v)`` per token (over the latent channels of each pixel),
+            reduced like the denoising loss; needs a transport with ``training_target``.
+        repa: e.g. ``dict(type='REPAHead', encoder=..., feature_block=8, weight=1.0)``
+            (``hidden_size`` defaults to the backbone's): REPA's alignment of the hidden
+            tokens after block ``feature_block`` with a frozen encoder's features of the
+            clean images (``data_samples['image']``, e.g. ``NiTLatents(image_mode='image')``;
+            pixel-space training uses the input images themselves).
+
+    ``loss`` returns ``loss`` (the denoising term) and, when configured, ``loss_direction``
+    and ``loss_repa`` (already weighted); the optimiser minimises their sum, which the
+    logs show as ``loss`` (the denoising term alone as ``loss_denoise``).
     """
 
     def __init__(self, backbone, transport, time_sampler=dict(type='UniformTime'),
                  sampler=dict(type='EulerODE'), guidance=None,
                  autoencoder=dict(type='IdentityAutoencoder'), inputs_are_latents=False,
-                 class_dropout_prob=0.1, loss_reduction='image', data_preprocessor=None, init_cfg=None):
+                 class_dropout_prob=0.1, loss_reduction='image', direction_loss=None,
+                 repa=None, data_preprocessor=None, init_cfg=None):
         super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
         self.backbone = MODELS.build(backbone)
         self.autoencoder = MODELS.build(autoencoder)
@@ -71,6 +85,20 @@ class DiffusionGenerator(BaseModel):
         self.inputs_are_latents = inputs_are_latents
         self.num_classes = self.backbone.num_classes
         self.patch_size = self.backbone.patch_size
+        self.direction_loss = None
+        if direction_loss is not None:
+            if not hasattr(self.transport, 'training_target'):
+                raise ValueError(f'direction_loss needs a transport with training_target '
+                                 f'(an Interpolant), got {type(self.transport).__name__}')
+            self.direction_loss = MODELS.build(
+                dict(dict(channels=self.backbone.in_channels), **direction_loss))
+        self.repa = None
+        if repa is not None:
+            self.repa = MODELS.build(dict(dict(hidden_size=self.backbone.hidden_size), **repa))
+            depth = len(getattr(self.backbone, 'blocks', ()))
+            if depth and not 1 <= self.repa.feature_block <= depth:
+                raise ValueError(f'repa.feature_block={self.repa.feature_block} is not a block '
+                                 f'of the backbone (1..{depth})')
 
     # ------------------------------------------------------------------ helpers
     def _generators(self, seeds: Optional[Sequence[int]], count: int):
@@ -92,9 +120,42 @@ class DiffusionGenerator(BaseModel):
                  for part, g in zip(batch.split(batch.tokens), generators)]
         return torch.cat(parts).to(batch.device, batch.tokens.dtype)
 
-    def network(self, batch: TokenBatch, t, y):
-        """The backbone's raw output tokens for model inputs in flexgen's convention."""
-        return self.backbone(batch, t, y)
+    def network(self, batch: TokenBatch, t, y, feature_block=None):
+        """The backbone's raw output tokens for model inputs in flexgen's convention
+        (with ``feature_block=k`` also the hidden tokens after block ``k``)."""
+        if feature_block is None:
+            return self.backbone(batch, t, y)
+        return self.backbone(batch, t, y, feature_block=feature_block)
+
+    def _reduce(self, per_token, batch: TokenBatch):
+        """Per-token losses ``[N]`` -> a scalar, as ``loss_reduction`` says."""
+        if self.loss_reduction == 'token':
+            return per_token.mean()
+        per_image = torch.zeros(batch.num_images, device=per_token.device,
+                                dtype=per_token.dtype)
+        per_image.index_add_(0, batch.image_ids, per_token)
+        return (per_image / batch.seqlens).mean()
+
+    def _repa_images(self, inputs, data_samples):
+        """The clean images REPA's encoder sees, one per training image."""
+        images = data_samples.get('image')
+        if images is not None:
+            return images
+        if self.inputs_are_latents:
+            raise ValueError("repa: the batch has no data_samples['image'] (the clean images "
+                             'for the vision encoder); latent datasets must provide them, '
+                             "e.g. NiTLatents(image_mode='image', image_dir=...)")
+        return list(inputs)
+
+    def parse_losses(self, losses):
+        """mmengine's sum of every ``loss*`` term; the log's ``loss`` is that sum and the
+        denoising term is logged as ``loss_denoise``."""
+        total, log_vars = super().parse_losses(losses)
+        if len(losses) > 1 and 'loss' in losses:
+            items = [('loss', total), ('loss_denoise', losses['loss'].detach().mean())]
+            items += [(k, v) for k, v in log_vars.items() if k != 'loss']
+            log_vars = OrderedDict(items)
+        return total, log_vars
 
     # ------------------------------------------------------------------ modes
     def forward(self, inputs=None, data_samples=None, mode='tensor'):
@@ -127,16 +188,19 @@ class DiffusionGenerator(BaseModel):
         x0 = batch.tokens
         t_tok = batch.per_token(t.float())[:, None]  # float32 even for bf16 latents: DDPM steps
         xt = self.transport.interpolate(x0, noise, t_tok)
-        output = self.network(batch.replace(xt), t, labels)
-        per_token = self.transport.loss(output, x0, noise, t_tok)
-        if self.loss_reduction == 'token':
-            loss = per_token.mean()
+        if self.repa is None:
+            output = self.network(batch.replace(xt), t, labels)
         else:
-            per_image = torch.zeros(batch.num_images, device=per_token.device,
-                                    dtype=per_token.dtype)
-            per_image.index_add_(0, batch.image_ids, per_token)
-            loss = (per_image / batch.seqlens).mean()
-        return dict(loss=loss)
+            output, hidden = self.network(batch.replace(xt), t, labels,
+                                          feature_block=self.repa.feature_block)
+        losses = dict(loss=self._reduce(self.transport.loss(output, x0, noise, t_tok), batch))
+        if self.direction_loss is not None:
+            target = self.transport.training_target(x0, noise, t_tok)
+            losses['loss_direction'] = self._reduce(self.direction_loss(output, target), batch)
+        if self.repa is not None:
+            losses['loss_repa'] = self.repa.loss(
+                hidden, self._repa_images(inputs, data_samples), batch)
+        return losses
 
     @torch.no_grad()
     def generate(self, labels, sizes, seeds=None, sampler=None, guidance='default',
@@ -167,7 +231,10 @@ class DiffusionGenerator(BaseModel):
         width = channels * self.patch_size ** 2
         if guidance is None:
             def model_fn(x, t):
-                t_vec = torch.full((batch.num_images,), float(t), device=device)
+                # float64: the backbone's time map (e.g. DiT's 1000 t) then hits k / 1000
+                # steps exactly before the sinusoid casts to float32.
+                t_vec = torch.full((batch.num_images,), float(t), dtype=torch.float64,
+                                   device=device)
                 return self.network(batch.replace(x), t_vec, labels)
         else:
             model_fn = guidance.wrap(self.network, batch, labels, self.num_classes, width,
