@@ -15,7 +15,6 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import flexgen
-import flexgen.datasets.pack_samplers  # noqa: F401  (registers Offline/OnlinePackSampler)
 from flexgen.apis.official import backbone_mismatches
 from flexgen.models.converters.nit import NiTConverter
 from flexgen.registry import MODELS
@@ -103,6 +102,7 @@ def test_sizes_and_recipe(name):
     assert dict(backbone.modulation) == (dict(type='AdaLNLoRA', rank=lora) if lora else
                                          dict(type='AdaLNZero'))
     assert (backbone.time_scale, backbone.time_flip, backbone.output_scale) == (1.0, False, 1.0)
+    assert backbone.attn_backend == 'auto'  # flash-attn varlen on GPUs, grouped SDPA else
     # Loss: linear flow, logit-normal(0, 1), MSE + direction, REPA 1 - cos, token means.
     assert model.transport.type == 'RectifiedFlow'
     assert dict(model.time_sampler) == dict(type='LogitNormalTime', mean=0.0, std=1.0)

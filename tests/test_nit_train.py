@@ -17,7 +17,6 @@ from mmengine.dist import get_dist_info
 from mmengine.hooks import Hook
 
 import flexgen
-import flexgen.datasets.pack_samplers  # noqa: F401  (registers OnlinePackSampler)
 from flexgen.registry import HOOKS, MODELS
 from flexgen.structures import patchify
 
@@ -252,9 +251,7 @@ def test_torchrun_two_ranks_train_on_disjoint_packs(tmp_path):
     --launcher pytorch``: each rank gets its own pack every step, the packs of the two
     ranks never share an image, and together they are what one process taking two packs
     per step sees."""
-    # custom_imports: this module's recorder hook (and, until flexgen.datasets exports it,
-    # the pack sampler).
-    config = recording_config(tmp_path, ['flexgen.datasets.pack_samplers', 'test_nit_train'])
+    config = recording_config(tmp_path, ['test_nit_train'])  # the recorder hook
     steps = 6
     torchrun(config, tmp_path / 'ddp', nproc=2, packs_per_step=1, steps=steps)
     torchrun(config, tmp_path / 'one', nproc=1, packs_per_step=2, steps=steps)

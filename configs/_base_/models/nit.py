@@ -26,9 +26,9 @@ model = dict(
         qk_norm=dict(type='layernorm_affine', eps=1e-5), modulation=dict(type='AdaLNZero'),
         pos_embed=None,
         rope=dict(type='AxialRoPE2D', theta=10000.0, layout='nit', index_mode='rowcol'),
-        # 'sdpa' groups a pack's images by length (exact on any device); a varlen kernel
-        # ('flash_varlen' / 'flex') is the fast choice on GPUs, with the same numbers.
-        attn_backend='sdpa',
+        # 'auto': flash-attn's varlen kernel (or xformers) under bf16 on CUDA when
+        # installed (NiT's own kernel), else SDPA grouped by image length; same numbers.
+        attn_backend='auto',
         time_scale=1.0, time_flip=False, output_scale=1.0),
     transport=dict(type='RectifiedFlow'),
     time_sampler=dict(type='LogitNormalTime', mean=0.0, std=1.0),
