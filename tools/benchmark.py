@@ -1,12 +1,19 @@
 """Benchmarks that print ratios measured in one run (this machine is shared and noisy:
-compare numbers from the same run, not across runs).
+compare numbers from the same run, not across runs; candidates are timed in interleaved
+rounds and compared by their median per-round ratio).
 
-    python tools/benchmark.py [--tokens 4096] [--threads 2] [--only attention train]
+    python tools/benchmark.py [--tokens 16384] [--threads 2] [--only attention packed train]
 
-- attention: forward+backward time of each attention backend on a variable-size batch
-  drawn from the ImageNet-like size histogram (tools/data/imagenet_like_latent_sizes.json),
-  over the limit: the sum of dense attention timed image by image. The dense masked SDPA
-  over the whole concatenated batch is shown for contrast (it costs (sum n)^2).
+- attention: forward+backward time of each attention backend on an ImageNet-like pack of
+  ``--tokens`` tokens (image sizes drawn from the native histogram of
+  tools/data/imagenet_like_latent_sizes.json: DC-AE f32 latents at patch 1, as NiT), over
+  the per-image limit: dense SDPA on each image alone, image after image. Backends missing
+  here (GPU kernels) say why. On CPU, flex_attention has no backward: its compiled forward
+  is compared with the other forwards instead. Dense masked SDPA over the whole pack costs
+  (sum n)^2 and runs only with --dense-masked.
+- packed: tokens/s of a training step of a small FlexDiT on the same images packed (jagged,
+  the fastest backend above) and padded as FiT pads (every image to 256 tokens, masked
+  attention, the network runs on the padding too).
 - train: one training step (forward, backward, AdamW) of the demo model at the demo batch.
 - sampling: every generation sampler at (about) the same number of network evaluations
   (NFE): wall time per image on a tiny random FlexDiT, and accuracy on Gaussian data with
@@ -15,7 +22,11 @@ compare numbers from the same run, not across runs).
 """
 import argparse
 import json
+import os
 import os.path as osp
+import statistics
+import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -48,57 +59,234 @@ def draw_sizes(total_tokens, seed=0):
         used += h * w
 
 
+def interleaved(candidates, rounds):
+    """Seconds per call of each ``name -> fn``, measured in ``rounds`` interleaved rounds
+    (one call of every candidate per round, after one warm-up call each), so that load on
+    the shared machine hits all candidates alike: ``name -> [seconds per round]``."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for fn in candidates.values():
+        fn()
+    times = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, fn in candidates.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def ratio(times, name, reference):
+    """Median of the per-round ratios ``name / reference`` (paired within each round)."""
+    return statistics.median(a / b for a, b in zip(times[name], times[reference]))
+
+
 def bench_attention(args):
-    ATTENTION_BACKENDS.import_from_location()
+    """Forward+backward of every attention backend on an ImageNet-like pack, over the
+    per-image limit; returns the fastest backend's name."""
+    from flexgen.models.layers.attention_backends import AutoAttention, build_attention_backend
+    build_attention_backend('sdpa')  # registers the optional backends' names too
     sizes = draw_sizes(args.tokens)
     n = int(sizes.prod(1).sum())
     heads, head_dim = args.heads, args.head_dim
-    batch = TokenBatch(torch.zeros(n, 1), sizes)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    batch = TokenBatch(torch.zeros(n, 1, device=device), sizes)
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(n, heads, head_dim, generator=g, requires_grad=True)
-               for _ in range(3))
-    grad = torch.randn(n, heads, head_dim, generator=g)
+
+    def randn(*shape, requires_grad=False):
+        x = torch.randn(*shape, generator=g).to(device, dtype)
+        return x.requires_grad_(requires_grad)
+
+    q, k, v = (randn(n, heads, head_dim, requires_grad=True) for _ in range(3))
+    grad = randn(n, heads, head_dim)
+    lengths = batch.seqlens_list
+    # the limit: dense SDPA on each image alone, on its own contiguous [1, H, n, d] tensors
+    alone = [[randn(1, heads, n_i, head_dim, requires_grad=True) for _ in range(3)] +
+             [randn(1, heads, n_i, head_dim)] for n_i in lengths]
+
+    def limit():
+        for qi, ki, vi, gi in alone:
+            torch.autograd.grad(F.scaled_dot_product_attention(qi, ki, vi), (qi, ki, vi), gi)
 
     def fwd_bwd(attention):
         def run():
-            out = attention(q, k, v, batch)
-            torch.autograd.grad(out, (q, k, v), grad)
+            torch.autograd.grad(attention(q, k, v, batch), (q, k, v), grad)
         return run
 
-    def dense_alone(length):
-        qi, ki, vi = (torch.randn(1, heads, length, head_dim, requires_grad=True)
-                      for _ in range(3))
-        gi = torch.randn(1, heads, length, head_dim)
-
-        def run():
-            torch.autograd.grad(F.scaled_dot_product_attention(qi, ki, vi), (qi, ki, vi), gi)
-        return run
-
-    lengths = batch.seqlens_list
-    per_length = {n_i: timed(dense_alone(n_i), 0.2) for n_i in sorted(set(lengths))}
-    limit = sum(per_length[n_i] for n_i in lengths)
-
-    def masked_whole(q_, k_, v_, batch_):
-        ids = batch_.image_ids
-        mask = ids[:, None] == ids[None, :]
-        out = F.scaled_dot_product_attention(q_.transpose(0, 1)[None], k_.transpose(0, 1)[None],
-                                             v_.transpose(0, 1)[None], attn_mask=mask)
-        return out[0].transpose(0, 1)
-
-    print(f'\n== attention: {len(lengths)} images, {n} tokens (sizes {min(lengths)}..'
-          f'{max(lengths)} tokens), {heads} heads x {head_dim}, forward+backward, '
-          f'{torch.get_num_threads()} threads')
-    print(f'{"backend":<28}{"ms":>10}{"x limit":>10}')
-    print(f'{"limit: per-image dense sum":<28}{limit * 1e3:>10.2f}{1.0:>10.2f}')
+    candidates, notes = {'limit: per-image dense sum': limit}, {}
     for name in sorted(ATTENTION_BACKENDS.module_dict):
-        try:
-            seconds = timed(fwd_bwd(ATTENTION_BACKENDS.build(dict(type=name))))
-        except (ImportError, RuntimeError) as error:  # GPU-only backends on a CPU machine
-            print(f'{name:<28}{"n/a":>10}   ({type(error).__name__}: {error})'[:110])
+        if name == 'flex' and q.device.type == 'cpu':
+            notes[name] = ('n/a: flex_attention has no CPU backward (it would run \'sdpa\'); '
+                           'forward-only below')
             continue
-        print(f'{name:<28}{seconds * 1e3:>10.2f}{seconds / limit:>10.2f}')
-    seconds = timed(fwd_bwd(masked_whole))
-    print(f'{"(dense masked, whole batch)":<28}{seconds * 1e3:>10.2f}{seconds / limit:>10.2f}')
+        if name == 'auto':
+            notes[name] = f"-> {AutoAttention.choose(q.device, q.dtype)!r} here"
+            continue
+        if name in ('flash_varlen', 'xformers') and device.type != 'cuda':
+            notes[name] = 'n/a: a CUDA kernel (--device cuda; pip install flexgen[gpu])'
+            continue
+        try:
+            candidates[name] = fwd_bwd(build_attention_backend(name))
+            candidates[name]()
+        except (ImportError, RuntimeError, TypeError, ValueError) as error:
+            candidates.pop(name, None)
+            notes[name] = f'n/a ({type(error).__name__}: {str(error).split(". ")[0]})'
+        if name == 'sdpa':  # the plan the default does not take here
+            other = 'grouped' if device.type == 'cpu' else 'runs'
+            candidates[f'sdpa, {other}'] = fwd_bwd(
+                build_attention_backend(dict(type='sdpa', strategy=other)))
+    times = interleaved(candidates, args.rounds)
+
+    print(f'\n== attention: an ImageNet-like pack of {len(lengths)} images, {n} tokens '
+          f'(NiT latent sizes at patch 1, {min(lengths)}..{max(lengths)} tokens, '
+          f'{len(set(lengths))} distinct lengths), {heads} heads x {head_dim}, '
+          f'{args.dtype} on {device}, forward+backward, {torch.get_num_threads()} threads, '
+          f'median of {args.rounds} interleaved rounds; load average '
+          f'{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores')
+    print(f'{"backend":<28}{"ms":>10}{"x limit":>10}')
+    limit_name = 'limit: per-image dense sum'
+    for name in [limit_name] + sorted(set(candidates) - {limit_name} | set(notes)):
+        if name in notes:
+            print(f'{name:<28}{"":>10}{"":>10}   {notes[name]}'[:130])
+            continue
+        print(f'{name:<28}{statistics.median(times[name]) * 1e3:>10.1f}'
+              f'{ratio(times, name, limit_name):>10.2f}')
+    if args.dense_masked:
+        ids = batch.image_ids
+
+        def masked_whole(q_, k_, v_, batch_):
+            mask = ids[:, None] == ids[None, :]
+            out = F.scaled_dot_product_attention(
+                q_.transpose(0, 1)[None], k_.transpose(0, 1)[None], v_.transpose(0, 1)[None],
+                attn_mask=mask)
+            return out[0].transpose(0, 1)
+
+        start = time.perf_counter()
+        fwd_bwd(masked_whole)()
+        seconds = time.perf_counter() - start
+        print(f'{"(dense masked, whole pack)":<28}{seconds * 1e3:>10.1f}'
+              f'{seconds / statistics.median(times[limit_name]):>10.2f}   (one run)')
+    else:
+        print(f'{"(dense masked, whole pack)":<28}{"":>10}{"":>10}   not run: it costs '
+              f'(sum n)^2 / sum n^2 = {n * n / sum(x * x for x in lengths):.0f}x the pairs; '
+              f'--dense-masked runs it once')
+    if 'flex' in ATTENTION_BACKENDS.module_dict and device.type == 'cpu' and args.flex:
+        bench_flex_forward(args, batch, alone)
+    # the packing backends: not 'padded' (it pads), not the forced sdpa plans
+    best = min((name for name in candidates
+                if name not in (limit_name, 'padded') and ',' not in name),
+               key=lambda name: statistics.median(times[name]))
+    print(f'fastest packed backend: {best!r} at {ratio(times, best, limit_name):.2f}x the '
+          f'per-image limit (goal <= 1.15x)')
+    if torch.get_num_threads() > 1 and os.getloadavg()[0] > 1.5 * os.cpu_count():
+        print('   note: the machine is oversubscribed; with more than one thread, every kernel '
+              'call then waits for its threads to be scheduled, so times above count kernel '
+              'calls more than work (compare with --threads 1)')
+    return best
+
+
+def bench_flex_forward(args, batch, alone):
+    """CPU only: is torch.compile-d flex_attention worth it for inference (no grad)?"""
+    from flexgen.models.layers.attention_flex import FlexAttention
+    q, k, v = (torch.randn(batch.tokens.shape[0], args.heads, args.head_dim,
+                           generator=torch.Generator().manual_seed(i)).to(alone[0][0].dtype)
+               for i in range(3))
+    alone = [[x.detach() for x in tensors[:3]] for tensors in alone]
+    flex, sdpa = FlexAttention(), ATTENTION_BACKENDS.build(dict(type='sdpa'))
+    start = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        flex(q, k, v, batch)
+    compile_seconds = time.perf_counter() - start
+    fell_back = [str(w.message) for w in caught if 'flex' in str(w.message)]
+
+    def limit():
+        for qi, ki, vi in alone:
+            F.scaled_dot_product_attention(qi, ki, vi)
+
+    times = interleaved({'limit': limit, 'sdpa': lambda: sdpa(q, k, v, batch),
+                         'flex (compiled)': lambda: flex(q, k, v, batch)}, args.rounds)
+    print(f'   forward only (inference), same pack: per-image limit '
+          f'{statistics.median(times["limit"]) * 1e3:.1f} ms; sdpa '
+          f'{ratio(times, "sdpa", "limit"):.2f}x; flex compiled '
+          f'{ratio(times, "flex (compiled)", "limit"):.2f}x after a first call of '
+          f'{compile_seconds:.1f} s (compilation)' +
+          (f'; compile FAILED, flex ran sdpa: {fell_back[0][:160]}' if fell_back else ''))
+
+
+def bench_packed_vs_padded(args, backend):
+    """Tokens/s of a FlexDiT training step on the same images, packed vs FiT-padded."""
+    from flexgen.models.backbones.flex_dit import FlexDiT
+    from flexgen.models.layers import PaddedAttention
+    sizes = draw_sizes(args.tokens)
+    lengths = sizes.prod(1)
+    num, n = len(lengths), int(lengths.sum())
+    pad_to = -(-int(lengths.max()) // 256) * 256  # FiT: a fixed max_length of 256 tokens
+    valid = torch.arange(pad_to)[None, :] < lengths[:, None]
+    channels, device = 32, torch.device(args.device)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(n, channels, generator=g).to(device)
+    target = torch.randn(n, channels, generator=g).to(device)
+    t = torch.rand(num, generator=g).to(device)
+    y = torch.randint(0, 1000, (num,), generator=g).to(device)
+    valid = valid.to(device)
+
+    class FiTMaskedAttention:
+        """FiT's attention on [B, pad_to] slots: valid to valid, padding to padding."""
+
+        def __call__(self, q, k, v, batch_):
+            return PaddedAttention.attend(*(x.unflatten(0, valid.shape) for x in (q, k, v)),
+                                          valid).flatten(0, 1)
+
+    def model(attn_backend):
+        torch.manual_seed(0)
+        net = FlexDiT(in_channels=channels, patch_size=1, hidden_size=args.train_width,
+                      depth=args.train_depth, num_heads=args.train_width // args.head_dim,
+                      num_classes=1000, qk_norm='layernorm_affine', pos_embed=None,
+                      rope=dict(type='AxialRoPE2D'), attn_backend=attn_backend)
+        for p in net.parameters():  # random weights (DiT's zero init would skip work)
+            torch.nn.init.normal_(p, std=0.02)
+        net.to(device)
+        return net, torch.optim.AdamW(net.parameters(), lr=1e-4)
+
+    packed_net, packed_opt = model(backend)
+    packed_batch = TokenBatch(tokens, sizes)
+    padded_net, padded_opt = model(FiTMaskedAttention())
+    padded_net.load_state_dict(packed_net.state_dict())
+    padded_tokens = tokens.new_zeros(num, pad_to, channels)
+    padded_tokens[valid] = tokens
+    # every image becomes pad_to tokens (a 16-wide grid: positions do not change the cost)
+    padded_batch = TokenBatch(padded_tokens.flatten(0, 1),
+                              torch.tensor([[pad_to // 16, 16]] * num))
+
+    def step(net, opt, batch_, select):
+        def run():
+            out = net(batch_, t, y)
+            loss = (select(out) - target).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return run
+
+    times = interleaved({
+        'packed': step(packed_net, packed_opt, packed_batch, lambda out: out),
+        'padded': step(padded_net, padded_opt, padded_batch,
+                       lambda out: out.unflatten(0, valid.shape)[valid])}, args.train_rounds)
+    print(f'\n== training step, packed vs padded: FlexDiT {args.train_width} wide, '
+          f'{args.train_depth} blocks, {args.train_width // args.head_dim} heads, patch 1 on '
+          f'{channels}-channel latents, QK-LayerNorm + 2D RoPE, AdamW; the same {num} images '
+          f'({n} tokens); {torch.get_num_threads()} threads, median of {args.train_rounds} '
+          f'interleaved rounds')
+    for name, count, how in (('packed', n, f'jagged, attention {backend!r}'),
+                             ('padded', num * pad_to,
+                              f'FiT: every image padded to {pad_to} tokens, masked SDPA')):
+        seconds = statistics.median(times[name])
+        print(f'{name:<8}{seconds * 1e3:>9.0f} ms/step {n / seconds:>9,.0f} image tokens/s '
+              f'({count} tokens computed; {how})')
+    print(f'packed / padded tokens/s: {ratio(times, "padded", "packed"):.2f}x (goal >= 2x; the '
+          f'padded step computes {num * pad_to / n:.2f}x the tokens, and its linear layers '
+          f'cost in proportion)')
 
 
 def bench_train(args):
@@ -260,21 +448,40 @@ def _gaussian_nfe(rtol, velocity, z):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--only', nargs='+', choices=['attention', 'train', 'sampling'],
-                        default=['attention', 'train', 'sampling'])
-    parser.add_argument('--tokens', type=int, default=4096, help='tokens in the attention batch')
+    parser.add_argument('--only', nargs='+',
+                        choices=['attention', 'packed', 'train', 'sampling'],
+                        default=['attention', 'packed', 'train', 'sampling'])
+    parser.add_argument('--tokens', type=int, default=16384,
+                        help='attention / packed: tokens in the ImageNet-like pack')
+    parser.add_argument('--rounds', type=int, default=7, help='attention: interleaved rounds')
+    parser.add_argument('--device', default='cpu', help='attention / packed: cpu or cuda')
+    parser.add_argument('--dtype', default='float32',
+                        help="attention: e.g. 'bfloat16' for flash-attn on cuda")
+    parser.add_argument('--dense-masked', action='store_true',
+                        help='attention: also time dense masked SDPA over the whole pack once')
+    parser.add_argument('--no-flex', dest='flex', action='store_false',
+                        help='attention: skip the compiled flex forward on CPU (compiles ~20 s)')
+    parser.add_argument('--train-width', type=int, default=256)
+    parser.add_argument('--train-depth', type=int, default=2)
+    parser.add_argument('--train-rounds', type=int, default=5)
     parser.add_argument('--heads', type=int, default=4)
     parser.add_argument('--head-dim', type=int, default=64)
-    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--threads', type=int, nargs='+', default=[2],
+                        help='attention runs once per value; the other sections use the first')
     parser.add_argument('--config', default='configs/demo/shapes_flexdit_rf.py')
     parser.add_argument('--nfe', type=int, default=32, help='sampling: evaluations per sampler')
     parser.add_argument('--sampling-images', type=int, default=8)
     parser.add_argument('--sampling-size', type=int, default=16, help='latent side (pixels/8)')
     parser.add_argument('--sampling-rounds', type=int, default=5)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    best = 'auto'
     if 'attention' in args.only:
-        bench_attention(args)
+        for threads in args.threads[::-1]:
+            torch.set_num_threads(threads)
+            best = bench_attention(args)
+    torch.set_num_threads(args.threads[0])
+    if 'packed' in args.only:
+        bench_packed_vs_padded(args, best)
     if 'train' in args.only:
         bench_train(args)
     if 'sampling' in args.only:

@@ -4,22 +4,22 @@ Every backend computes, for each image i of a :class:`~flexgen.structures.TokenB
 ``softmax(q_i k_i^T * scale) v_i`` on that image's tokens only. They differ only in how:
 
 - ``sdpa``: one dense batched ``scaled_dot_product_attention`` when all images have the
-  same length (DiT's case, no overhead); otherwise images are grouped by length and each
-  group runs as one dense batch (cost ``sum n_i^2``, never ``(sum n_i)^2``). The fastest
-  CPU path.
+  same length (DiT's case, no overhead); otherwise one dense call per run (or group) of
+  equal-length images (cost ``sum n_i^2``, never ``(sum n_i)^2``). The fastest CPU path:
+  within ~5% of the per-image limit on an ImageNet-like pack (``tools/benchmark.py``).
 - ``padded``: FiT's way: pad every image to the longest, mask, one SDPA call.
 - ``per_image``: the plainest loop, one SDPA call per image (the reference the others are
   tested against).
 - ``flex`` (``attention_flex.py``): torch FlexAttention with a document block mask.
 - ``flash_varlen``, ``xformers`` (``attention_varlen.py``): the GPU varlen kernels, optional
   extras (``pip install flexgen[gpu]``).
-- ``auto``: flash-attn on CUDA when installed, else the grouped ``sdpa``.
+- ``auto``: flash-attn on CUDA when installed, else ``sdpa``.
 
 A backend is a callable ``(q, k, v, batch) -> out`` on ``[N, heads, head_dim]`` tensors.
 A new one is one class here (or in your own module) and one config line.
 """
 from collections import defaultdict
-from typing import List, NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -36,26 +36,29 @@ def _sdpa(q, k, v):
     return out.transpose(-3, -2)
 
 
+def _attention_cache(batch):
+    # Geometry-derived plans live on the batch itself: every layer of one forward pass
+    # sees the same TokenBatch, so each plan is built once per batch, not once per layer.
+    return batch.__dict__.setdefault('_attention_cache', {})
+
+
 class LengthGroups(NamedTuple):
     """A jagged batch's images grouped by token count (computed once per batch).
 
     Group ``g`` holds ``counts[g]`` images of ``lengths[g]`` tokens each. ``order`` lists
     the token indices of group 0's images, then group 1's, ... (each image's tokens in
     order), so the tokens of a group are one contiguous ``[count * n]`` range of
-    ``x[order]``; ``inverse`` undoes it. Both are ``None`` when the batch is already in
-    that order (e.g. images sorted by length), which saves the two gathers.
+    ``x[order]``. It is ``None`` when the batch is already in that order (e.g. images
+    sorted by length), which saves the gathers.
     """
     lengths: List[int]
     counts: List[int]
     order: Optional[Tensor]
-    inverse: Optional[Tensor]
 
 
 def length_groups(batch) -> LengthGroups:
-    """The :class:`LengthGroups` of ``batch``, cached on the batch: built once per batch
-    (not once per layer), on the batch's device."""
-    cache = batch.__dict__.setdefault('_attention_cache', {})
-    key = ('length_groups', str(batch.device))
+    """The :class:`LengthGroups` of ``batch``, cached on the batch, on its device."""
+    cache, key = _attention_cache(batch), ('length_groups', str(batch.device))
     if key not in cache:
         cache[key] = _build_length_groups(batch.seqlens_list, batch.device)
     return cache[key]
@@ -68,14 +71,96 @@ def _build_length_groups(seqlens, device):
     lengths, counts = list(members), [len(ids) for ids in members.values()]
     image_order = [i for ids in members.values() for i in ids]
     if image_order == sorted(image_order):
-        return LengthGroups(lengths, counts, None, None)
+        return LengthGroups(lengths, counts, None)
     starts = torch.zeros(len(seqlens), dtype=torch.long)
     starts[1:] = torch.cumsum(torch.tensor(seqlens[:-1]), 0)
     order = torch.cat([(starts[ids, None] + torch.arange(n)).flatten()
                        for n, ids in members.items()])
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(len(order))
-    return LengthGroups(lengths, counts, order.to(device), inverse.to(device))
+    return LengthGroups(lengths, counts, order.to(device))
+
+
+def equal_length_runs(batch) -> List[Tuple[int, int, int]]:
+    """``(first token, images, tokens per image)`` of each run of consecutive images of
+    equal length, in batch order (a uniform batch is one run); cached on the batch."""
+    cache = _attention_cache(batch)
+    if 'runs' not in cache:
+        runs, start = [], 0
+        for n in batch.seqlens_list:
+            if runs and runs[-1][2] == n:
+                runs[-1][1] += 1
+            else:
+                runs.append([start, 1, n])
+            start += n
+        cache['runs'] = [tuple(run) for run in runs]
+    return cache['runs']
+
+
+def _cpu_flash_kernels():
+    """PyTorch's CPU flash-attention forward / backward ops (what SDPA runs on CPU), or
+    ``None`` in a torch without them."""
+    ops = torch.ops.aten
+    try:
+        return (ops._scaled_dot_product_flash_attention_for_cpu.default,
+                ops._scaled_dot_product_flash_attention_for_cpu_backward.default)
+    except (AttributeError, RuntimeError):
+        return None
+
+
+class _SegmentAttention(torch.autograd.Function):
+    """Block-diagonal attention by CPU flash kernels, one call per segment of images.
+
+    ``segments`` are ``(first token, images, tokens per image)`` in the token order of
+    ``x[order]`` (``order=None``: the batch order). Each kernel call reads a
+    ``[count, heads, n, head_dim]`` strided view (no transpose copy) and its result is
+    written once into a preallocated output (scattered back by ``order``); the backward
+    calls the matching backward kernel per segment and writes into preallocated
+    gradients. No per-image autograd graph, no zero-filled ``[N, ...]`` gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, segments, order):
+        forward_kernel, _ = _cpu_flash_kernels()
+        if order is not None:
+            q, k, v = (x.index_select(0, order) for x in (q, k, v))
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        outs, lses = [], []
+        for start, count, n in segments:
+            o, lse = forward_kernel(*(_run_view(x, start, count, n) for x in (q, k, v)))
+            _write(out, o, start, count, n, order)
+            outs.append(o)
+            lses.append(lse)
+        ctx.save_for_backward(q, k, v, *outs, *lses)
+        ctx.segments, ctx.order = segments, order
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        _, backward_kernel = _cpu_flash_kernels()
+        segments, order = ctx.segments, ctx.order
+        q, k, v, *rest = ctx.saved_tensors
+        outs, lses = rest[:len(segments)], rest[len(segments):]
+        if order is not None:
+            grad_out = grad_out.index_select(0, order)
+        grads = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v)]
+        for (start, count, n), o, lse in zip(segments, outs, lses):
+            views = (_run_view(x, start, count, n) for x in (grad_out, q, k, v))
+            for grad, part in zip(grads, backward_kernel(*views, o, lse, 0.0, False)):
+                _write(grad, part, start, count, n, order)
+        return (*grads, None, None)
+
+
+def _write(dest, part, start, count, n, order):
+    """Write a kernel result ``[count, H, n, d]`` to its tokens of ``dest`` ``[N, H, d]``."""
+    if order is None:
+        _run_view(dest, start, count, n).copy_(part)
+    else:
+        dest.index_copy_(0, order[start:start + count * n], part.transpose(1, 2).flatten(0, 1))
+
+
+def _run_view(x, start, count, n):
+    """Tokens ``start .. start + count * n`` of ``[N, H, d]`` as ``[count, H, n, d]``."""
+    return x[start:start + count * n].unflatten(0, (count, n)).transpose(1, 2)
 
 
 @ATTENTION_BACKENDS.register_module(name='per_image')
@@ -90,30 +175,81 @@ class PerImageAttention:
 
 @ATTENTION_BACKENDS.register_module(name='sdpa')
 class SDPAAttention:
-    """Dense batched SDPA over images of equal length: cost ``sum n_i^2``, never
-    ``(sum n_i)^2``, and one kernel call per distinct length instead of one per image.
+    """Dense SDPA per run or per group of equal-length images: cost ``sum n_i^2``, never
+    ``(sum n_i)^2``.
 
-    A uniform batch (DiT) is one batched call on views, no copy. Otherwise the tokens are
-    gathered once so each length group is contiguous (:func:`length_groups`, cached on the
-    batch for all layers), each group runs as one ``[count, heads, n, head_dim]`` call,
-    and the outputs are concatenated and gathered back: a few ``O(N)`` copies in place of
-    the per-image stacks and selects whose backward costs grow with the group size.
+    A uniform batch (DiT) is one batched call on views, without a copy. A mixed batch is
+    cut into segments of equal-length images, each one ``[count, heads, n, head_dim]``
+    call, in one of two plans:
+
+    - ``'runs'``: runs of consecutive equal-length images, read in place (strided views,
+      no gather);
+    - ``'grouped'``: all images of one length in one call (:func:`length_groups`); the
+      tokens are gathered once so each group is contiguous, and scattered back.
+
+    Plans are cached on the batch (built once for all layers). On CPU the segments run
+    through torch's CPU flash kernels directly (:class:`_SegmentAttention`: no
+    per-segment autograd graph, results written once into preallocated tensors);
+    elsewhere through ``scaled_dot_product_attention`` with autograd.
+
+    The CPU kernel costs the same per image batched or not, so on CPU ``'runs'`` is the
+    better default: no gathers, within ~5% of the per-image limit on an ImageNet-like
+    pack; ``'grouped'`` makes fewer kernel calls and wins only when the cores are
+    oversubscribed (each call then waits for its threads). GPUs run fewer, larger
+    launches better, so ``'auto'`` takes ``'grouped'`` there (not measured: no GPU here).
+    ``tools/benchmark.py`` measures both.
+
+    Args:
+        strategy: ``'auto'`` (``'runs'`` on CPU, ``'grouped'`` elsewhere), ``'runs'`` or
+            ``'grouped'``.
     """
+
+    def __init__(self, strategy='auto'):
+        if strategy not in ('auto', 'runs', 'grouped'):
+            raise ValueError(f"SDPAAttention: strategy must be 'auto', 'runs' or "
+                             f"'grouped', got {strategy!r}")
+        self.strategy = strategy
 
     def __call__(self, q, k, v, batch):
         if batch.is_uniform:
             return _sdpa(batch.dense(q), batch.dense(k), batch.dense(v)).reshape(q.shape)
-        groups = length_groups(batch)
-        if groups.order is not None:
-            q, k, v = (x.index_select(0, groups.order) for x in (q, k, v))
-        outs, start = [], 0
-        for n, count in zip(groups.lengths, groups.counts):
-            end = start + n * count
-            parts = (x[start:end].unflatten(0, (count, n)) for x in (q, k, v))
-            outs.append(_sdpa(*parts).flatten(0, 1))
-            start = end
-        out = torch.cat(outs)
-        return out if groups.order is None else out.index_select(0, groups.inverse)
+        on_cpu = q.device.type == 'cpu' and _cpu_flash_kernels() is not None
+        strategy = self.strategy
+        if strategy == 'auto':
+            strategy = 'runs' if on_cpu else 'grouped'
+        if strategy == 'runs':
+            segments, order = equal_length_runs(batch), None
+        else:
+            groups = length_groups(batch)
+            segments, order = _group_segments(groups), groups.order
+        if on_cpu:
+            q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+            return _SegmentAttention.apply(q, k, v, segments, order)
+        return _segment_sdpa(q, k, v, segments, order)
+
+
+def _group_segments(groups):
+    segments, start = [], 0
+    for n, count in zip(groups.lengths, groups.counts):
+        segments.append((start, count, n))
+        start += n * count
+    return segments
+
+
+def _segment_sdpa(q, k, v, segments, order):
+    """The segments with ``scaled_dot_product_attention`` and autograd (any device)."""
+    if order is not None:
+        q, k, v = (x.index_select(0, order) for x in (q, k, v))
+    sizes = [count * n for _, count, n in segments]
+    # torch.split: one autograd node whose backward is one cat (slicing each segment
+    # would zero-fill a whole [N, H, d] gradient per segment)
+    outs = [_sdpa(*(x.unflatten(0, (count, n)) for x in parts)).flatten(0, 1)
+            for (_, count, n), *parts in zip(segments, *(torch.split(x, sizes)
+                                                         for x in (q, k, v)))]
+    out = torch.cat(outs)
+    if order is None:
+        return out
+    return torch.empty_like(out).index_copy_(0, order, out)
 
 
 @ATTENTION_BACKENDS.register_module(name='padded')
@@ -160,8 +296,9 @@ class AutoAttention:
 
     - CUDA, float16 / bfloat16: ``'flash_varlen'`` when flash-attn is installed, else
       ``'xformers'`` when xformers is, else ``'sdpa'``;
-    - everything else (CPU, float32 / float64 on CUDA): ``'sdpa'`` (grouped by length;
-      the fastest CPU path in ``tools/benchmark.py``; ``'flex'`` has no CPU backward).
+    - everything else (CPU; float32 / float64 on CUDA): ``'sdpa'`` (the fastest CPU path
+      in ``tools/benchmark.py``; ``'flex'`` has no CPU backward, and its compiled CPU
+      forward measured slower than ``'sdpa'``).
 
     Never the dense masked SDPA over the whole pack, which costs ``(sum n_i)^2``.
     """
