@@ -241,7 +241,8 @@ def test_dit_steps_reach_the_sinusoid_exactly():
                                                       guided_width=16, patch_area=4)
     wrong = []
     with torch.no_grad():
-        for k in range(1000):
+        # the steps float32 misses by one ulp, then a spread of the rest (all 1000 take minutes)
+        for k in [127, 251, 253, 254, 502, 503, 506, 507, 508, 511, *range(0, 1000, 23), 999]:
             if not torch.equal(model_fn(batch.tokens, k / 1000),
                                integer(batch, torch.tensor([float(k)]), y)):
                 wrong.append(k)

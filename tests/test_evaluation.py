@@ -197,3 +197,24 @@ def test_classifier_trains_inside_no_grad(tmp_path):
         _fit(model, images, torch.tensor([0, 1, 0, 1]), epochs=1, batch_size=4, lr=1e-2,
              weight_decay=0.0, generator=torch.Generator().manual_seed(0))
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_sample_writer_names_by_index_and_packs_npz(tmp_path):
+    from PIL import Image
+
+    from flexgen.evaluation import SampleWriter
+    g = torch.Generator().manual_seed(0)
+    samples = [dict(image=torch.rand(3, 4, 6, generator=g), label=i % 3, index=10 - i)
+               for i in range(5)]
+    writer = SampleWriter(out_dir=str(tmp_path))
+    writer.process(None, samples[3:])   # batches in any order
+    writer.process(None, samples[:3])
+    assert writer.compute_metrics(writer.results) == dict(count=5)
+    packed = np.load(tmp_path / 'samples.npz')['arr_0']
+    assert packed.shape == (5, 4, 6, 3) and packed.dtype == np.uint8
+    by_index = sorted(samples, key=lambda s: s['index'])
+    for image, sample in zip(packed, by_index):
+        expected = (sample['image'] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        assert np.array_equal(image, expected)
+        name = f"{sample['index']:06d}_{sample['label']}.png"
+        assert np.array_equal(np.asarray(Image.open(tmp_path / name)), expected)

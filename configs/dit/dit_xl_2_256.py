@@ -22,3 +22,5 @@ default_hooks = dict(checkpoint=dict(interval=50_000))
 # Global batch 256 (train_dataloader.batch_size x GPUs); --cfg-options
 # auto_scale_lr.enable=True scales lr linearly for another global batch.
 auto_scale_lr = dict(base_batch_size=256, enable=False)
+
+val_cfg = None  # no validation during training: FID-50K sampling is tools/test.py's job

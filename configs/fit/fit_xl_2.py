@@ -45,3 +45,8 @@ train_cfg = dict(max_iters=2_000_000, val_interval=2_000_000)
 default_hooks = dict(checkpoint=dict(interval=100_000, max_keep_ckpts=2))
 # --scale_lr: lr = 1e-4 x global batch / 256.
 auto_scale_lr = dict(base_batch_size=256, enable=True)
+
+# tools/test.py writes the samples (PNGs + samples.npz for ADM's FID suite); no validation
+# during training.
+test_evaluator = dict(type='SampleWriter', out_dir='work_dirs/samples')
+val_cfg = None

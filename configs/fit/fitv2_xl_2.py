@@ -55,3 +55,8 @@ train_cfg = dict(max_iters=2_000_000, val_interval=2_000_000)
 # The reference saves every 4K steps (keeping 2) and at 200K, 400K, 1M, 1.4M, 1.5M, 1.8M.
 default_hooks = dict(checkpoint=dict(interval=4_000, max_keep_ckpts=2))
 auto_scale_lr = dict(base_batch_size=256, enable=True)
+
+# tools/test.py writes the samples (PNGs + samples.npz for ADM's FID suite); no validation
+# during training.
+test_evaluator = dict(type='SampleWriter', out_dir='work_dirs/samples')
+val_cfg = None

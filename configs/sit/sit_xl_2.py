@@ -19,3 +19,5 @@ model = dict(backbone=dict(patch_size=2, hidden_size=1152, depth=28, num_heads=1
 train_cfg = dict(max_iters=7_000_000)
 default_hooks = dict(checkpoint=dict(interval=50_000))
 auto_scale_lr = dict(base_batch_size=256, enable=False)
+
+val_cfg = None  # no validation during training: FID-50K sampling is tools/test.py's job

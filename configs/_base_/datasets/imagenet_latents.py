@@ -5,7 +5,9 @@
 #
 # Generation requests for FID-50K: 50 images per class at the training resolution (the
 # evaluation protocol of DiT / SiT: 50,000 samples, compared with ADM's ImageNet
-# reference batch). An FID metric with local Inception weights plugs in as test_evaluator.
+# reference batch). tools/test.py writes them as PNGs + samples.npz (SampleWriter) for ADM's
+# evaluation suite; an in-process FID metric with local Inception weights can replace it.
+# No validation during training (sampling 50K images is a job of its own).
 _resolution = 256
 _data_root = 'data/imagenet/train'
 
@@ -26,3 +28,4 @@ test_dataloader = dict(
                  sizes=[(_resolution, _resolution)], num_per_class=50, seed=0),
     sampler=dict(type='DefaultSampler', shuffle=False),
     collate_fn=dict(type='flexgen.jagged_collate'))
+test_evaluator = dict(type='SampleWriter', out_dir='work_dirs/samples')

@@ -1,12 +1,17 @@
 from .attention import Attention
-from .attention_backends import (PaddedAttention, PerImageAttention, SDPAAttention,
-                                 build_attention_backend)
+from .attention_backends import (AutoAttention, PaddedAttention, PerImageAttention,
+                                 SDPAAttention, build_attention_backend, equal_length_runs,
+                                 length_groups)
+from .attention_flex import FlexAttention, document_block_mask, flex_attention_available
+from .attention_varlen import FlashVarlenAttention, XFormersAttention
 from .embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, timestep_embedding
 from .mlp import GeluMlp, SwiGLUMlp
 from .modulation import AdaLNLoRA, AdaLNZero, gate, modulate
 from .norms import build_norm
 
-__all__ = ['Attention', 'PaddedAttention', 'PerImageAttention', 'SDPAAttention',
+__all__ = ['Attention', 'AutoAttention', 'equal_length_runs', 'length_groups', 'FlexAttention',
+           'document_block_mask', 'flex_attention_available', 'FlashVarlenAttention',
+           'XFormersAttention', 'PaddedAttention', 'PerImageAttention', 'SDPAAttention',
            'build_attention_backend', 'LabelEmbedder', 'PatchEmbed', 'TimestepEmbedder',
            'timestep_embedding', 'GeluMlp', 'SwiGLUMlp', 'AdaLNLoRA', 'AdaLNZero', 'gate',
            'modulate', 'build_norm']
