@@ -19,31 +19,13 @@
 #     --cfg-options "model.backbone.rope.rule=dict(type='NTKPro2',ori_max_pe_len=16,decouple=True)"
 _base_ = [
     '../_base_/models/fitv2.py',
+    '../_base_/datasets/fit_latents.py',
     '../_base_/schedules/adamw_constant.py',
     '../_base_/default_runtime.py',
 ]
 
-_target_len = 256
-# InfImagine/imagenet1k_features_256_sd_vae_ft_ema, extracted
-_data_root = 'data/imagenet1k_latents_256_sd_vae_ft_ema'
-
 # The reference config: 16 per GPU (global 256 on 16 GPUs, the README's batch).
-train_dataloader = dict(
-    batch_size=16,
-    num_workers=2,
-    persistent_workers=True,
-    dataset=dict(type='FiTLatents', data_root=_data_root, target_len=_target_len,
-                 choice='random', flip_prob=0.5),
-    sampler=dict(type='DefaultSampler', shuffle=True),
-    collate_fn=dict(type='flexgen.padded_collate', max_length=_target_len, patch_size=2))
-
-test_dataloader = dict(
-    batch_size=32,
-    num_workers=2,
-    dataset=dict(type='GenerationRequests', num_classes=1000, sizes=[(256, 256)],
-                 num_per_class=50, seed=0),
-    sampler=dict(type='DefaultSampler', shuffle=False),
-    collate_fn=dict(type='flexgen.jagged_collate'))
+train_dataloader = dict(batch_size=16, dataset=dict(choice='random'))
 
 optim_wrapper = dict(clip_grad=dict(max_norm=1.0))
 # diffusers' constant_with_warmup: factor 1e-4 + (1 - 1e-4) step / 50K, then 1.
@@ -56,7 +38,4 @@ train_cfg = dict(max_iters=2_000_000, val_interval=2_000_000)
 default_hooks = dict(checkpoint=dict(interval=4_000, max_keep_ckpts=2))
 auto_scale_lr = dict(base_batch_size=256, enable=True)
 
-# tools/test.py writes the samples (PNGs + samples.npz for ADM's FID suite); no validation
-# during training.
-test_evaluator = dict(type='SampleWriter', out_dir='work_dirs/samples')
-val_cfg = None
+val_cfg = None  # no validation during training: FID-50K sampling is tools/test.py's job

@@ -1,0 +1,28 @@
+# FiT's ImageNet latents (the FiT folder format, read by FiTLatents): every image at most
+# 256 tokens of patch-2 SD-VAE latents, padded per image to that length with a mask as FiT
+# trains (padded_collate). FiTv1 uses the resized copy of large images; FiTv2 picks the
+# resized or the cropped one at random (choice='random').
+#
+# Generation requests for FID-50K: 50 images per class at 256 x 256, written by tools/test.py
+# as PNGs + samples.npz for ADM's evaluation suite.
+_target_len = 256  # FiT's context: the most tokens one image may hold
+# InfImagine/imagenet1k_features_256_sd_vae_ft_ema, extracted
+_data_root = 'data/imagenet1k_latents_256_sd_vae_ft_ema'
+
+train_dataloader = dict(
+    batch_size=32,
+    num_workers=2,
+    persistent_workers=True,
+    dataset=dict(type='FiTLatents', data_root=_data_root, target_len=_target_len,
+                 choice='resize', flip_prob=0.5),
+    sampler=dict(type='DefaultSampler', shuffle=True),
+    collate_fn=dict(type='flexgen.padded_collate', max_length=_target_len, patch_size=2))
+
+test_dataloader = dict(
+    batch_size=32,
+    num_workers=2,
+    dataset=dict(type='GenerationRequests', num_classes=1000, sizes=[(256, 256)],
+                 num_per_class=50, seed=0),
+    sampler=dict(type='DefaultSampler', shuffle=False),
+    collate_fn=dict(type='flexgen.jagged_collate'))
+test_evaluator = dict(type='SampleWriter', out_dir='work_dirs/samples')
