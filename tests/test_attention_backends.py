@@ -291,3 +291,85 @@ def test_attention_layer_with_backend_equals_per_image(backend):
         grads = [torch.autograd.grad(layer(x, batch).pow(2).sum(), layer.qkv.weight)[0]
                  for layer in layers]
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-9)
+
+
+# Stand-ins of the two GPU libraries' documented calls, written from their API docs, so the
+# way the backends hand a pack over (layouts, cu_seqlens dtype, max lengths, block sizes) is
+# checked on CPU; only the CUDA kernels themselves stay untested without a GPU.
+def _segment_attention(q, k, v, starts, scale):
+    out = torch.empty_like(q)
+    for a, b in zip(starts[:-1], starts[1:]):
+        logits = torch.einsum('nhd,mhd->hnm', q[a:b].float(), k[a:b].float()) * scale
+        out[a:b] = torch.einsum('hnm,mhd->nhd', logits.softmax(-1), v[a:b].float()).to(q.dtype)
+    return out
+
+
+def _fake_flash_attn():
+    import types
+    module = types.ModuleType('flash_attn')
+
+    def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                               max_seqlen_k, dropout_p=0.0, softmax_scale=None, causal=False):
+        # flash-attn's contract: q/k/v [total, heads, head_dim] fp16/bf16, cu_seqlens int32
+        # [batch + 1] from 0, max_seqlen the longest sequence, scale 1/sqrt(head_dim) default
+        assert q.dim() == 3 and q.dtype in (torch.float16, torch.bfloat16)
+        assert cu_seqlens_q.dtype == torch.int32 and torch.equal(cu_seqlens_q, cu_seqlens_k)
+        lengths = cu_seqlens_q.diff()
+        assert cu_seqlens_q[0] == 0 and cu_seqlens_q[-1] == q.shape[0]
+        assert max_seqlen_q == max_seqlen_k == int(lengths.max())
+        assert dropout_p == 0.0 and not causal
+        scale = softmax_scale or q.shape[-1] ** -0.5
+        return _segment_attention(q, k, v, cu_seqlens_q.tolist(), scale)
+
+    module.flash_attn_varlen_func = flash_attn_varlen_func
+    return module
+
+
+def _fake_xformers():
+    import types
+    xformers, ops = types.ModuleType('xformers'), types.ModuleType('xformers.ops')
+    fmha, attn_bias = types.ModuleType('xformers.ops.fmha'), types.ModuleType('attn_bias')
+
+    class BlockDiagonalMask:
+        def __init__(self, seqlens):
+            self.seqlens = list(seqlens)
+
+        @classmethod
+        def from_seqlens(cls, q_seqlen, kv_seqlen=None, device=None):
+            assert all(isinstance(n, int) for n in q_seqlen) and kv_seqlen in (None, q_seqlen)
+            return cls(q_seqlen)
+
+    def memory_efficient_attention(query, key, value, attn_bias=None, p=0.0, scale=None):
+        # xformers' contract: [batch, tokens, heads, head_dim]; a BlockDiagonalMask needs
+        # batch 1 and splits the tokens into its blocks
+        assert query.dim() == 4 and query.shape[0] == 1
+        assert sum(attn_bias.seqlens) == query.shape[1]
+        starts = torch.tensor([0] + attn_bias.seqlens).cumsum(0).tolist()
+        out = _segment_attention(query[0], key[0], value[0], starts,
+                                 scale or query.shape[-1] ** -0.5)
+        return out.unsqueeze(0)
+
+    attn_bias.BlockDiagonalMask = BlockDiagonalMask
+    fmha.attn_bias = attn_bias
+    ops.fmha, ops.memory_efficient_attention = fmha, memory_efficient_attention
+    xformers.ops = ops
+    return {'xformers': xformers, 'xformers.ops': ops, 'xformers.ops.fmha': fmha}
+
+
+@pytest.mark.parametrize('name', ['flash_varlen', 'xformers'])
+def test_gpu_backends_hand_packs_over_as_the_libraries_document(name, monkeypatch):
+    import sys
+    import flexgen.models.layers.attention_varlen as varlen
+    fakes = ({'flash_attn': _fake_flash_attn()} if name == 'flash_varlen'
+             else _fake_xformers())
+    for module_name, module in fakes.items():
+        monkeypatch.setitem(sys.modules, module_name, module)
+    monkeypatch.setattr(varlen, '_require_cuda', lambda *args: None)  # CPU stand-ins
+    backend = build_attention_backend(name)
+    for sizes in PACKS.values():
+        batch, q, k, v, _ = _pack(sizes, dtype=torch.float32, requires_grad=False)
+        half = [x.to(torch.bfloat16) for x in (q, k, v)]
+        out = backend(*half, batch)
+        assert out.shape == q.shape and out.dtype == torch.bfloat16
+        ref = _reference(*(x.float() for x in half), batch)
+        torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)

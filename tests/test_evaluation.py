@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from flexgen.evaluation import classifier as classifier_module
-from flexgen.evaluation import (GeneratedClassAccuracy, SmallConvClassifier, feature_statistics,
-                                frechet_distance, train_classifier)
+from flexgen.evaluation import (GeneratedClassAccuracy, SmallConvClassifier, classify,
+                                feature_statistics, frechet_distance, train_classifier)
 from flexgen.registry import DATASETS, METRICS
 
 
@@ -130,7 +130,8 @@ def test_classifier_cache_is_reused(trained, cache_dir, monkeypatch):
     reference = trained.model.state_dict()
     assert all(torch.equal(v, reference[k]) for k, v in again.model.state_dict().items())
     # Anything that changes the weights changes the cache file: these would retrain.
-    for changed in (dict(seed=1), dict(epochs=3), dict(dataset_cfg=dict(DATASET, seed=5))):
+    for changed in (dict(seed=1), dict(epochs=3), dict(noise_std=0.1),
+                    dict(dataset_cfg=dict(DATASET, seed=5))):
         kwargs = dict(dict(dataset_cfg=DATASET, seed=0, cache_dir=cache_dir, **TRAIN), **changed)
         with pytest.raises(AssertionError, match='retrained'):
             train_classifier(**kwargs)
@@ -141,6 +142,20 @@ def test_classifier_training_is_deterministic(trained, tmp_path):
     assert os.path.basename(again.path) == os.path.basename(trained.path)
     reference = trained.model.state_dict()
     assert all(torch.equal(v, reference[k]) for k, v in again.model.state_dict().items())
+
+
+def test_noise_augmented_classifier_judges_noisy_shapes(trained, tmp_path):
+    """Generated images keep faint grain: a judge trained with noise still reads the shape."""
+    robust = train_classifier(DATASET, seed=0, cache_dir=str(tmp_path), noise_std=0.3, **TRAIN)
+    assert robust.accuracy >= 90  # on clean held-out images
+    fresh = ToyShapes(num_images=300, seed=321)
+    g = torch.Generator().manual_seed(0)
+    noisy = [(fresh[i]['inputs'] + 0.25 * torch.randn(3, *fresh.sizes[i], generator=g))
+             .clamp(-1, 1) for i in range(300)]
+    labels = torch.tensor([fresh[i]['data_samples']['label'] for i in range(300)])
+    accuracy = {name: (classify(judge.model, noisy)[0].argmax(1) == labels).double().mean()
+                for name, judge in (('clean', trained), ('robust', robust))}
+    assert accuracy['robust'] >= 0.85 and accuracy['robust'] > accuracy['clean'] + 0.1, accuracy
 
 
 # ----------------------------------------------------------------------- metric
