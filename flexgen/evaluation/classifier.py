@@ -191,7 +191,7 @@ def train_classifier(dataset_cfg: dict, classifier_cfg: Optional[dict] = None, e
         max_train_images: train on at most this many of the other images.
         noise_std: train on images with Gaussian noise of a standard deviation uniform in
             ``[0, noise_std]`` (in [-1, 1] units). Without it the judge is brittle: trained on
-            clean images only, it calls 80% of real shapes with noise of std 0.1 'ring',
+            clean images only, it calls 85% of real shapes with noise of std 0.1 'ring',
             so a generated image with faint residual grain would be judged by its grain,
             not its shape.
         seed: drives the split, the initialisation and the batch order.

@@ -22,6 +22,8 @@ val_dataloader = dict(
     collate_fn=dict(type='flexgen.jagged_collate'))
 test_dataloader = val_dataloader
 
-# A small CNN trained once on the real shapes (cached) judges the generated ones.
-val_evaluator = dict(type='GeneratedClassAccuracy', classifier_dataset=_shapes)
+# A small CNN trained once on the real shapes (cached) judges the generated ones; trained
+# with noise so that it reads a sample's shape, not its residual grain.
+val_evaluator = dict(type='GeneratedClassAccuracy', classifier_dataset=_shapes,
+                     train_cfg=dict(noise_std=0.2))
 test_evaluator = val_evaluator
