@@ -156,6 +156,8 @@ def test_noise_augmented_classifier_judges_noisy_shapes(trained, tmp_path):
     accuracy = {name: (classify(judge.model, noisy)[0].argmax(1) == labels).double().mean()
                 for name, judge in (('clean', trained), ('robust', robust))}
     assert accuracy['robust'] >= 0.85 and accuracy['robust'] > accuracy['clean'] + 0.1, accuracy
+    with pytest.raises(ValueError, match='noise_std must be >= 0, got -0.1'):
+        train_classifier(DATASET, cache_dir=str(tmp_path), noise_std=-0.1)
 
 
 # ----------------------------------------------------------------------- metric

@@ -172,8 +172,8 @@ def _save_atomically(state: dict, path: str, metadata: dict) -> None:
 def train_classifier(dataset_cfg: dict, classifier_cfg: Optional[dict] = None, epochs: int = 10,
                      batch_size: int = 64, lr: float = 3e-3, weight_decay: float = 1e-4,
                      holdout_fraction: float = 0.2, max_train_images: Optional[int] = None,
-                     noise_std: float = 0.0, seed: int = 0, cache_dir: str = 'work_dirs/.cache/classifiers'
-                     ) -> TrainedClassifier:
+                     noise_std: float = 0.0, seed: int = 0,
+                     cache_dir: str = 'work_dirs/.cache/classifiers') -> TrainedClassifier:
     """Train (or reload) a ``SmallConvClassifier`` on the dataset built from ``dataset_cfg``.
 
     A seeded random ``holdout_fraction`` of the dataset is held out (never trained on) and
@@ -200,6 +200,8 @@ def train_classifier(dataset_cfg: dict, classifier_cfg: Optional[dict] = None, e
     if not 0 < holdout_fraction < 1:
         raise ValueError(f'train_classifier: holdout_fraction must be in (0, 1), '
                          f'got {holdout_fraction}')
+    if noise_std < 0:
+        raise ValueError(f'train_classifier: noise_std must be >= 0, got {noise_std}')
     classifier_cfg = dict(classifier_cfg or {})
     config = dict(version=CACHE_VERSION, dataset=dataset_cfg, classifier=classifier_cfg,
                   training=dict(epochs=epochs, batch_size=batch_size, lr=lr,
