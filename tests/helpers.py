@@ -1,4 +1,6 @@
-"""Small helpers shared by the model tests."""
+"""Small helpers shared by the tests."""
+from itertools import islice
+
 import torch
 
 
@@ -10,3 +12,37 @@ def randomise(module, seed=0, std=0.1):
         for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * std)
     return module
+
+
+def per_image_attention(q, k, v, batch):
+    """Per-image softmax attention written out: softmax(q_i k_i^T / sqrt(d)) v_i."""
+    outs = []
+    for qi, ki, vi in zip(batch.split(q), batch.split(k), batch.split(v)):
+        logits = torch.einsum('nhd,mhd->hnm', qi, ki) / qi.shape[-1] ** 0.5
+        outs.append(torch.einsum('hnm,mhd->nhd', logits.softmax(-1), vi))
+    return torch.cat(outs)
+
+
+class SizedDataset:
+    """Only what the data samplers read: a length and get_size."""
+
+    def __init__(self, sizes):
+        self.sizes = [tuple(s) for s in sizes]
+
+    def __len__(self):
+        return len(self.sizes)
+
+    def get_size(self, index):
+        return self.sizes[index]
+
+
+class Wrapped:
+    """Stands in for mmengine's DefaultSampler: the batch samplers read `.dataset`."""
+
+    def __init__(self, dataset, seed=None):
+        self.dataset, self.seed = dataset, seed
+
+
+def take(sampler, n):
+    """The first ``n`` items of a sampler."""
+    return list(islice(iter(sampler), n))

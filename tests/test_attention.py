@@ -3,15 +3,7 @@ import torch
 
 from flexgen.models.layers import build_attention_backend
 from flexgen.structures import TokenBatch
-
-
-def _reference(q, k, v, batch):
-    """Per-image softmax attention written out (float64)."""
-    outs = []
-    for qi, ki, vi in zip(batch.split(q), batch.split(k), batch.split(v)):
-        logits = torch.einsum('nhd,mhd->hnm', qi, ki) / qi.shape[-1] ** 0.5
-        outs.append(torch.einsum('hnm,mhd->nhd', logits.softmax(-1), vi))
-    return torch.cat(outs)
+from helpers import per_image_attention
 
 
 @pytest.mark.parametrize('backend', ['sdpa', 'padded', 'per_image'])
@@ -25,7 +17,7 @@ def test_backend_equals_per_image_attention(backend, sizes):
                for _ in range(3))
     batch = TokenBatch(torch.zeros(n, 1), batch_sizes)
     out = build_attention_backend(backend)(q, k, v, batch)
-    ref = _reference(q, k, v, batch)
+    ref = per_image_attention(q, k, v, batch)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     weight = torch.randn(out.shape, generator=g, dtype=torch.float64)
     grads = torch.autograd.grad((out * weight).sum(), (q, k, v))

@@ -11,6 +11,7 @@ from flexgen.models.layers.attention_backends import (AutoAttention, build_atten
 from flexgen.models.layers.attention_flex import (FlexAttention, document_block_mask,
                                                   flex_attention_available)
 from flexgen.structures import TokenBatch
+from helpers import per_image_attention
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_FLASH = importlib.util.find_spec('flash_attn') is not None
@@ -37,19 +38,10 @@ def _pack(sizes, heads=2, head_dim=8, dtype=torch.float64, seed=0, requires_grad
     return TokenBatch(torch.zeros(n, 1), sizes), q, k, v, weight
 
 
-def _reference(q, k, v, batch):
-    """Per-image softmax attention written out: softmax(q_i k_i^T / sqrt(d)) v_i."""
-    outs = []
-    for qi, ki, vi in zip(batch.split(q), batch.split(k), batch.split(v)):
-        logits = torch.einsum('nhd,mhd->hnm', qi, ki) / qi.shape[-1] ** 0.5
-        outs.append(torch.einsum('hnm,mhd->nhd', logits.softmax(-1), vi))
-    return torch.cat(outs)
-
-
-def _assert_matches_reference(backend, sizes, check_grads=True, tol=1e-10):
+def _assert_matchesper_image_attention(backend, sizes, check_grads=True, tol=1e-10):
     batch, q, k, v, weight = _pack(sizes, requires_grad=check_grads)
     out = backend(q, k, v, batch)
-    ref = _reference(q, k, v, batch)
+    ref = per_image_attention(q, k, v, batch)
     assert out.shape == q.shape
     torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
     if check_grads:
@@ -63,13 +55,13 @@ def _assert_matches_reference(backend, sizes, check_grads=True, tol=1e-10):
 @pytest.mark.parametrize('name', ['sdpa', 'per_image', 'padded', 'auto'])
 @pytest.mark.parametrize('pack', list(PACKS))
 def test_cpu_backend_equals_per_image_attention(name, pack):
-    _assert_matches_reference(build_attention_backend(name), PACKS[pack])
+    _assert_matchesper_image_attention(build_attention_backend(name), PACKS[pack])
 
 
 @pytest.mark.parametrize('strategy', ['runs', 'grouped'])
 @pytest.mark.parametrize('pack', list(PACKS))
 def test_sdpa_strategies_equal_per_image_attention(strategy, pack):
-    _assert_matches_reference(build_attention_backend(dict(type='sdpa', strategy=strategy)),
+    _assert_matchesper_image_attention(build_attention_backend(dict(type='sdpa', strategy=strategy)),
                               PACKS[pack])
 
 
@@ -108,7 +100,7 @@ def test_sdpa_rejects_an_unknown_strategy():
 def test_flex_forward_equals_per_image_attention(block_size, pack):
     # eager flex on CPU (compiling takes tens of seconds; the compiled kernel is tested
     # in the slow test below); CPU flex has no backward, so no gradients here
-    _assert_matches_reference(FlexAttention(block_size, compile=False), PACKS[pack],
+    _assert_matchesper_image_attention(FlexAttention(block_size, compile=False), PACKS[pack],
                               check_grads=False)
 
 
@@ -117,7 +109,7 @@ def test_flex_with_gradients_on_cpu_falls_back_to_sdpa_with_a_warning():
     import flexgen.models.layers.attention_flex as flex
     flex._WARNED.discard('backward')
     with pytest.warns(UserWarning, match="no CPU backward.*grouped 'sdpa'"):
-        _assert_matches_reference(FlexAttention(8, compile=False), PACKS['mixed'])
+        _assert_matchesper_image_attention(FlexAttention(8, compile=False), PACKS['mixed'])
 
 
 @needs_flex
@@ -125,7 +117,7 @@ def test_flex_without_grad_mode_detaches_instead_of_refusing():
     batch, q, k, v, _ = _pack(PACKS['mixed'])  # inputs require grad, grad mode off
     with torch.no_grad():
         out = FlexAttention(8, compile=False)(q, k, v, batch)
-    torch.testing.assert_close(out, _reference(q, k, v, batch).detach(), rtol=1e-10,
+    torch.testing.assert_close(out, per_image_attention(q, k, v, batch).detach(), rtol=1e-10,
                                atol=1e-10)
 
 
@@ -151,7 +143,7 @@ def test_compiled_flex_equals_per_image_attention():
     batch, q, k, v, _ = _pack(PACKS['mixed'], heads=2, head_dim=16, dtype=torch.float32,
                               requires_grad=False)
     out = FlexAttention(compile=True)(q, k, v, batch)
-    torch.testing.assert_close(out, _reference(q, k, v, batch), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, per_image_attention(q, k, v, batch), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize('strategy, shapes', [
@@ -172,7 +164,7 @@ def test_sdpa_portable_path_calls_one_dense_sdpa_per_segment(monkeypatch, strate
     monkeypatch.setattr(backends.F, 'scaled_dot_product_attention', recording)
     backend = backends.SDPAAttention(strategy=strategy)
     for pack in PACKS.values():
-        _assert_matches_reference(backend, pack)
+        _assert_matchesper_image_attention(backend, pack)
     calls.clear()
     batch, q, k, v, _ = _pack(PACKS['mixed'], heads=2, head_dim=8)
     backend(q, k, v, batch)
@@ -235,13 +227,13 @@ def test_xformers_without_the_package_names_the_extra():
         build_attention_backend('xformers')
 
 
-def _gpu_matches_reference(name, dtype):
+def _gpu_matchesper_image_attention(name, dtype):
     for pack in PACKS.values():
         batch, q, k, v, weight = _pack(pack, heads=2, head_dim=64, dtype=torch.float32)
         batch = TokenBatch(batch.tokens.cuda(), batch.sizes)
         qc, kc, vc = (x.detach().cuda().to(dtype).requires_grad_() for x in (q, k, v))
         out = build_attention_backend(name)(qc, kc, vc, batch)
-        ref = _reference(q, k, v, TokenBatch(q.detach(), batch.sizes))
+        ref = per_image_attention(q, k, v, TokenBatch(q.detach(), batch.sizes))
         torch.testing.assert_close(out.float().cpu(), ref, rtol=2e-2, atol=2e-2)
         grads = torch.autograd.grad((out.float() * weight.cuda()).sum(), (qc, kc, vc))
         ref_grads = torch.autograd.grad((ref * weight).sum(), (q, k, v))
@@ -251,18 +243,18 @@ def _gpu_matches_reference(name, dtype):
 
 @pytest.mark.skipif(not (HAS_CUDA and HAS_FLASH), reason='needs CUDA and flash-attn')
 def test_flash_varlen_equals_per_image_attention():
-    _gpu_matches_reference('flash_varlen', torch.bfloat16)
+    _gpu_matchesper_image_attention('flash_varlen', torch.bfloat16)
 
 
 @pytest.mark.skipif(not (HAS_CUDA and HAS_XFORMERS), reason='needs CUDA and xformers')
 def test_xformers_equals_per_image_attention():
-    _gpu_matches_reference('xformers', torch.float16)
+    _gpu_matchesper_image_attention('xformers', torch.float16)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason='needs CUDA')
 @needs_flex
 def test_flex_on_cuda_equals_per_image_attention():
-    _gpu_matches_reference('flex', torch.float32)
+    _gpu_matchesper_image_attention('flex', torch.float32)
 
 
 @needs_flex
@@ -371,5 +363,5 @@ def test_gpu_backends_hand_packs_over_as_the_libraries_document(name, monkeypatc
         half = [x.to(torch.bfloat16) for x in (q, k, v)]
         out = backend(*half, batch)
         assert out.shape == q.shape and out.dtype == torch.bfloat16
-        ref = _reference(*(x.float() for x in half), batch)
+        ref = per_image_attention(*(x.float() for x in half), batch)
         torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)

@@ -1,41 +1,17 @@
 """Bucket and token-budget batch samplers: content, ranks, resume."""
 from collections import Counter
-from itertools import islice
 
 import pytest
 
 from flexgen.datasets import (BucketBatchSampler, ProceduralShapes,
                               TokenBudgetBatchSampler, batch_samplers)
 from flexgen.registry import DATA_SAMPLERS
-
-
-class SizedDataset:
-    """Only what the samplers read: a length and get_size."""
-
-    def __init__(self, sizes):
-        self.sizes = list(sizes)
-
-    def __len__(self):
-        return len(self.sizes)
-
-    def get_size(self, index):
-        return self.sizes[index]
-
-
-class Wrapped:
-    """Stands in for mmengine's DefaultSampler: the batch samplers read `.dataset`."""
-
-    def __init__(self, dataset, seed=None):
-        self.dataset, self.seed = dataset, seed
+from helpers import SizedDataset, Wrapped, take
 
 
 def build(monkeypatch, cls, dataset, rank=0, world_size=1, **kwargs):
     monkeypatch.setattr(batch_samplers, 'get_dist_info', lambda: (rank, world_size))
     return cls(Wrapped(dataset), **kwargs)
-
-
-def take(sampler, n):
-    return list(islice(iter(sampler), n))
 
 
 # 3 sizes with 23, 17 and 10 images, interleaved.

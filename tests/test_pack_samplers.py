@@ -1,6 +1,5 @@
 """Offline (sampler-meta) and online pack samplers: ranks, epochs, resume, oversize."""
 import logging
-from itertools import islice
 
 import numpy as np
 import pytest
@@ -12,35 +11,12 @@ from flexgen.datasets import pack_samplers
 from flexgen.datasets.pack_samplers import OfflinePackSampler, OnlinePackSampler
 from flexgen.datasets.packing import save_sampler_meta
 from flexgen.registry import DATA_SAMPLERS
-
-
-class SizedDataset:
-    """Only what the samplers read: a length and get_size."""
-
-    def __init__(self, sizes):
-        self.sizes = [tuple(s) for s in sizes]
-
-    def __len__(self):
-        return len(self.sizes)
-
-    def get_size(self, index):
-        return self.sizes[index]
-
-
-class Wrapped:
-    """Stands in for mmengine's DefaultSampler: the batch samplers read `.dataset`."""
-
-    def __init__(self, dataset, seed=None):
-        self.dataset, self.seed = dataset, seed
+from helpers import SizedDataset, Wrapped, take
 
 
 def build(monkeypatch, cls, dataset, rank=0, world_size=1, **kwargs):
     monkeypatch.setattr(pack_samplers, 'get_dist_info', lambda: (rank, world_size))
     return cls(Wrapped(dataset), **kwargs)
-
-
-def take(sampler, n):
-    return list(islice(iter(sampler), n))
 
 
 @pytest.fixture
@@ -285,4 +261,4 @@ def test_online_sampler_drives_a_dataloader(monkeypatch):
     dataset = Indexed(ONLINE.sizes)
     sampler = online(monkeypatch, dataset=dataset, rank=1, world_size=2)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=list)
-    assert list(islice(loader, 5)) == take(sampler, 5)
+    assert take(loader, 5) == take(sampler, 5)

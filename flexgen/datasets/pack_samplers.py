@@ -30,18 +30,11 @@ from torch.utils.data import Sampler
 
 from flexgen.registry import DATA_SAMPLERS
 
+from .batch_samplers import _positive_int
 from .packing import (OnlinePlan, choose_fill, default_chunk_packs, load_sampler_meta,
                       token_counts)
 
 OVERSIZE_POLICIES = ('error', 'drop')
-
-
-def _positive_int(owner: str, name: str, value, allow_none: bool = False):
-    if value is None and allow_none:
-        return None
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-        raise ValueError(f'{owner}: {name} must be a positive int, got {value!r}')
-    return int(value)
 
 
 def _log(message: str, level=logging.INFO) -> None:
