@@ -327,7 +327,7 @@ def bench_train(args):
     data['data_samples'].update(seed=0, step=0)
 
     def step():
-        loss = model(**data, mode='loss')['loss']
+        loss, _ = model.parse_losses(model(**data, mode='loss'))  # every configured term
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
