@@ -38,7 +38,7 @@ def _pack(sizes, heads=2, head_dim=8, dtype=torch.float64, seed=0, requires_grad
     return TokenBatch(torch.zeros(n, 1), sizes), q, k, v, weight
 
 
-def _assert_matchesper_image_attention(backend, sizes, check_grads=True, tol=1e-10):
+def _assert_matches_per_image(backend, sizes, check_grads=True, tol=1e-10):
     batch, q, k, v, weight = _pack(sizes, requires_grad=check_grads)
     out = backend(q, k, v, batch)
     ref = per_image_attention(q, k, v, batch)
@@ -55,13 +55,13 @@ def _assert_matchesper_image_attention(backend, sizes, check_grads=True, tol=1e-
 @pytest.mark.parametrize('name', ['sdpa', 'per_image', 'padded', 'auto'])
 @pytest.mark.parametrize('pack', list(PACKS))
 def test_cpu_backend_equals_per_image_attention(name, pack):
-    _assert_matchesper_image_attention(build_attention_backend(name), PACKS[pack])
+    _assert_matches_per_image(build_attention_backend(name), PACKS[pack])
 
 
 @pytest.mark.parametrize('strategy', ['runs', 'grouped'])
 @pytest.mark.parametrize('pack', list(PACKS))
 def test_sdpa_strategies_equal_per_image_attention(strategy, pack):
-    _assert_matchesper_image_attention(build_attention_backend(dict(type='sdpa', strategy=strategy)),
+    _assert_matches_per_image(build_attention_backend(dict(type='sdpa', strategy=strategy)),
                               PACKS[pack])
 
 
@@ -100,7 +100,7 @@ def test_sdpa_rejects_an_unknown_strategy():
 def test_flex_forward_equals_per_image_attention(block_size, pack):
     # eager flex on CPU (compiling takes tens of seconds; the compiled kernel is tested
     # in the slow test below); CPU flex has no backward, so no gradients here
-    _assert_matchesper_image_attention(FlexAttention(block_size, compile=False), PACKS[pack],
+    _assert_matches_per_image(FlexAttention(block_size, compile=False), PACKS[pack],
                               check_grads=False)
 
 
@@ -109,7 +109,7 @@ def test_flex_with_gradients_on_cpu_falls_back_to_sdpa_with_a_warning():
     import flexgen.models.layers.attention_flex as flex
     flex._WARNED.discard('backward')
     with pytest.warns(UserWarning, match="no CPU backward.*grouped 'sdpa'"):
-        _assert_matchesper_image_attention(FlexAttention(8, compile=False), PACKS['mixed'])
+        _assert_matches_per_image(FlexAttention(8, compile=False), PACKS['mixed'])
 
 
 @needs_flex
@@ -164,7 +164,7 @@ def test_sdpa_portable_path_calls_one_dense_sdpa_per_segment(monkeypatch, strate
     monkeypatch.setattr(backends.F, 'scaled_dot_product_attention', recording)
     backend = backends.SDPAAttention(strategy=strategy)
     for pack in PACKS.values():
-        _assert_matchesper_image_attention(backend, pack)
+        _assert_matches_per_image(backend, pack)
     calls.clear()
     batch, q, k, v, _ = _pack(PACKS['mixed'], heads=2, head_dim=8)
     backend(q, k, v, batch)
@@ -227,7 +227,7 @@ def test_xformers_without_the_package_names_the_extra():
         build_attention_backend('xformers')
 
 
-def _gpu_matchesper_image_attention(name, dtype):
+def _gpu_matches_per_image(name, dtype):
     for pack in PACKS.values():
         batch, q, k, v, weight = _pack(pack, heads=2, head_dim=64, dtype=torch.float32)
         batch = TokenBatch(batch.tokens.cuda(), batch.sizes)
@@ -243,18 +243,18 @@ def _gpu_matchesper_image_attention(name, dtype):
 
 @pytest.mark.skipif(not (HAS_CUDA and HAS_FLASH), reason='needs CUDA and flash-attn')
 def test_flash_varlen_equals_per_image_attention():
-    _gpu_matchesper_image_attention('flash_varlen', torch.bfloat16)
+    _gpu_matches_per_image('flash_varlen', torch.bfloat16)
 
 
 @pytest.mark.skipif(not (HAS_CUDA and HAS_XFORMERS), reason='needs CUDA and xformers')
 def test_xformers_equals_per_image_attention():
-    _gpu_matchesper_image_attention('xformers', torch.float16)
+    _gpu_matches_per_image('xformers', torch.float16)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason='needs CUDA')
 @needs_flex
 def test_flex_on_cuda_equals_per_image_attention():
-    _gpu_matchesper_image_attention('flex', torch.float32)
+    _gpu_matches_per_image('flex', torch.float32)
 
 
 @needs_flex
