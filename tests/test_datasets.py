@@ -68,6 +68,23 @@ def test_shapes_colour_model_contrast_and_margin():
         assert ((c[0] > 0.01) & (c[0] < 0.99)).any()
 
 
+def test_shapes_grey_palette_keeps_every_draw_but_colour():
+    """'grey' repeats the red channel's draws in all three: the same shapes, sizes, labels
+    and coverage as 'rgb', each image one grey level per region, contrast >= 0.35."""
+    rgb, grey = ProceduralShapes(60, seed=5), ProceduralShapes(60, seed=5, palette='grey')
+    for i in range(len(rgb)):
+        assert grey.get_size(i) == rgb.get_size(i)
+        a, b = rgb[i]['inputs'], grey[i]['inputs']
+        assert torch.equal(b[0], a[0])  # red is the same draw
+        assert torch.equal(b[1], b[0]) and torch.equal(b[2], b[0])
+        p = grey.params(i)
+        assert (p['foreground'] - p['background']).abs().min() >= 0.35 - 1e-6
+    levels = torch.stack([grey.params(i)['background'][0] for i in range(60)])
+    assert 0.2 < levels.std() < 0.4  # uniform grey levels (std 0.29), not one colour
+    with pytest.raises(ValueError, match="palette.*'sepia'"):
+        ProceduralShapes(10, palette='sepia')
+
+
 @pytest.mark.parametrize('kind, area', [
     ('disc', math.pi), ('square', 1.4 ** 2), ('triangle', 3 * math.sqrt(3) / 4),
     ('cross', 2 * 0.6 * 1.9 - 0.36), ('ring', math.pi * (1 - 0.55 ** 2)), ('bars', 2 * 0.5 * 1.32)])

@@ -66,9 +66,11 @@ class ProceduralShapes(Dataset):
     axis-aligned so that it stays recognisable at 16x16 px. The background colour is
     uniform in RGB; the shape colour differs from it by 0.35 to 0.65 in EVERY channel
     (``fg = (bg + 0.35 + 0.3 u) mod 1``), so both colours are uniformly distributed and
-    say nothing about the class. The shape's diameter is a random fraction ``scale`` of
-    the image's short side, its centre random with the whole shape at least ``margin``
-    px inside the image. Edges are antialiased: the mask is evaluated on a
+    say nothing about the class. ``palette='grey'`` keeps the red channel's draws and
+    repeats them in all three (random grey levels, the same contrast): one colour
+    dimension instead of three, which a tiny model learns about 3x faster (README, Demo).
+    The shape's diameter is a random fraction ``scale`` of the image's short side, its
+    centre random with the whole shape at least ``margin`` px inside the image. Edges are antialiased: the mask is evaluated on a
     ``supersample`` x finer grid and average-pooled (area coverage), so every pixel is
     ``bg + coverage * (fg - bg)``.
 
@@ -84,6 +86,7 @@ class ProceduralShapes(Dataset):
         scale: (min, max) shape diameter as a fraction of the image's short side.
         margin: the smallest gap between the shape's bounding circle and the border (px).
         supersample: antialiasing factor.
+        palette: ``'rgb'`` (random colours) or ``'grey'`` (random grey levels).
 
     Items: ``dict(inputs=Tensor[3, H, W] float32 in [-1, 1],
     data_samples=dict(label=int, index=int))``.
@@ -93,7 +96,7 @@ class ProceduralShapes(Dataset):
                  sizes: Sequence[Tuple[int, int]] = DEFAULT_SIZES, seed: int = 0,
                  classes: Optional[Sequence[str]] = None,
                  scale: Tuple[float, float] = (0.5, 0.85), margin: float = 1.0,
-                 supersample: int = 4):
+                 supersample: int = 4, palette: str = 'rgb'):
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f'ProceduralShapes: num_samples must be a positive int, '
                              f'got {num_samples!r}')
@@ -105,6 +108,8 @@ class ProceduralShapes(Dataset):
         if unknown or not self.classes or len(set(self.classes)) != len(self.classes):
             raise ValueError(f'ProceduralShapes: classes must be distinct names from {SHAPES}, '
                              f'got {classes!r}')
+        if palette not in ('rgb', 'grey'):
+            raise ValueError(f"ProceduralShapes: palette must be 'rgb' or 'grey', got {palette!r}")
         lo, hi = scale
         if not 0 < lo <= hi or any(hi * min(s) + 2 * margin > min(s) for s in self.sizes):
             raise ValueError(f'ProceduralShapes: scale={scale!r} with margin={margin} does '
@@ -124,6 +129,10 @@ class ProceduralShapes(Dataset):
         self._center = (reach[:, None] + (hw - 2 * reach[:, None]) * u[:, 2:4]).float()
         self._background = u[:, 4:7].float()
         self._foreground = (self._background + 0.35 + 0.3 * u[:, 7:10].float()) % 1
+        if palette == 'grey':
+            self._background = self._background[:, :1].expand(-1, 3).contiguous()
+            self._foreground = self._foreground[:, :1].expand(-1, 3).contiguous()
+        self.palette = palette
         # Supersampled pixel-centre coordinates per side length.
         self._grid = {n: (torch.arange(n * supersample) + 0.5) / supersample
                       for n in {n for s in self.sizes for n in s}}
