@@ -232,6 +232,32 @@ def test_direction_loss_closed_forms():
     assert DirectionLoss(weight=0.5)(-target, target).tolist() == pytest.approx([1.0])
 
 
+def test_direction_loss_equals_torch_cosine_similarity():
+    """Values and gradients equal torch's cosine similarity (the per-pixel cosine along C of
+    [N, C, p*p] tokens, and over whole tokens), zero vectors included."""
+    gen = torch.Generator().manual_seed(3)
+    pred = torch.randn(50, 3 * 16, generator=gen, dtype=torch.float64)
+    target = torch.randn(50, 3 * 16, generator=gen, dtype=torch.float64)
+    pred[0] = 0  # a zero token: cos 0, finite gradients
+    target[1, ::16] = 0  # one pixel of token 1 has a zero target
+
+    def reference(p, t, channels):
+        if channels is None:
+            return 1 - F.cosine_similarity(p, t, dim=-1)
+        return 1 - F.cosine_similarity(p.reshape(50, channels, -1), t.reshape(50, channels, -1),
+                                       dim=1).mean(-1)
+
+    for channels in (None, 3, 12):
+        ours_in = pred.clone().requires_grad_()
+        ref_in = pred.clone().requires_grad_()
+        ours, ref = direction_loss(ours_in, target, channels), reference(ref_in, target, channels)
+        torch.testing.assert_close(ours, ref.float(), rtol=1e-6, atol=1e-6)
+        (ours * torch.arange(50.0)).sum().backward()
+        (ref * torch.arange(50.0)).sum().backward()
+        assert torch.isfinite(ours_in.grad).all()
+        torch.testing.assert_close(ours_in.grad, ref_in.grad, rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------------- projector / head
 def test_projector_layout_and_init():
     proj = REPAProjector(16, 8, projector_dim=64)

@@ -37,13 +37,20 @@ def direction_loss(pred: Tensor, target: Tensor, channels: Optional[int] = None)
     pred = pred[:, :width].float()
     target = target.float()
     if channels is None:
-        return 1 - F.cosine_similarity(pred, target, dim=-1)
+        return 1 - _cosine(pred[:, :, None], target[:, :, None]).squeeze(-1)
     if width % channels:
         raise ValueError(f'direction_loss: token width {width} is not channels={channels} '
                          'times a number of pixels')
-    cos = F.cosine_similarity(pred.reshape(len(pred), channels, -1),
-                              target.reshape(len(target), channels, -1), dim=1)
+    cos = _cosine(pred.reshape(len(pred), channels, -1), target.reshape(len(target), channels, -1))
     return 1 - cos.mean(-1)
+
+
+def _cosine(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
+    """``F.cosine_similarity(a, b, dim=1, eps=eps)`` for ``[N, C, P]`` tensors."""
+    # Plain sums: torch's vector norm over a middle dim is ~30x slower on CPU (9 against
+    # 0.3 ms, fwd+bwd, at 1024 x 3 x 16), 8% of the demo's training step.
+    norms = (a.square().sum(1).clamp_min(eps * eps) * b.square().sum(1).clamp_min(eps * eps))
+    return (a * b).sum(1) / norms.sqrt()
 
 
 @MODELS.register_module()
