@@ -72,7 +72,8 @@ def as_pixels(image) -> Tensor:
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f'as_pixels: a numpy image must be uint8 [H, W, 3], got '
                              f'{image.dtype} {image.shape}')
-        image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        # Copies only when needed: read-only arrays (np.asarray of a PIL image) get one.
+        image = torch.from_numpy(np.require(image, requirements=['C', 'W'])).permute(2, 0, 1)
     if not isinstance(image, Tensor) or image.dim() != 3 or image.shape[0] != 3:
         shape = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
         raise ValueError(f'as_pixels: expected an image [3, H, W], got {shape}')
