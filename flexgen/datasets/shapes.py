@@ -70,9 +70,9 @@ class ProceduralShapes(Dataset):
     repeats them in all three (random grey levels, the same contrast): one colour
     dimension instead of three, which a tiny model learns about 3x faster (README, Demo).
     The shape's diameter is a random fraction ``scale`` of the image's short side, its
-    centre random with the whole shape at least ``margin`` px inside the image. Edges are antialiased: the mask is evaluated on a
-    ``supersample`` x finer grid and average-pooled (area coverage), so every pixel is
-    ``bg + coverage * (fg - bg)``.
+    centre random with the whole shape at least ``margin`` px inside the image. Edges are
+    antialiased: the mask is evaluated on a ``supersample`` x finer grid and average-pooled
+    (area coverage), so every pixel is ``bg + coverage * (fg - bg)``.
 
     Item ``i`` is a pure function of ``(seed, i)`` (SplitMix64 hashes, see
     :func:`index_uniforms`): its label is ``i % num_classes`` (balanced), its size one
