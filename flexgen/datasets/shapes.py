@@ -115,7 +115,7 @@ class ProceduralShapes(Dataset):
             raise ValueError(f'ProceduralShapes: scale={scale!r} with margin={margin} does '
                              f'not fit every size in {self.sizes} (need 0 < min <= max and '
                              'max * short side + 2 * margin <= short side)')
-        self.num_samples, self.seed = num_samples, seed
+        self.num_samples, self.seed, self.palette = num_samples, seed, palette
         self.scale, self.margin, self.supersample = (float(lo), float(hi)), margin, supersample
         # Every item's draws, hashed at once into tables: batch samplers ask for every
         # index's size each epoch, and rendering only reads them.
@@ -132,7 +132,6 @@ class ProceduralShapes(Dataset):
         if palette == 'grey':
             self._background = self._background[:, :1].expand(-1, 3).contiguous()
             self._foreground = self._foreground[:, :1].expand(-1, 3).contiguous()
-        self.palette = palette
         # Supersampled pixel-centre coordinates per side length.
         self._grid = {n: (torch.arange(n * supersample) + 0.5) / supersample
                       for n in {n for s in self.sizes for n in s}}
