@@ -17,7 +17,6 @@ Two guarantees on top of mmengine's ``CheckpointHook``:
 import logging
 import os
 import os.path as osp
-import uuid
 from collections import OrderedDict
 
 import numpy as np
@@ -28,49 +27,14 @@ from mmengine.hooks import CheckpointHook
 from mmengine.logging import HistoryBuffer, print_log
 from mmengine.runner import CheckpointLoader
 
+from flexgen.fileio import atomic_write, is_temporary, read_checkpoint
 from flexgen.registry import HOOKS
-
-TMP_SUFFIX = '.tmp'
 _HISTORY_BUFFER = 'HistoryBuffer'
 _PLAIN_SCALARS = (bool, int, float, complex, str, bytes, type(None), torch.dtype,
                   torch.device, torch.Size)
 
 
 # --------------------------------------------------------------------- atomic files
-def _write(f, data: bytes) -> None:
-    """The one place bytes reach a checkpoint file (tests interrupt it to simulate a kill)."""
-    f.write(data)
-
-
-def atomic_write(data: bytes, filepath) -> None:
-    """Write ``data`` to ``filepath`` so that it holds either its old content or all of
-    ``data``, whatever happens (kill, power loss) during the write."""
-    filepath = osp.abspath(os.fspath(filepath))
-    directory = osp.dirname(filepath)
-    os.makedirs(directory, exist_ok=True)
-    tmp = osp.join(directory,
-                   f'.{osp.basename(filepath)}.{os.getpid()}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}')
-    try:
-        with open(tmp, 'xb') as f:
-            _write(f, data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, filepath)
-    except BaseException:
-        if osp.exists(tmp):
-            os.remove(tmp)
-        raise
-    # Make the rename itself durable: the directory entry must reach the disk too.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # platforms that cannot open a directory (Windows)
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @register_backend('atomic_local', force=True)
 class AtomicLocalBackend(LocalBackend):
     """mmengine's local file backend with atomic ``put`` / ``put_text`` (:func:`atomic_write`).
@@ -155,23 +119,10 @@ def restore_message_hub(checkpoint: dict) -> None:
 # --------------------------------------------------------------------- loading
 @CheckpointLoader.register_scheme(prefixes='', force=True)
 def load_from_local(filename, map_location):
-    """mmengine's loader for local files, with ``weights_only=True`` stated explicitly (so
-    no environment variable or torch default can turn it off) and an error that says why
-    an old-style checkpoint is refused."""
-    filename = osp.expanduser(filename)
-    if not osp.isfile(filename):
-        raise FileNotFoundError(f'{filename} can not be found.')
-    try:
-        return torch.load(filename, map_location=map_location, weights_only=True)
-    except Exception as error:
-        if 'weights_only' not in str(error).lower() and 'weights only' not in str(error).lower():
-            raise
-        raise RuntimeError(
-            f'{filename} holds pickled Python objects beyond tensors and plain containers, '
-            'so it was not loaded: flexgen loads checkpoints with weights_only=True and '
-            'never runs code from a file. Checkpoints written by FlexCheckpointHook load; '
-            'for another file, re-save its tensors (e.g. its state_dict) from a trusted '
-            f'session. torch said: {str(error).splitlines()[0]}') from error
+    """mmengine's loader for local files, through :func:`flexgen.fileio.read_checkpoint`
+    (``weights_only=True`` stated explicitly, so no environment variable or torch default
+    can turn it off; errors name the file and never advise turning the safety off)."""
+    return read_checkpoint(filename, map_location=map_location)
 
 
 # --------------------------------------------------------------------- the hook
@@ -199,7 +150,7 @@ class FlexCheckpointHook(CheckpointHook):
             # Leftovers of a write that was killed; the file they were meant to become
             # is whole or absent.
             for name in os.listdir(self.out_dir):
-                if name.startswith('.') and name.endswith(TMP_SUFFIX):
+                if is_temporary(name):
                     os.remove(osp.join(self.out_dir, name))
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
