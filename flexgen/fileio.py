@@ -147,7 +147,10 @@ def read_checkpoint(path: str, lazy: bool = False, map_location='cpu') -> dict:
                 raise _refusal(path, error) from None
             raise CheckpointError(f'{path} is not a readable checkpoint (truncated or '
                                   f'corrupt): {str(error).splitlines()[0]}') from None
-        except (RuntimeError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as error:
+        except PermissionError:
+            raise
+        except (RuntimeError, EOFError, KeyError, ValueError, OSError,
+                zipfile.BadZipFile) as error:
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise CheckpointError(f'{path} is not a readable checkpoint (truncated or '
                                   f'corrupt, or not written by torch.save): {reason}') from None

@@ -23,7 +23,7 @@ from typing import List, Optional, Union
 import torch
 from mmengine.config import Config
 
-from flexgen.fileio import read_checkpoint
+from flexgen.fileio import load_checked, read_checkpoint
 from flexgen.registry import CHECKPOINT_CONVERTERS, MODELS
 
 # Backbone settings that choose how a number is computed, not which number: never checked.
@@ -170,6 +170,7 @@ def load_official(config, checkpoint: Union[str, dict], converter=None,
         cfg.merge_from_dict(cfg_options)
     converted = convert_for_config(cfg, checkpoint, converter, use_ema)
     model = MODELS.build(cfg.model)
-    model.backbone.load_state_dict(converted.state_dict, strict=True)
+    load_checked(model.backbone, converted.state_dict, f'checkpoint {checkpoint}'
+                 if isinstance(checkpoint, str) else 'the converted checkpoint')
     model.official_info = dict(converted.info)
     return model.to(device).eval()
