@@ -1,7 +1,6 @@
 """configs/dit and configs/sit: the papers' sizes and recipes, boundary settings that
 official checkpoints need, and every config's generator builds (tiny widths for speed)."""
 import glob
-import importlib
 import os.path as osp
 
 import pytest
@@ -11,7 +10,7 @@ from mmengine.config import Config
 import flexgen
 from flexgen.apis.official import backbone_mismatches, load_official
 from flexgen.models.converters.dit_sit import DiTConverter, SiTConverter
-from flexgen.registry import MODELS, SAMPLERS, TIME_SAMPLERS, TRANSPORTS
+from flexgen.registry import MODELS
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 DIT = sorted(glob.glob(osp.join(ROOT, 'configs', 'dit', '*.py')))
@@ -19,14 +18,6 @@ SIT = sorted(glob.glob(osp.join(ROOT, 'configs', 'sit', '*.py')))
 FIXTURES = osp.join(ROOT, 'tests', 'fixtures')
 
 flexgen.register_all_modules()
-# The DiT / SiT transports and samplers live in modules that register on import; until
-# their packages' __init__ import them, import them here (absent ones are skipped below).
-for _module in ('flexgen.schedulers.ddpm', 'flexgen.schedulers.interpolants',
-                'flexgen.samplers.ddpm', 'flexgen.samplers.ode', 'flexgen.samplers.sde'):
-    try:
-        importlib.import_module(_module)
-    except Exception:  # noqa: BLE001 - not written yet: the configs needing it are skipped
-        pass
 
 # DiT Table 1: (depth, width, heads) per size name.
 SIZES = dict(s=(12, 384, 6), b=(12, 768, 12), l=(24, 1024, 16), xl=(28, 1152, 16))
@@ -116,21 +107,6 @@ def test_full_size_parameter_count(path):
     assert all(p.requires_grad for p in model.parameters())
 
 
-def unregistered(path):
-    """The config's transport / time sampler / sampler types no registry knows (yet)."""
-    model = Config.fromfile(path).model
-    return [model[key].type for key, registry in (
-        ('transport', TRANSPORTS), ('time_sampler', TIME_SAMPLERS), ('sampler', SAMPLERS))
-        if model[key].type not in registry]
-
-
-def skip_unregistered(path):
-    missing = unregistered(path)
-    if missing:
-        pytest.skip(f'{osp.basename(path)}: {missing} not registered yet (written in parallel '
-                    'with these configs)')
-
-
 def tiny(path):
     """The config with the fixtures' network width and no VAE (latents are the images)."""
     cfg = Config.fromfile(path)
@@ -143,7 +119,6 @@ def tiny(path):
 
 @pytest.mark.parametrize('path', DIT + SIT, ids=osp.basename)
 def test_every_config_builds_and_trains_a_step(path):
-    skip_unregistered(path)
     model = MODELS.build(tiny(path).model)
     size, patch = name_parts(path)
     assert model.backbone.patch_size == patch
@@ -161,7 +136,6 @@ def test_official_fixture_loads_into_the_real_config(family):
     converter the config agrees with is chosen by itself, with no settings to adjust."""
     path = osp.join(ROOT, 'configs', family, f'{family}_xl_2_256.py' if family == 'dit'
                     else 'sit_xl_2.py')
-    skip_unregistered(path)
     cfg = tiny(path)
     checkpoint = osp.join(FIXTURES, family, 'model.safetensors')
     model = load_official(cfg, checkpoint)
