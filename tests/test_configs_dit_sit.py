@@ -21,8 +21,9 @@ flexgen.register_all_modules()
 
 # DiT Table 1: (depth, width, heads) per size name.
 SIZES = dict(s=(12, 384, 6), b=(12, 768, 12), l=(24, 1024, 16), xl=(28, 1152, 16))
-# Trainable parameters of the reference at input size 32 (the reference's pos_embed is a
-# frozen buffer-like parameter; flexgen computes that table and stores nothing).
+# Trainable parameters measured on the built reference at input size 32 (its pos_embed is
+# a frozen parameter; flexgen computes that table and stores nothing): they check the
+# closed form official_dit_parameters, which gives every size.
 REFERENCE_TRAINABLE = {('s', 2): 32_865_056, ('b', 2): 130_315_808, ('l', 2): 457_840_672,
                        ('xl', 2): 674_834_720, ('xl', 4): 675_000_704, ('xl', 8): 675_664_640}
 DIT_XL_2_WITH_POS_EMBED = 675_129_632  # fast-DiT's "DiT Parameters" line
@@ -91,19 +92,45 @@ def test_dit_and_sit_training_and_sampling_settings():
         assert model.autoencoder.scaling_factor == 0.18215
 
 
+def official_dit_parameters(depth, width, patch, grid, in_channels=4, learn_sigma=True,
+                            num_classes=1000, mlp_ratio=4.0, frequency_size=256):
+    """Parameters of the reference DiT (its ``models.py``), frozen ``pos_embed`` included,
+    counted from the architecture: patch conv, pos_embed [T, D], timestep MLP
+    (256 -> D -> D), label table (classes + the null row), per block adaLN (D -> 6D), qkv,
+    proj, MLP (D -> rD -> D), and the final adaLN (D -> 2D) and linear (D -> p^2 C_out)."""
+    d, hidden, out = width, int(width * mlp_ratio), in_channels * (2 if learn_sigma else 1)
+
+    def linear(n_in, n_out):
+        return n_in * n_out + n_out
+
+    block = (linear(d, 6 * d) + linear(d, 3 * d) + linear(d, d) + linear(d, hidden)
+             + linear(hidden, d))
+    return (linear(in_channels * patch * patch, d) + grid * grid * d
+            + linear(frequency_size, d) + linear(d, d) + (num_classes + 1) * d
+            + depth * block + linear(d, 2 * d) + linear(d, patch * patch * out))
+
+
 @pytest.mark.parametrize('path', DIT + SIT, ids=osp.basename)
 def test_full_size_parameter_count(path):
-    """Built on the meta device (no memory, no time). DiT-XL/2: 675,129,632 in the reference
-    minus its frozen 256 x 1152 pos_embed, which flexgen computes instead of storing."""
+    """Built on the meta device (no memory, no time): the reference's count from its
+    architecture minus its frozen T x D pos_embed, which flexgen computes instead of
+    storing. The closed form itself reproduces the counts measured on the reference."""
     size, patch = name_parts(path)
-    backbone = dict(Config.fromfile(path).model.backbone)
+    cfg = Config.fromfile(path)
+    backbone = dict(cfg.model.backbone)
     with torch.device('meta'):
         model = MODELS.build(backbone)
     count = sum(p.numel() for p in model.parameters())
-    if (size, patch) in REFERENCE_TRAINABLE:
-        assert count == REFERENCE_TRAINABLE[size, patch]
-    if (size, patch) == ('xl', 2):
-        assert count == DIT_XL_2_WITH_POS_EMBED - 256 * 1152
+    grid = (512 if path.endswith('_512.py') else 256) // 8 // patch
+    official = official_dit_parameters(backbone['depth'], backbone['hidden_size'], patch, grid,
+                                       backbone['in_channels'], backbone['learn_sigma'],
+                                       backbone['num_classes'], backbone['mlp_ratio'])
+    pos_embed = grid * grid * backbone['hidden_size']
+    assert count == official - pos_embed
+    if (size, patch) in REFERENCE_TRAINABLE:  # trainable: the same at any resolution
+        assert official - pos_embed == REFERENCE_TRAINABLE[size, patch]
+    if (size, patch, grid) == ('xl', 2, 16):
+        assert official == DIT_XL_2_WITH_POS_EMBED
     assert all(p.requires_grad for p in model.parameters())
 
 
