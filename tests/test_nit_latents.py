@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from flexgen.datasets.collate import jagged_collate
 from flexgen.datasets.image_folder import center_crop_arr
 from flexgen.datasets.nit_latents import NiTFileError, NiTLatents
-from flexgen.datasets.shapes import index_uniforms
+from flexgen.rng import stream_id, uniforms
 from flexgen.registry import DATASETS
 
 C = 4
@@ -75,7 +75,7 @@ def make(root, **kwargs):
 def test_items_sizes_labels_and_flips(root):
     ds = make(root, seed=2)
     assert len(ds) == 5
-    flips = index_uniforms(2, np.arange(5), 0) < 0.5
+    flips = (uniforms(2, torch.arange(5), stream_id("flip")) < 0.5).numpy()
     assert 0 < flips.sum() < 5  # both copies occur for this seed
     for i, (_, _, data_type, (h, w), label) in enumerate(LINES):
         assert ds.get_size(i) == (h, w) and ds.get_label(i) == label

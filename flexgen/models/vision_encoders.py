@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flexgen.registry import MODELS
+from flexgen.structures import ImageGroups
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -189,47 +190,51 @@ class FrozenVisionEncoder(nn.Module):
         h, w = (max(p, s - s % p) for s in image_size)
         return h, w
 
-    def preprocess(self, image, size: Tuple[int, int]) -> Tensor:
-        """``[3, H, W]`` in [-1, 1] -> normalised ``[3, *size]`` (normalised first, then
-        resized, as REPA; the two commute)."""
-        x = (as_pixels(image).to(self.mean.device) + 1) / 2
-        x = (x - self.mean) / self.std
+    def preprocess(self, images: Tensor, size: Tuple[int, int]) -> Tensor:
+        """``[k, 3, H, W]`` (float in [-1, 1], or uint8) -> normalised ``[k, 3, *size]``
+        (normalised first, then resized, as REPA; the two commute)."""
+        x = images.to(self.mean.device, non_blocking=True)
+        x = x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x.float()
+        x = ((x + 1) / 2 - self.mean) / self.std
         if tuple(x.shape[-2:]) != tuple(size):
             align_corners = False if self.interpolation in ('bilinear', 'bicubic') else None
-            x = F.interpolate(x[None], size=tuple(size), mode=self.interpolation,
-                              align_corners=align_corners, antialias=self.antialias)[0]
+            x = F.interpolate(x, size=tuple(size), mode=self.interpolation,
+                              align_corners=align_corners, antialias=self.antialias)
         return x
 
     def encode(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
     @torch.no_grad()
-    def forward(self, images: Sequence, grids) -> List[Tensor]:
+    def forward(self, images, grids) -> List[Tensor]:
         """Patch features ``[h*w, z_dim]`` (float32, row-major) of every image on its token
-        grid ``(h, w)``."""
-        grids = _check_grids(images, grids)
-        pixels = [as_pixels(image) for image in images]
-        inputs = [self.preprocess(x, self.input_size_for(grid, tuple(x.shape[-2:])))
-                  for x, grid in zip(pixels, grids)]
-        groups = defaultdict(list)
-        for i, x in enumerate(inputs):
-            groups[tuple(x.shape)].append(i)
-        outputs: List[Optional[Tensor]] = [None] * len(inputs)
+        grid ``(h, w)``. ``images``: a list (tensors ``[3, H, W]``, uint8 arrays
+        ``[H, W, 3]``) or :class:`~flexgen.structures.ImageGroups`; one network call per
+        image size and grid."""
+        if not isinstance(images, ImageGroups):
+            images = ImageGroups.from_items([as_pixels(image) for image in images])
+        grids = _check_grids(range(len(images)), grids)
+        outputs: List[Optional[Tensor]] = [None] * len(grids)
         p = self.patch_size
-        for (_, height, width), indices in groups.items():
-            x = torch.stack([inputs[i] for i in indices]).to(self.run_dtype)
-            tokens = self.encode(x).float()
-            gh, gw = height // p, width // p
-            if tokens.shape[1] != gh * gw:
-                raise RuntimeError(f'{type(self).__name__}: {tokens.shape[1]} patch tokens for '
-                                   f'a {gh}x{gw} patch grid')
-            for i, feats in zip(indices, tokens):
-                h, w = grids[i]
-                if (gh, gw) != (h, w):
-                    fmap = feats.T.reshape(1, -1, gh, gw)
-                    fmap = F.interpolate(fmap, size=(h, w), mode='bilinear', align_corners=False)
-                    feats = fmap[0].flatten(1).T
-                outputs[i] = feats.contiguous()
+        for stack, index in zip(images.images, images.index):
+            ids = index.tolist()  # host-side
+            by_grid = defaultdict(list)
+            for row, i in enumerate(ids):
+                by_grid[grids[i]].append(row)
+            for grid, rows in by_grid.items():
+                part = stack if len(rows) == len(stack) else stack[rows]
+                size = self.input_size_for(grid, tuple(part.shape[-2:]))
+                tokens = self.encode(self.preprocess(part, size).to(self.run_dtype)).float()
+                gh, gw = size[0] // p, size[1] // p
+                if tokens.shape[1] != gh * gw:
+                    raise RuntimeError(f'{type(self).__name__}: {tokens.shape[1]} patch tokens '
+                                       f'for a {gh}x{gw} patch grid')
+                if (gh, gw) != grid:
+                    fmap = tokens.transpose(1, 2).reshape(len(rows), -1, gh, gw)
+                    fmap = F.interpolate(fmap, size=grid, mode='bilinear', align_corners=False)
+                    tokens = fmap.flatten(2).transpose(1, 2)
+                for row, feats in zip(rows, tokens):
+                    outputs[ids[row]] = feats.contiguous()
         return outputs
 
     def extra_repr(self) -> str:
