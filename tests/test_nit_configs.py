@@ -297,11 +297,15 @@ def test_the_imagenet_data_pipeline_serves_packs_with_repa_images(nit_data):
     for step, batch in zip(range(4), loader):
         index = batch['data_samples']['index'].tolist()
         seen.append(frozenset(index))
-        assert sum(x.shape[1] * x.shape[2] for x in batch['inputs']) <= 16
-        for i, latent, image in zip(index, batch['inputs'], batch['data_samples']['image']):
-            h, w = LATENT_SIZES[i]
-            assert tuple(latent.shape) == (32, h, w)
-            assert image.shape == (16 * h, 16 * w, 3) and image.dtype == np.uint8
+        tokens = batch['inputs']  # patchified in the collate (patch 1)
+        assert tokens.tokens.shape[0] <= 16 and tokens.tokens.shape[1] == 32
+        assert tokens.sizes.tolist() == [list(LATENT_SIZES[i]) for i in index]
+        groups = batch['data_samples']['image']  # REPA's images, stacked per size
+        assert sorted(i for ids in groups.index for i in ids.tolist()) == list(range(len(index)))
+        for stack, ids in zip(groups.images, groups.index):
+            for row, position in enumerate(ids.tolist()):
+                h, w = LATENT_SIZES[index[position]]
+                assert stack[row].shape == (3, 16 * h, 16 * w) and stack.dtype == torch.uint8
     assert set(seen) == packs  # one epoch of 4 steps: every pack once
     model = MODELS.build(tiny_model_cfg('nit_xl_pack_16384.py'))
     losses = model(batch['inputs'], dict(batch['data_samples'], seed=0, step=0), mode='loss')

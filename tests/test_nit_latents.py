@@ -133,8 +133,11 @@ def test_repa_images_follow_the_reference(root):
         assert image.dtype == np.uint8 and image.shape == (h * 16, w * 16, 3)
         assert np.array_equal(image, np.asarray(expected))
     batch = jagged_collate([ds[i] for i in range(3)])  # images of different sizes
-    assert [x.shape for x in batch['data_samples']['image']] == [(32, 48, 3), (16, 16, 3),
-                                                                (48, 32, 3)]
+    groups = batch['data_samples']['image']  # stacked per size, [k, 3, H, W]
+    assert [tuple(x.shape) for x in groups.images] == [(1, 3, 32, 48), (1, 3, 16, 16),
+                                                      (1, 3, 48, 32)]
+    assert [ids.tolist() for ids in groups.index] == [[0], [1], [2]]
+    assert np.array_equal(groups.images[2][0].permute(1, 2, 0).numpy(), ds[2]['data_samples']['image'])
     paths = make(root, image_dir=str(root / 'images'), image_mode='path', seed=5)
     sample = paths[2]['data_samples']
     assert sample['image_path'] == str(root / 'images' / 'n02/b.png')

@@ -295,7 +295,7 @@ def test_head_on_flexdit_features_trains_only_the_blocks_up_to_k():
     batch = patchify(latents, 2)
     out, hidden = model(batch, torch.tensor([0.3, 0.7]), torch.tensor([1, 2]),
                         feature_block=head.feature_block)
-    loss = head.loss(hidden, images(sizes=((48, 80), (32, 32))), batch)
+    loss = head.loss(hidden, head.targets(images(sizes=((48, 80), (32, 32))), batch), batch)
     loss.backward()
     assert -0.5 <= loss.item() <= 0.5
     assert all(p.grad is None for p in model.blocks[2].parameters())
@@ -314,7 +314,7 @@ def test_training_the_projector_aligns_it_with_a_random_encoder():
     hidden = targets @ torch.randn(32, 24, generator=g) + 0.1 * torch.randn(
         len(targets), 24, generator=g)
     optimizer = torch.optim.Adam(head.parameters(), lr=3e-3)
-    before = head.loss(hidden, pixels, batch).item()
+    before = head.loss(hidden, head.targets(pixels, batch), batch).item()
     losses = []
     for _ in range(30):  # the encoder is frozen: its features are computed once
         loss = head.criterion(head.project(hidden), [targets], batch.seqlens)
@@ -322,7 +322,7 @@ def test_training_the_projector_aligns_it_with_a_random_encoder():
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    after = head.loss(hidden, pixels, batch).item()
+    after = head.loss(hidden, head.targets(pixels, batch), batch).item()
     assert abs(before) < 0.1 and after < -0.4  # weight 0.5: -0.5 is perfect alignment
     assert losses[0] == pytest.approx(before, abs=1e-6)
     assert all(b <= a + 1e-3 for a, b in zip(losses[::10], losses[10::10]))
