@@ -35,7 +35,8 @@ model = dict(
     direction_loss=dict(type='DirectionLoss', weight=1.0),
     repa=dict(
         type='REPAHead',
-        # RADIO v2.5-H (ViT-H/16, 1280-d features); a local checkpoint file.
+        # RADIO v2.5-H (ViT-H/16, 1280-d features); a local checkpoint file (RADIO's release
+        # .pth.tar; its architecture name is RADIO's own: see RADIOEncoder).
         encoder=dict(type='RADIOEncoder', checkpoint='checkpoints/radio_v2.5-h.pth.tar',
                      dtype='bfloat16'),
         feature_block=8, projector_dim=2048, weight=1.0, reduction='token',
