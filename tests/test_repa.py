@@ -273,6 +273,10 @@ def test_radio_names_that_do_not_fit_are_refused(tmp_path):
     patch14 = save_radio_release(tmp_path / 'patch14.pth.tar', backbone, 'vit_huge_patch14_224')
     with pytest.raises(EncoderWeightsError, match='patch14.pth.tar.*patch 14.*16x16'):
         RADIOEncoder(str(patch14))
+    scaled = save_radio_release(tmp_path / 'scaled.pth.tar', backbone, 'vit_giant_patch16_224',
+                                model_kwargs=dict(scaled_ln=True))
+    with pytest.raises(EncoderWeightsError, match='scaled.pth.tar.*scaled_ln=True'):
+        RADIOEncoder(str(scaled))
     normed = dict(backbone, **{'patch_generator.patch_normalizer.weight': torch.ones(32)})
     normed = save_radio_release(tmp_path / 'normed.pth.tar', normed, 'vit_huge_patch16_224')
     with pytest.raises(EncoderWeightsError, match='normed.pth.tar.*patch_normalizer'):

@@ -64,12 +64,12 @@ DINOV2_ARCHS = {  # REPA's enc-type names -> timm architectures
 # timm does not know: name -> attention heads, the one fact their weights do not tell. RADIO's
 # widths for reference: tiny 192, small 384, base 768, so400m 1152, huge 1280 (depth 32,
 # MLP 5120: RADIO v2.5-H), giant 1536 (depth 40), bigG 1664; so400m's MLP is 4304 (v2: 4320).
+# Left out: *_mlpnorm (a torch LayerNorm, eps 1e-5, inside the MLP) and the DyT variant.
 RADIO_VIT_HEADS = {
     'vit_tiny_patch14_224': 3, 'vit_small_patch14_224': 6, 'vit_base_patch14_224': 12,
     'vit_base_patch16_v2_224': 12, 'vit_large_patch16_v2_224': 16,
     'vit_so400m_patch16_224': 16, 'vit_so400m_v2_patch16_224': 16,
-    'vit_huge_patch16_224': 16, 'vit_huge_patch16_224_mlpnorm': 16,
-    'vit_giant_patch16_224': 24, 'vit_bigG_patch14_224': 16,
+    'vit_huge_patch16_224': 16, 'vit_giant_patch16_224': 24, 'vit_bigG_patch14_224': 16,
 }
 # RADIO's patch generator: the keys read here; any other one would change the features.
 RADIO_PATCH_KEYS = ('patch_generator.embedder.weight', 'patch_generator.embedder.bias',
@@ -416,7 +416,11 @@ class RADIOEncoder(FrozenVisionEncoder):
                                       f'weights this encoder does not apply: {unsupported[:4]}')
         embed = backbone['patch_generator.embedder.weight']
         dim, p = embed.shape[0], math.isqrt(embed.shape[1] // 3)
-        saved_heads = (getattr(args, 'model_kwargs', None) or {}).get('num_heads')
+        saved_kwargs = getattr(args, 'model_kwargs', None) or {}
+        if saved_kwargs.get('scaled_ln'):  # a norm scale held by no weight
+            raise EncoderWeightsError(f'RADIOEncoder: {checkpoint!r} was trained with '
+                                      'scaled_ln=True, which this encoder does not apply')
+        saved_heads = saved_kwargs.get('num_heads')
         net = self._build_vit(arch, backbone, checkpoint, dim, p, model_kwargs or {},
                               saved_heads)
         timm_state = {k.replace('.grandma', '.gamma'): v for k, v in backbone.items()
