@@ -1,12 +1,13 @@
 """What the mmengine Runner needs beyond mmengine: the training loop, crash-safe
-weights_only checkpoints, autocast mixed precision on any device and sample previews."""
+weights_only checkpoints, autocast mixed precision on any device, TF32 for the run and
+sample previews."""
 from .checkpoint import (AtomicLocalBackend, FlexCheckpointHook, atomic_write,
                          restore_message_hub, to_plain)
-from .hooks import SamplePreviewHook
+from .hooks import SamplePreviewHook, TF32Hook
 from .loops import FlexTrainLoop
 from .optim_wrappers import AutocastOptimWrapper
 
 __all__ = [
     'AtomicLocalBackend', 'AutocastOptimWrapper', 'FlexCheckpointHook', 'FlexTrainLoop',
-    'SamplePreviewHook', 'atomic_write', 'restore_message_hub', 'to_plain'
+    'SamplePreviewHook', 'TF32Hook', 'atomic_write', 'restore_message_hub', 'to_plain'
 ]
