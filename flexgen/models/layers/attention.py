@@ -9,6 +9,9 @@ from .norms import build_norm
 class Attention(nn.Module):
     """``qkv`` projection -> (QK-norm) -> (RoPE) -> block-diagonal attention -> ``proj``.
 
+    q, k and v reach the attention backend in one dtype, v's (the projection's: bf16
+    under autocast), whatever the QK-norm computed in.
+
     Parameter names follow timm's ``Attention`` (``qkv``, ``proj``, ``q_norm``,
     ``k_norm``) so DiT / SiT / FiT / NiT checkpoints map one to one.
     """
@@ -30,5 +33,8 @@ class Attention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        # One dtype for the kernel (as NiT casts): under autocast the QK-norm runs in
+        # float32 and RoPE keeps it, while v comes from the bf16 projection.
+        q, k = q.to(v.dtype), k.to(v.dtype)
         out = self.backend(q, k, v, batch)
         return self.proj(out.reshape(x.shape[0], -1))
