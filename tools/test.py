@@ -25,8 +25,11 @@ def parse_args(argv=None):
                         '...); default: the one the checkpoint and the config agree on')
     parser.add_argument('--work-dir', help='where logs and metrics go')
     add_cfg_options(parser, 'test_dataloader.batch_size=4')
-    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm'], default='none')
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm'], default='none',
+                        help='how processes were started: none (one process), pytorch '
+                        '(torchrun), slurm (srun)')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0,
+                        help=argparse.SUPPRESS)  # set by torch.distributed.launch
     args = parser.parse_args(argv)
     if 'LOCAL_RANK' not in os.environ:
         os.environ['LOCAL_RANK'] = str(args.local_rank)

@@ -44,9 +44,12 @@ def parse_args(argv=None):
                         help='bfloat16 autocast (AutocastOptimWrapper; CPU and GPU)')
     parser.add_argument('--seed', type=int, help='overrides randomness.seed')
     add_cfg_options(parser, 'train_cfg.max_iters=100')
-    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm'], default='none')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm'], default='none',
+                        help='how processes were started: none (one process), pytorch '
+                        '(torchrun), slurm (srun)')
     # torch.distributed.launch passes --local_rank (older) or --local-rank (newer).
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0,
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
     return args
