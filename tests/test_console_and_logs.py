@@ -1,7 +1,6 @@
 """What a user reads: a console without the start-up dumps (they stay in the work dir),
 progress bars while generating and while the judge trains, the training step's own
 `time` in the logs, and sample previews in TensorBoard."""
-import importlib.util
 import io
 import json
 import os
@@ -12,7 +11,6 @@ import time
 import uuid
 
 import numpy as np
-import torch
 from mmengine.hooks import Hook
 from mmengine.runner import Runner
 from PIL import Image
@@ -22,10 +20,10 @@ import flexgen.engine  # noqa: F401  (registers the engine)
 from flexgen.evaluation.classifier import train_classifier
 
 import toy_modules  # noqa: F401  (registers the toy model, data, sampler, metric)
+from helpers import load_tool, one_torch_thread
 
 TESTS = osp.dirname(osp.abspath(__file__))
 ROOT = osp.dirname(TESTS)
-BASE = osp.join(ROOT, 'configs', '_base_')
 TOY_CFG = osp.join('tests', 'configs', 'toy_train.py')
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, TESTS, os.environ.get('PYTHONPATH', '')]))
 
@@ -128,31 +126,14 @@ def test_train_time_is_the_train_step_alone(tmp_path):
 def test_preview_grids_reach_tensorboard(tmp_path):
     config = tmp_path / 'tiny.py'
     config.write_text(f'''
-_base_ = [{osp.join(BASE, 'models', 'flexdit_pixel_tiny.py')!r},
-          {osp.join(BASE, 'datasets', 'shapes.py')!r},
-          {osp.join(BASE, 'schedules', 'adamw_constant.py')!r},
-          {osp.join(BASE, 'default_runtime.py')!r}]
-model = dict(backbone=dict(hidden_size=32, depth=2, num_heads=2), sampler=dict(num_steps=2))
-train_dataloader = dict(batch_size=4, dataset=dict(num_samples=32))
-train_cfg = dict(max_iters=2)
-val_dataloader, val_cfg, val_evaluator = None, None, None
-optim_wrapper = dict(optimizer=dict(lr=0.05))
+_base_ = [{osp.join(TESTS, 'configs', 'tiny_generator.py')!r}]
 custom_hooks = [dict(type='SamplePreviewHook', interval=1, sizes=[(8, 8), (8, 12)],
                      classes=[0, 1])]
-default_hooks = dict(checkpoint=dict(interval=100))
 ''')
-    sys.path.insert(0, osp.join(ROOT, 'tools'))
-    spec = importlib.util.spec_from_file_location('flexgen_tool_train',
-                                                  osp.join(ROOT, 'tools', 'train.py'))
-    train_tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_tool)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        runner = train_tool.build_runner([str(config), '--work-dir', str(tmp_path / 'run')])
+    with one_torch_thread():
+        runner = load_tool('train').build_runner([str(config), '--work-dir',
+                                                  str(tmp_path / 'run')])
         runner.train()
-    finally:
-        torch.set_num_threads(threads)
     events = EventAccumulator(osp.join(runner.log_dir, 'vis_data'), size_guidance={'images': 0})
     events.Reload()
     previews = events.Images('preview')

@@ -1,7 +1,6 @@
 """tools/sample.py as a new user meets it: bad requests refused before anything loads, one PNG
 per image, and images that do not depend on --batch-size. The checkpoint is written by the
 Runner (tools/train.py's build_runner)."""
-import importlib.util
 import os.path as osp
 import subprocess
 import sys
@@ -13,34 +12,10 @@ import torch
 from PIL import Image
 
 from flexgen.models.autoencoders import DiffusersAutoencoder
+from helpers import load_tool, one_torch_thread
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-BASE = osp.join(ROOT, 'configs', '_base_')
-# A tiny generator (6 classes, patch 2 in pixel space), trained 2 steps at a high learning
-# rate so that its outputs are far from the zero-initialised ones; no EMA, no validation.
-TINY = f'''
-_base_ = [{osp.join(BASE, 'models', 'flexdit_pixel_tiny.py')!r},
-          {osp.join(BASE, 'datasets', 'shapes.py')!r},
-          {osp.join(BASE, 'schedules', 'adamw_constant.py')!r},
-          {osp.join(BASE, 'default_runtime.py')!r}]
-model = dict(backbone=dict(hidden_size=32, depth=2, num_heads=2), sampler=dict(num_steps=4))
-train_dataloader = dict(batch_size=4, dataset=dict(num_samples=64))
-train_cfg = dict(max_iters=2)
-val_dataloader, val_cfg, val_evaluator = None, None, None
-optim_wrapper = dict(optimizer=dict(lr=0.05))
-custom_hooks = []
-default_hooks = dict(checkpoint=dict(interval=2), logger=dict(interval=1))
-'''
-
-
-def load_tool(name):
-    sys.path.insert(0, osp.join(ROOT, 'tools'))
-    spec = importlib.util.spec_from_file_location(f'flexgen_tool_{name}',
-                                                  osp.join(ROOT, 'tools', f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+TINY = osp.join(ROOT, 'tests', 'configs', 'tiny_generator.py')
 
 sample_tool = load_tool('sample')
 
@@ -49,15 +24,9 @@ sample_tool = load_tool('sample')
 def trained(tmp_path_factory):
     """(config, checkpoint) of the tiny model, trained and saved by the Runner."""
     work = tmp_path_factory.mktemp('tiny')
-    config = work / 'tiny.py'
-    config.write_text(TINY)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        load_tool('train').build_runner([str(config), '--work-dir', str(work / 'run')]).train()
-    finally:
-        torch.set_num_threads(threads)
-    return str(config), str(work / 'run' / 'iter_2.pth')
+    with one_torch_thread():
+        load_tool('train').build_runner([TINY, '--work-dir', str(work / 'run')]).train()
+    return TINY, str(work / 'run' / 'iter_2.pth')
 
 
 def run_tool(*argv, timeout=120):
@@ -76,7 +45,7 @@ def run_tool(*argv, timeout=120):
                           text=True, timeout=timeout)
 
 
-# (extra arguments, expected error text). The tiny config: 6 classes, patch 2, pixel space.
+# (extra arguments, expected error text). tiny_generator.py: 6 classes, patch 2, pixel space.
 BAD_REQUESTS = [
     (['--classes', '6'], "--classes 6: the config's model has 6 classes "
                          '(model.backbone.num_classes), ids 0 to 5'),
@@ -111,16 +80,7 @@ def test_bad_request_is_refused_before_the_model_loads(trained, tmp_path, extra,
     assert not out.exists()
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensors: torch's thread hand-off costs more than it saves."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_per_image_pngs_do_not_depend_on_the_batch_size(trained, tmp_path, one_thread):
+def test_per_image_pngs_do_not_depend_on_the_batch_size(trained, tmp_path):
     config, checkpoint = trained
     classes, sizes = [0, 3, 5], [(16, 24), (24, 16), (8, 32)]
     request = [config, checkpoint, '--classes', *classes,
@@ -130,8 +90,9 @@ def test_per_image_pngs_do_not_depend_on_the_batch_size(trained, tmp_path, one_t
     for batch_size in (None, 1, 4):
         out = tmp_path / f'batch_{batch_size}'
         extra = [] if batch_size is None else ['--batch-size', batch_size]
-        sample_tool.main([str(a) for a in
-                          [*request, *extra, '--out-dir', out, '--out', out / 'grid.png']])
+        with one_torch_thread():
+            sample_tool.main([str(a) for a in
+                              [*request, *extra, '--out-dir', out, '--out', out / 'grid.png']])
         outputs[batch_size] = out
 
     # One file per (class, size), named by class, size and the image's own seed.
