@@ -48,7 +48,8 @@ class SamplePreviewHook(Hook):
                           ncols=len(classes))
         path = osp.join(runner.work_dir, self.out_dir, f'iter_{step}.png')
         save_png(grid, path)
-        pixels = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()  # as the PNG
+        # The PNG's pixels (save_png's rounding), [H, W, 3] uint8 as the visualizer takes them.
+        pixels = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
         runner.visualizer.add_image('preview', pixels, step=step)
         runner.logger.info(f'sample preview: {path}')
 

@@ -26,9 +26,6 @@ class FlexTrainLoop(IterBasedTrainLoop):
       draws (noise, timesteps) from ``(seed, step, image index)`` instead of the global
       RNG, so resumed and multi-process runs draw exactly what one uninterrupted process
       draws, with no RNG state in the checkpoint.
-
-    Before it fetches each batch, the loop calls the hook method ``before_train_fetch``
-    (hooks that lack it are skipped), so a timer can measure the step alone.
     """
 
     def run(self):
@@ -39,7 +36,8 @@ class FlexTrainLoop(IterBasedTrainLoop):
             self._skip_to(self._iter)
         while self._iter < self._max_iters and not self.stop_training:
             self.runner.model.train()
-            # Hooks may time the step from here (TrainStepTimerHook).
+            # A hook method of flexgen's loop (hooks without it are skipped): the step,
+            # batch loading included, starts here (TrainStepTimerHook times it).
             self.runner.call_hook('before_train_fetch')
             data_batch = next(self.dataloader_iterator)
             self.run_iter(data_batch)
