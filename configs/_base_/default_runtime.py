@@ -8,7 +8,10 @@
 default_scope = 'flexgen'
 
 default_hooks = dict(
-    timer=dict(type='IterTimerHook'),
+    # The training `time` counts the train step alone (not validation, previews, saves).
+    timer=dict(type='TrainStepTimerHook'),
+    # A bar over the batches of validation and test runs (they generate for minutes).
+    progress=dict(type='ProgressBarHook'),
     logger=dict(type='LoggerHook', interval=100, log_metric_by_epoch=False),
     param_scheduler=dict(type='ParamSchedulerHook'),
     # Atomic writes, weights_only files; max_keep_ckpts prunes only after a save is whole.
@@ -29,7 +32,8 @@ env_cfg = dict(
     dist_cfg=dict(backend='nccl'),
 )
 
-log_processor = dict(by_epoch=False, window_size=50)
+# Validation / test times are logged as val/time, test/time: `time` is the train step's.
+log_processor = dict(type='FlexLogProcessor', by_epoch=False, window_size=50)
 
 # tools/train.py adds dict(type='TensorboardVisBackend') when the optional `tensorboard`
 # package is installed (pip install flexgen[dev] or tensorboard).

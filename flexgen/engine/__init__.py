@@ -1,13 +1,17 @@
 """What the mmengine Runner needs beyond mmengine: the training loop, crash-safe
-weights_only checkpoints, autocast mixed precision on any device, TF32 for the run and
-sample previews."""
+weights_only checkpoints, autocast mixed precision on any device, TF32 for the run,
+sample previews, and a console and logs a user can read (progress bars, the train step's
+own time)."""
 from .checkpoint import (AtomicLocalBackend, FlexCheckpointHook, atomic_write,
                          restore_message_hub, to_plain)
-from .hooks import SamplePreviewHook, TF32Hook
+from .hooks import ProgressBarHook, SamplePreviewHook, TF32Hook, TrainStepTimerHook
+from .log_processor import FlexLogProcessor
 from .loops import FlexTrainLoop
 from .optim_wrappers import AutocastOptimWrapper
+from .runner import FlexRunner
 
 __all__ = [
-    'AtomicLocalBackend', 'AutocastOptimWrapper', 'FlexCheckpointHook', 'FlexTrainLoop',
-    'SamplePreviewHook', 'TF32Hook', 'atomic_write', 'restore_message_hub', 'to_plain'
+    'AtomicLocalBackend', 'AutocastOptimWrapper', 'FlexCheckpointHook', 'FlexLogProcessor',
+    'FlexRunner', 'FlexTrainLoop', 'ProgressBarHook', 'SamplePreviewHook', 'TF32Hook',
+    'TrainStepTimerHook', 'atomic_write', 'restore_message_hub', 'to_plain'
 ]

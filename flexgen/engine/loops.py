@@ -44,6 +44,9 @@ class FlexTrainLoop(IterBasedTrainLoop):
             self._skip_to(self._iter)
         while self._iter < self._max_iters and not self.stop_training:
             self.runner.model.train()
+            # A hook method of flexgen's loop (hooks without it are skipped): the step,
+            # batch loading included, starts here (TrainStepTimerHook times it).
+            self.runner.call_hook('before_train_fetch')
             data_batch = next(self.dataloader_iterator)
             self.run_iter(data_batch)
             self._decide_current_val_interval()
