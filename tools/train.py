@@ -104,7 +104,8 @@ def merge_args(cfg: Config, args) -> Config:
         if optim_wrapper is None:
             raise ValueError(f'{cfg.filename}: --amp needs an optim_wrapper in the config')
         kind = optim_wrapper.get('type', 'OptimWrapper')
-        if kind not in ('OptimWrapper', 'AmpOptimWrapper', 'AutocastOptimWrapper'):
+        if kind not in ('OptimWrapper', 'FlexOptimWrapper', 'AmpOptimWrapper',
+                        'AutocastOptimWrapper'):
             raise ValueError(f'{cfg.filename}: --amp works with OptimWrapper, not '
                              f"optim_wrapper.type='{kind}'")
         optim_wrapper.pop('loss_scale', None)  # AmpOptimWrapper's; bf16 needs no scaling

@@ -8,6 +8,9 @@
 default_scope = 'flexgen'
 
 default_hooks = dict(
+    # The train step's scalars are read from the device once per logging interval (by
+    # FlexTrainLoop), not once per step.
+    runtime_info=dict(type='FlexRuntimeInfoHook'),
     # The training `time` counts the train step alone (not validation, previews, saves).
     timer=dict(type='TrainStepTimerHook'),
     # A bar over the batches of validation and test runs (they generate for minutes).

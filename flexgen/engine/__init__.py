@@ -4,14 +4,15 @@ sample previews, and a console and logs a user can read (progress bars, the trai
 own time)."""
 from .checkpoint import (AtomicLocalBackend, FlexCheckpointHook, atomic_write,
                          restore_message_hub, to_plain)
-from .hooks import ProgressBarHook, SamplePreviewHook, TF32Hook, TrainStepTimerHook
+from .hooks import (FlexRuntimeInfoHook, ProgressBarHook, SamplePreviewHook, TF32Hook,
+                    TrainStepTimerHook)
 from .log_processor import FlexLogProcessor
 from .loops import FlexTrainLoop
-from .optim_wrappers import AutocastOptimWrapper
+from .optim_wrappers import AutocastOptimWrapper, FlexOptimWrapper
 from .runner import FlexRunner
 
 __all__ = [
     'AtomicLocalBackend', 'AutocastOptimWrapper', 'FlexCheckpointHook', 'FlexLogProcessor',
-    'FlexRunner', 'FlexTrainLoop', 'ProgressBarHook', 'SamplePreviewHook', 'TF32Hook',
+    'FlexOptimWrapper', 'FlexRunner', 'FlexRuntimeInfoHook', 'FlexTrainLoop', 'ProgressBarHook', 'SamplePreviewHook', 'TF32Hook',
     'TrainStepTimerHook', 'atomic_write', 'restore_message_hub', 'to_plain'
 ]

@@ -6,7 +6,7 @@ import time
 
 import torch
 from mmengine.dist import is_main_process, master_only
-from mmengine.hooks import EMAHook, Hook, IterTimerHook
+from mmengine.hooks import EMAHook, Hook, IterTimerHook, RuntimeInfoHook
 from mmengine.model import is_model_wrapper
 from tqdm import tqdm
 
@@ -162,3 +162,15 @@ class TF32Hook(Hook):
         if self._previous is not None:
             set_tf32_flags(*self._previous)
             self._previous = None
+
+
+@HOOKS.register_module()
+class FlexRuntimeInfoHook(RuntimeInfoHook):
+    """mmengine's ``RuntimeInfoHook``, except that under ``FlexTrainLoop`` it leaves the
+    training step's scalars to the loop, which logs them in step order at its flushes
+    (reading them here would cost a device sync per step)."""
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
+        if getattr(runner.train_loop, 'logs_step_scalars', False):
+            return
+        super().after_train_iter(runner, batch_idx, data_batch, outputs)

@@ -1,9 +1,17 @@
 """Multi-head self-attention on a jagged token batch, with optional QK-norm and RoPE."""
+import torch
 import torch.nn as nn
 
 from flexgen.position_encodings.rope import apply_rotary
 from .attention_backends import build_attention_backend
 from .norms import build_norm
+
+
+@torch.compiler.disable
+def attend(backend, q, k, v, batch):
+    """The backend's call, outside any compiled region: its segment plan (Python lists
+    that change with every pack) would otherwise make torch.compile recompile per pack."""
+    return backend(q, k, v, batch)
 
 
 class Attention(nn.Module):
@@ -36,5 +44,5 @@ class Attention(nn.Module):
         # One dtype for the kernel (as NiT casts): under autocast the QK-norm runs in
         # float32 and RoPE keeps it, while v comes from the bf16 projection.
         q, k = q.to(v.dtype), k.to(v.dtype)
-        out = self.backend(q, k, v, batch)
+        out = attend(self.backend, q, k, v, batch)
         return self.proj(out.reshape(x.shape[0], -1))
