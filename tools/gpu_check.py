@@ -110,7 +110,7 @@ def count_syncs(device, fn, model=None):
                 fn()
             finally:
                 torch.cuda.set_sync_debug_mode('default')
-        found = [w for w in caught if 'synchroniz' in str(w.message).lower()]
+        found = [w for w in caught if 'called a synchronizing' in str(w.message)]
         return len(found), [str(w.message).splitlines()[0] for w in found[:3]]
     from flexgen.models.data_preprocessor import FlexDataPreprocessor
     from flexgen.utils.host_sync import HostSyncCounter
@@ -172,6 +172,9 @@ def check_attention(args, device):
 
     timer = Timer(device)
     limit_time = statistics.median(timer(limit, 1 + (2 if args.tiny else 5))[1:])
+    # FLOPs of exact block-diagonal attention, forward (QK^T and PV: 4 n^2 d per head)
+    # plus backward (2.5 x forward, FlashAttention's count)
+    attention_flops = 3.5 * 4 * heads * head_dim * sum(x * x for x in batch.seqlens_list)
     rows = []
     for name in sorted(ATTENTION_BACKENDS.module_dict):
         if name in ('auto', 'padded'):
@@ -192,12 +195,14 @@ def check_attention(args, device):
                        ok=max(errors) / max(scale, 1e-12) < 3e-2)
             times = timer(lambda: run(), 1 + (2 if args.tiny else 5))[1:]
             row.update(ms=statistics.median(times) * 1e3,
-                       x_limit=statistics.median(times) / limit_time)
+                       x_limit=statistics.median(times) / limit_time,
+                       tflops=attention_flops / statistics.median(times) / 1e12)
         except Exception as error:  # noqa: BLE001 - report and go on
             row.update(ok=None, note=f'{type(error).__name__}: {str(error)[:160]}')
         rows.append(row)
     rows.append(dict(check='attention', backend='per-image limit', tokens=n,
-                     images=len(sizes), ms=limit_time * 1e3, x_limit=1.0, ok=True))
+                     images=len(sizes), ms=limit_time * 1e3, x_limit=1.0, ok=True,
+                     tflops=attention_flops / limit_time / 1e12))
     return rows
 
 
@@ -311,6 +316,7 @@ def check_recipe(name, args, device, peak, compile_blocks=False, flops_per_token
             syncs, where = count_syncs(device, lambda: [step() for _ in range(2)], model)
         tokens = [b['inputs'].tokens.shape[0] for b in batches]
         images = [b['inputs'].num_images for b in batches]
+        row['profile'] = profile_step(device, step)
         if flops_per_token is None:
             # forward FLOPs of each batch's backbone pass (counted eagerly: compiled
             # kernels bypass the counter), under the training precision
@@ -341,12 +347,29 @@ def check_recipe(name, args, device, peak, compile_blocks=False, flops_per_token
     return row
 
 
+def profile_step(device, step, top=10):
+    """The ``top`` operators of one step by their own device time (host time on a CPU)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
+                                           if device.type == 'cuda' else [])
+    with profile(activities=activities) as prof:
+        step()
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+    key = 'self_device_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in events) or 1
+    return [f'{100 * getattr(e, key) / total:5.1f}%  {e.count:>5}x  {e.key[:70]}'
+            for e in events[:top]]
+
+
 # ----------------------------------------------------------------------------- report
 def print_table(env, rows):
     print(f"\n== {env['device_name']} | torch {env['torch']} | CUDA {env['cuda']} | "
           f"flash_attn {env['flash_attn']} | xformers {env['xformers']}")
     print('attention (bf16 forward + gradients vs per-image attention in float32):')
-    print(f'  {"backend":<18}{"ms":>9}{"x limit":>9}{"rel. error":>12}  ok')
+    print(f'  {"backend":<18}{"ms":>9}{"x limit":>9}{"TFLOP/s":>9}{"rel. error":>12}  ok')
     for r in rows:
         if r['check'] != 'attention':
             continue
@@ -354,7 +377,8 @@ def print_table(env, rows):
             print(f'  {r["backend"]:<18}{"":>30}  {r["note"][:90]}')
             continue
         err = f'{r["relative_error"]:.2e}' if 'relative_error' in r else ''
-        print(f'  {r["backend"]:<18}{r["ms"]:>9.2f}{r["x_limit"]:>9.2f}{err:>12}  {r["ok"]}')
+        print(f'  {r["backend"]:<18}{r["ms"]:>9.2f}{r["x_limit"]:>9.2f}{r["tflops"]:>9.1f}'
+              f'{err:>12}  {r["ok"]}')
     print(f'training steps (bf16 autocast, fused AdamW; MFU = 3 x forward FLOPs / step time '
           f'/ peak, {env["peak"]}):')
     print(f'  {"recipe":<30}{"step ms":>9}{"tokens/s":>11}{"MFU":>7}{"TFLOP/s":>9}'
@@ -370,6 +394,11 @@ def print_table(env, rows):
         syncs = 'n/a' if math.isnan(r['syncs_per_step']) else f'{r["syncs_per_step"]:g}'
         print(f'  {r["recipe"]:<30}{r["step_ms"]:>9.1f}{r["tokens_per_s"]:>11.0f}{mfu:>7}'
               f'{r["train_tflops"]:>9.1f}{memory:>10}{syncs:>11}{r["setup_s"]:>9.1f}')
+    for r in rows:
+        if r['check'] == 'train' and r.get('profile'):
+            print(f'  {r["recipe"]}: {r.get("attention")}; top operators by own device time:')
+            for line in r['profile'][:8]:
+                print(f'      {line}')
 
 
 def main(argv=None):
