@@ -1,12 +1,17 @@
 """What the mmengine Runner needs beyond mmengine: the training loop, crash-safe
-weights_only checkpoints, autocast mixed precision on any device and sample previews."""
+weights_only checkpoints, autocast mixed precision on any device, sample previews, and
+sharded training (FSDP2 wrapper, sharded EMA, sharded checkpoints, FlexRunner)."""
 from .checkpoint import (AtomicLocalBackend, FlexCheckpointHook, atomic_write,
                          restore_message_hub, to_plain)
+from .ema import ShardedEMA, ShardedEMAHook
+from .fsdp import FullyShardedWrapper
 from .hooks import SamplePreviewHook
 from .loops import FlexTrainLoop
 from .optim_wrappers import AutocastOptimWrapper
+from .runner import FlexRunner
 
 __all__ = [
-    'AtomicLocalBackend', 'AutocastOptimWrapper', 'FlexCheckpointHook', 'FlexTrainLoop',
-    'SamplePreviewHook', 'atomic_write', 'restore_message_hub', 'to_plain'
+    'AtomicLocalBackend', 'AutocastOptimWrapper', 'FlexCheckpointHook', 'FlexRunner',
+    'FlexTrainLoop', 'FullyShardedWrapper', 'SamplePreviewHook', 'ShardedEMA',
+    'ShardedEMAHook', 'atomic_write', 'restore_message_hub', 'to_plain'
 ]
