@@ -6,6 +6,9 @@
 # reads (a misspelled `trian_cfg` is an error, not a silent no-op). Helper variables of
 # a config must start with an underscore, e.g. `_latent_size = 32`.
 default_scope = 'flexgen'
+# mmengine's Runner, plus sharded training when model_wrapper_cfg selects
+# FullyShardedWrapper (flexgen/engine/runner.py).
+runner_type = 'FlexRunner'
 
 default_hooks = dict(
     timer=dict(type='IterTimerHook'),
