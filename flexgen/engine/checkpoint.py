@@ -17,6 +17,7 @@ Two guarantees on top of mmengine's ``CheckpointHook``:
 import logging
 import os
 import os.path as osp
+import shutil
 import uuid
 from collections import OrderedDict
 
@@ -161,6 +162,9 @@ def load_from_local(filename, map_location):
     filename = osp.expanduser(filename)
     if not osp.isfile(filename):
         raise FileNotFoundError(f'{filename} can not be found.')
+    if filename.endswith('.safetensors'):  # weights only (e.g. tools/consolidate_checkpoint.py)
+        from safetensors.torch import load_file
+        return dict(state_dict=load_file(filename))
     try:
         return torch.load(filename, map_location=map_location, weights_only=True)
     except Exception as error:
@@ -200,7 +204,8 @@ class FlexCheckpointHook(CheckpointHook):
             # is whole or absent.
             for name in os.listdir(self.out_dir):
                 if name.startswith('.') and name.endswith(TMP_SUFFIX):
-                    os.remove(osp.join(self.out_dir, name))
+                    path = osp.join(self.out_dir, name)
+                    shutil.rmtree(path) if osp.isdir(path) else os.remove(path)
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
         dropped = []
@@ -227,6 +232,12 @@ class FlexCheckpointHook(CheckpointHook):
         ckpt_filename = self.filename_tmpl.format(step)
         self.last_ckpt = self.file_backend.join_path(self.out_dir, ckpt_filename)
         runner.message_hub.update_info('last_ckpt', self.last_ckpt)
+        consolidate = getattr(getattr(runner.optim_wrapper, 'optimizer', None),
+                              'consolidate_state_dict', None)
+        if consolidate is not None and not is_main_process():
+            # ZeroRedundancyOptimizer: rank 0 gathers the optimizer state inside
+            # save_checkpoint, a collective the other ranks join here.
+            consolidate()
         runner.save_checkpoint(
             self.out_dir, ckpt_filename, self.file_client_args,
             save_optimizer=self.save_optimizer,
