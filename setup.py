@@ -34,6 +34,6 @@ setup(
     ],
     extras_require={
         'gpu': ['flash-attn', 'xformers'],
-        'dev': ['pytest', 'tensorboard'],
+        'dev': ['pytest', 'tensorboard', 'torchdiffeq'],
     },
 )

@@ -76,7 +76,7 @@ def test_generate_with_exact_velocity_reaches_the_gaussian_map():
 
 
 def test_generate_rejects_sizes_not_divisible_by_patch():
-    with pytest.raises(ValueError, match='not divisible by 2'):
+    with pytest.raises(ValueError, match='5x4 is not a positive multiple of 2'):
         _generator().generate([0], [(5, 4)])
 
 

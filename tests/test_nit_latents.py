@@ -159,6 +159,15 @@ def test_missing_and_corrupt_files_name_file_and_line(root):
         NiTLatents(str(root / 'nowhere.jsonl'), dirs(root))
 
 
+def test_non_finite_latent_names_file_and_line(root):
+    latent = latent_of(2, 3, 2)
+    latent[0, 1, 2, 0] = float('inf')
+    save_file(dict(latent=latent, label=torch.tensor(1)), root / 'nr' / 'n02' / 'b.safetensors')
+    with pytest.raises(NiTFileError, match=r"nr/n02/b\.safetensors.*line 3 of .*merge_meta"
+                                           r"\.jsonl.*NaN or inf values \(1 of 24\)"):
+        make(root, flip_prob=0.0)[2]
+
+
 @pytest.mark.parametrize('line, message', [
     ('{"latent_file": "x.safetensors", "latent_h": 2', r'line 3 of .*bad\.jsonl.* not JSON'),
     ('{"latent_file": "x.safetensors", "latent_h": 2, "type": "native-resolution"}',

@@ -326,3 +326,21 @@ def test_training_the_projector_aligns_it_with_a_random_encoder():
     assert abs(before) < 0.1 and after < -0.4  # weight 0.5: -0.5 is perfect alignment
     assert losses[0] == pytest.approx(before, abs=1e-6)
     assert all(b <= a + 1e-3 for a, b in zip(losses[::10], losses[10::10]))
+
+
+def test_jagged_mean_closed_forms_and_global_normaliser():
+    from flexgen.losses.reduction import global_counts, jagged_mean
+    values = torch.tensor([1., 2., 3., 4., 5., 6.])
+    seqlens = torch.tensor([1, 2, 3])
+    assert jagged_mean(values, seqlens, 'token').item() == pytest.approx(21 / 6)
+    assert jagged_mean(values, seqlens, 'image').item() == pytest.approx((1 + 2.5 + 5) / 3)
+    # With the global count per rank as normaliser, the ranks' mean is the global mean:
+    # rank A holds 2 tokens, rank B 4; the whole batch's token mean is 21 / 6.
+    a, b = values[:2], values[2:]
+    per_rank = (6 + 0.0) / 2
+    shares = [jagged_mean(a, torch.tensor([2]), 'token', normalizer=per_rank),
+              jagged_mean(b, torch.tensor([4]), 'token', normalizer=per_rank)]
+    assert (sum(shares) / 2).item() == pytest.approx(21 / 6)
+    assert global_counts(6, 3, 'cpu', distributed=False) == dict(token=6.0, image=3.0)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        jagged_mean(values, seqlens, 'pixel')

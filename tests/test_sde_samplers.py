@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from flexgen.samplers.sde import EulerMaruyamaSDE, HeunSDE
+from flexgen.schedulers import interpolants
 from test_ode_samplers import MU, S, GaussianLinear, exact_output
 
 FORMS = ('constant', 'SBDM', 'sigma', 'linear', 'decreasing', 'increasing-decreasing')
@@ -147,7 +148,6 @@ def test_bad_arguments_and_transports():
 # --------------------------------------------------------------- the real transports
 @pytest.mark.parametrize('path', ['linear', 'gvp', 'vp'])
 def test_interpolant_every_diffusion_form(path):
-    interpolants = pytest.importorskip('flexgen.schedulers.interpolants')
     n = 4000
     x = start(n)
     for prediction in ('velocity', 'noise'):

@@ -284,6 +284,10 @@ class FiTLatents(Dataset):
             raise FiTFileError(f"FiTLatents: {path!r}: 'grid' (shape {list(grid.shape)}) is "
                                f'not the raster grid of {h} x {w} tokens (row 0 column index, '
                                'row 1 row index)')
+        if not torch.isfinite(tokens).all():
+            raise FiTFileError(f"FiTLatents: {path!r}: 'feature' holds NaN or inf values "
+                               f'({int((~torch.isfinite(tokens)).sum())} of {tokens.numel()}); '
+                               're-encode the image or remove the file')
         self._labels[index] = label
         tokens = tokens.reshape(h * w, -1)
         if self.dtype is not None:

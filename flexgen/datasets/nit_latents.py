@@ -326,10 +326,15 @@ class NiTLatents(Dataset):
                                f'{self._where(index)} says [2, {channels or "C"}, {h}, {w}] '
                                '(the latent and its mirror)')
         try:
-            return handle.get_slice('latent')[int(self._flip[index])]
+            latent = handle.get_slice('latent')[int(self._flip[index])]
         except (SafetensorError, OSError, ValueError, RuntimeError) as error:
             raise NiTFileError(f'NiTLatents: cannot read {path!r} ({self._where(index)}): '
                                f'{error}') from error
+        if not torch.isfinite(latent).all():
+            raise NiTFileError(f"NiTLatents: {path!r} ({self._where(index)}): 'latent' holds "
+                               f'NaN or inf values ({int((~torch.isfinite(latent)).sum())} of '
+                               f'{latent.numel()}); re-encode the image or remove the file')
+        return latent
 
     # ------------------------------------------------------------------ items
     def __getitem__(self, index: int) -> dict:

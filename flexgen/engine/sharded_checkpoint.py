@@ -16,7 +16,7 @@ size (1 included, no process group). DCP's default file storage is not used: its
 non-tensor values with ``torch.save`` and loads them with ``weights_only=False``. The
 safetensors storage keeps its metadata in the safetensors headers, so reading a checkpoint
 parses JSON and raw tensor bytes only; ``train_state.pth`` loads with
-``torch.load(weights_only=True)`` (``flexgen.engine.checkpoint``'s loader).
+``torch.load(weights_only=True)`` (``flexgen.fileio.read_checkpoint``).
 
 Writes are atomic as a whole: the shards and the train state go to a temporary directory
 ``.<name>.tmp`` beside the target, which is renamed to ``<name>`` once every rank has
@@ -33,7 +33,7 @@ from typing import Dict, Iterable, Optional
 import torch
 import torch.distributed as dist
 
-from .checkpoint import TMP_SUFFIX, atomic_write, load_from_local
+from flexgen.fileio import TMP_SUFFIX, _fsync_directory, atomic_write, read_checkpoint
 
 TRAIN_STATE = 'train_state.pth'
 SHARD_SUFFIX = '.safetensors'
@@ -57,28 +57,17 @@ def is_sharded_checkpoint(path) -> bool:
     return osp.isdir(path) and osp.isfile(osp.join(path, TRAIN_STATE))
 
 
-def _fsync_directory(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # platforms that cannot open a directory
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def temporary_path(path: str) -> str:
+def temporary_path(path: str, kind: str = '') -> str:
     """Where the checkpoint ``path`` is written before it is renamed into place (the same
-    on every rank)."""
+    on every rank; a name ``flexgen.fileio.is_temporary`` recognises)."""
     path = osp.abspath(path)
-    return osp.join(osp.dirname(path), f'.{osp.basename(path)}{TMP_SUFFIX}')
+    return osp.join(osp.dirname(path), f'.{osp.basename(path)}{kind}{TMP_SUFFIX}')
 
 
 def _commit(tmp: str, path: str) -> None:
     """Rename the finished ``tmp`` directory to ``path`` (rank 0)."""
     if osp.exists(path):  # the same name saved again: set the old one aside first
-        old = temporary_path(path) + '.old'
+        old = temporary_path(path, '.old')
         if osp.exists(old):
             shutil.rmtree(old)
         os.replace(path, old)
@@ -174,7 +163,7 @@ def load_sharded(path: str, states: dict) -> None:
 def read_train_state(path: str) -> dict:
     """The plain part of a sharded checkpoint (``weights_only=True``: no code runs)."""
     _reader(path)  # the error for a directory that is not a sharded checkpoint
-    return load_from_local(osp.join(path, TRAIN_STATE), map_location='cpu')
+    return read_checkpoint(osp.join(path, TRAIN_STATE))
 
 
 def load_full_tensors(path: str, prefix: str, skip: Iterable[str] = ()) -> Dict[str, torch.Tensor]:

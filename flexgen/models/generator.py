@@ -3,8 +3,10 @@ from collections import OrderedDict
 from typing import List, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 from mmengine.model import BaseModel
 
+from flexgen.losses.reduction import global_counts, jagged_mean
 from flexgen.registry import (GUIDANCE, MODELS, SAMPLERS, TIME_SAMPLERS, TRANSPORTS,
                               build)
 from flexgen.structures import TokenBatch, patchify, unpatchify
@@ -127,14 +129,11 @@ class DiffusionGenerator(BaseModel):
             return self.backbone(batch, t, y)
         return self.backbone(batch, t, y, feature_block=feature_block)
 
-    def _reduce(self, per_token, batch: TokenBatch):
-        """Per-token losses ``[N]`` -> a scalar, as ``loss_reduction`` says."""
-        if self.loss_reduction == 'token':
-            return per_token.mean()
-        per_image = torch.zeros(batch.num_images, device=per_token.device,
-                                dtype=per_token.dtype)
-        per_image.index_add_(0, batch.image_ids, per_token)
-        return (per_image / batch.seqlens).mean()
+    def _reduce(self, per_token, batch: TokenBatch, normalizers):
+        """Per-token losses ``[N]`` -> a scalar, as ``loss_reduction`` says, divided by
+        the global batch's count (:mod:`flexgen.losses.reduction`)."""
+        return jagged_mean(per_token, batch.seqlens, self.loss_reduction, batch.image_ids,
+                           normalizers[self.loss_reduction])
 
     def _repa_images(self, inputs, data_samples):
         """The clean images REPA's encoder sees, one per training image."""
@@ -149,12 +148,20 @@ class DiffusionGenerator(BaseModel):
 
     def parse_losses(self, losses):
         """mmengine's sum of every ``loss*`` term; the log's ``loss`` is that sum and the
-        denoising term is logged as ``loss_denoise``."""
+        denoising term is logged as ``loss_denoise``. Under data parallelism the logged
+        values are the global batch's (the mean over ranks of terms normalised by the
+        global counts), the returned total stays this rank's share for backward."""
         total, log_vars = super().parse_losses(losses)
         if len(losses) > 1 and 'loss' in losses:
             items = [('loss', total), ('loss_denoise', losses['loss'].detach().mean())]
             items += [(k, v) for k, v in log_vars.items() if k != 'loss']
             log_vars = OrderedDict(items)
+        if self.training and dist.is_available() and dist.is_initialized() and \
+                dist.get_world_size() > 1:
+            values = torch.stack([v.detach().float() for v in log_vars.values()])
+            dist.all_reduce(values)
+            values /= dist.get_world_size()
+            log_vars = OrderedDict(zip(log_vars, values))
         return total, log_vars
 
     # ------------------------------------------------------------------ modes
@@ -168,9 +175,30 @@ class DiffusionGenerator(BaseModel):
             return self.network(batch, data_samples['t'], data_samples['label'])
         raise ValueError(f"mode must be 'loss', 'predict' or 'tensor', got {mode!r}")
 
+    def check_labels(self, labels, where: str, indices=None) -> None:
+        """Class ids must lie in ``[0, num_classes)``: ``num_classes`` itself is the
+        model's "no class" (the label CFG drops to), and larger ids do not exist."""
+        labels = torch.as_tensor(labels)
+        bad = (labels < 0) | (labels >= self.num_classes)
+        if labels.numel() and bad.any():
+            items = ('' if indices is None else
+                     f' (dataset items {torch.as_tensor(indices)[bad.cpu()].tolist()[:8]})')
+            raise ValueError(f'{where}: class ids {sorted(set(labels[bad].tolist()))[:8]}'
+                             f'{items} are outside [0, {self.num_classes}) '
+                             f'(model.backbone.num_classes = {self.num_classes}; id '
+                             f'{self.num_classes} is reserved for "no class"). Check the '
+                             "dataset's classes against the model.")
+
     def loss(self, inputs: List[torch.Tensor], data_samples: dict) -> dict:
+        self.check_labels(data_samples['label'], 'training batch', data_samples.get('index'))
         if self.inputs_are_latents:
             latents = list(inputs)
+            wrong = sorted({int(x.shape[0]) for x in latents} - {self.backbone.in_channels})
+            if wrong:
+                raise ValueError(f'training latents have {wrong} channels, but '
+                                 f'model.backbone.in_channels is {self.backbone.in_channels}: '
+                                 'the data were encoded by another autoencoder (the latent '
+                                 "datasets' latent_channels option checks files as they are read)")
         else:
             with torch.no_grad():
                 latents = self.autoencoder.encode(inputs)
@@ -193,13 +221,18 @@ class DiffusionGenerator(BaseModel):
         else:
             output, hidden = self.network(batch.replace(xt), t, labels,
                                           feature_block=self.repa.feature_block)
-        losses = dict(loss=self._reduce(self.transport.loss(output, x0, noise, t_tok), batch))
+        # An eval-mode loss (on one rank, say) must not wait for the other ranks.
+        normalizers = global_counts(batch.tokens.shape[0], batch.num_images, batch.device,
+                                    distributed=None if self.training else False)
+        losses = dict(loss=self._reduce(self.transport.loss(output, x0, noise, t_tok), batch,
+                                        normalizers))
         if self.direction_loss is not None:
             target = self.transport.training_target(x0, noise, t_tok)
-            losses['loss_direction'] = self._reduce(self.direction_loss(output, target), batch)
+            losses['loss_direction'] = self._reduce(self.direction_loss(output, target), batch,
+                                                    normalizers)
         if self.repa is not None:
             losses['loss_repa'] = self.repa.loss(
-                hidden, self._repa_images(inputs, data_samples), batch)
+                hidden, self._repa_images(inputs, data_samples), batch, normalizers)
         return losses
 
     @torch.no_grad()
@@ -213,16 +246,24 @@ class DiffusionGenerator(BaseModel):
         sampler = build(SAMPLERS, sampler) if sampler is not None else self.sampler
         guidance = self.guidance if guidance == 'default' else build(GUIDANCE, guidance)
         device = next(self.backbone.parameters()).device
-        labels = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1)
+        labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+        self.check_labels(labels, 'generate')
+        labels = labels.to(device)
         sizes = torch.as_tensor(sizes, dtype=torch.long).reshape(-1, 2)
         if len(sizes) == 1 and len(labels) > 1:
             sizes = sizes.repeat(len(labels), 1)
+        if len(sizes) != len(labels):
+            raise ValueError(f'generate: {len(labels)} labels but {len(sizes)} sizes (give '
+                             'one size per label, or one size for all)')
         seeds = list(range(len(labels))) if seeds is None else [int(s) for s in seeds]
+        if len(seeds) != len(labels):
+            raise ValueError(f'generate: {len(labels)} labels but {len(seeds)} seeds (one '
+                             'seed per image)')
         step = self.autoencoder.downsample * self.patch_size
         for h, w in sizes.tolist():
-            if h % step or w % step:
-                raise ValueError(f'generate: size {h}x{w} is not divisible by {step} '
-                                 f'(autoencoder downsampling x patch size)')
+            if h <= 0 or w <= 0 or h % step or w % step:
+                raise ValueError(f'generate: size {h}x{w} is not a positive multiple of '
+                                 f'{step} (autoencoder downsampling x patch size)')
         channels = self.backbone.in_channels
         noise_images = [torch.randn(channels, h // self.autoencoder.downsample,
                                     w // self.autoencoder.downsample, generator=g)

@@ -118,7 +118,7 @@ class REPAHead(nn.Module):
         return [torch.cat(encoder(images, batch.sizes)).to(batch.device)
                 for encoder in self.encoders]
 
-    def loss(self, hidden_tokens: Tensor, images: Sequence, batch) -> Tensor:
+    def loss(self, hidden_tokens: Tensor, images: Sequence, batch, normalizers=None) -> Tensor:
         if images is None:
             raise ValueError("REPAHead.loss: REPA needs the batch's clean images (e.g. "
                              "NiTLatents(image_mode='image', image_dir=...)), got None")
@@ -127,7 +127,7 @@ class REPAHead(nn.Module):
         if targets[0].shape[0] != hidden_tokens.shape[0]:
             raise ValueError(f'REPAHead: {hidden_tokens.shape[0]} hidden tokens but the '
                              f'encoder gave {targets[0].shape[0]} features')
-        return self.criterion(projected, targets, batch.seqlens)
+        return self.criterion(projected, targets, batch.seqlens, normalizers)
 
     def extra_repr(self) -> str:
         return f'feature_block={self.feature_block}, hidden_size={self.hidden_size}'
