@@ -24,6 +24,7 @@ import os.path as osp
 import time
 
 import mmengine
+import torch
 from mmengine.device import get_device
 from mmengine.hooks import EMAHook
 from mmengine.logging import print_log
@@ -33,8 +34,9 @@ from mmengine.runner import Runner
 from mmengine.runner.checkpoint import _load_checkpoint
 from mmengine.utils import apply_to, get_git_hash
 
+from flexgen.fileio import all_finite
 from flexgen.registry import MODEL_WRAPPERS, RUNNERS
-from .ema import ShardedEMAHook
+from .ema import ShardedEMAHook, _local
 from .fsdp import FullyShardedWrapper, is_sharded_wrapper_cfg
 from .sharded_checkpoint import (is_sharded_checkpoint, load_sharded, read_train_state,
                                  save_sharded, sharded_keys)
@@ -118,11 +120,12 @@ class FlexRunner(Runner):
                     world_size=self.world_size)
         if hasattr(self.train_dataloader.dataset, 'metainfo'):
             meta.update(dataset_meta=self.train_dataloader.dataset.metainfo)
-        train_state = dict(meta=meta, message_hub=apply_to(
+        train_state = dict(sharded=True, meta=meta, message_hub=apply_to(
             self.message_hub.state_dict(), lambda x: hasattr(x, 'cpu'), lambda x: x.cpu()))
 
         model = self._plain_model()
         states = dict(model=get_model_state_dict(model))
+        self._check_finite(states['model'])
         if save_optimizer:
             optimizer = self._single_optimizer()
             full = get_optimizer_state_dict(model, optimizer)
@@ -147,6 +150,21 @@ class FlexRunner(Runner):
             if hasattr(hook, 'sharded_state'):
                 states.update(hook.sharded_state())
         save_sharded(osp.join(out_dir, filename), states, train_state)
+
+    def _check_finite(self, weights: dict) -> None:
+        """Refuse to save NaN / inf weights (as FlexCheckpointHook does for single files),
+        on every rank together: each checks its own shards."""
+        local = [_local(v) for v in weights.values() if isinstance(v, torch.Tensor)]
+        local += [_local(v) for hook in self.hooks if isinstance(hook, ShardedEMAHook)
+                  for v in hook.ema_model.averages.values()]
+        finite = torch.tensor(float(all_finite(local)))
+        if self.distributed:
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        if not finite.item():
+            raise FloatingPointError(
+                f'Iteration {self.iter}: the model weights hold NaN or inf values, so no '
+                'checkpoint was saved and none was pruned; the previous ones are whole. '
+                'Training diverged: lower the learning rate or clip gradients, then resume.')
 
     def _single_optimizer(self):
         if isinstance(self.optim_wrapper, OptimWrapperDict):
