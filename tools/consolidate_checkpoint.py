@@ -15,7 +15,7 @@ import os.path as osp
 
 import torch
 
-from flexgen.engine.checkpoint import atomic_write
+from flexgen.fileio import atomic_path
 from flexgen.engine.sharded_checkpoint import consolidate, read_train_state
 
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
@@ -36,13 +36,13 @@ def main(argv=None):
     args = parse_args(argv)
     if not args.out.endswith('.safetensors'):
         raise ValueError(f'{args.out}: the output is a safetensors file; name it *.safetensors')
-    from safetensors.torch import save
+    from safetensors.torch import save_file
     tensors = consolidate(args.checkpoint, args.weights, DTYPES.get(args.dtype))
     meta = read_train_state(args.checkpoint).get('meta', {})
     header = dict(format='pt', weights=args.weights, source=osp.abspath(args.checkpoint),
                   iter=str(meta.get('iter', '')))
-    data = save({k: v.contiguous() for k, v in tensors.items()}, metadata=header)
-    atomic_write(data, args.out)
+    with atomic_path(args.out) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=header)
     count = sum(v.numel() for v in tensors.values())
     print(f'{args.out}: {len(tensors)} tensors, {count:,} values ({args.weights} weights of '
           f'{args.checkpoint}, iteration {header["iter"]})')

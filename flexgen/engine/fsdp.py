@@ -102,9 +102,6 @@ class FullyShardedWrapper(nn.Module):
         super().__init__()
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError('FullyShardedWrapper needs a process group: launch with '
-                               'torchrun ... tools/train.py CONFIG --launcher pytorch')
         unknown = set(mixed_precision or {}) - {'param_dtype', 'reduce_dtype'}
         if unknown:
             raise ValueError(f'FullyShardedWrapper: mixed_precision takes param_dtype and '
@@ -123,6 +120,9 @@ class FullyShardedWrapper(nn.Module):
                 raise ValueError(f'FullyShardedWrapper: blocks={path!r} is a '
                                  f'{type(container).__name__}, not a ModuleList of blocks')
             units.extend(container)
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError('FullyShardedWrapper needs a process group: launch with '
+                               'torchrun ... tools/train.py CONFIG --launcher pytorch')
 
         if hasattr(module, 'init_weights'):
             module.init_weights()  # before sharding: the Runner's later call is a no-op

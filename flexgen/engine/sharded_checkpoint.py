@@ -28,6 +28,8 @@ import io
 import os
 import os.path as osp
 import shutil
+import warnings
+from contextlib import contextmanager
 from typing import Dict, Iterable, Optional
 
 import torch
@@ -50,6 +52,15 @@ def _rank() -> int:
 def _barrier() -> None:
     if _distributed():
         dist.barrier()
+
+
+@contextmanager
+def _dcp_quietly():
+    """DCP warns on every single-process save / load that it assumes one process; here
+    one process is meant (a one-process run of a sharded config, consolidation)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='torch.distributed is disabled')
+        yield
 
 
 def is_sharded_checkpoint(path) -> bool:
@@ -102,8 +113,9 @@ def save_sharded(path: str, states: dict, train_state: dict) -> None:
     plain = {key: value.state_dict() if hasattr(value, 'state_dict') else value
              for key, value in states.items()}
     _check_tensors_only(plain)
-    dcp.save(plain, storage_writer=HuggingFaceStorageWriter(tmp, save_distributed=True),
-             no_dist=not _distributed())
+    with _dcp_quietly():
+        dcp.save(plain, storage_writer=HuggingFaceStorageWriter(tmp, save_distributed=True),
+                 no_dist=not _distributed())
     if _rank() == 0:
         buffer = io.BytesIO()
         torch.save(train_state, buffer)
@@ -156,8 +168,9 @@ def load_sharded(path: str, states: dict) -> None:
     subset of the saved keys) in place from the checkpoint ``path``; a collective when a
     process group exists. ``Stateful`` objects get ``load_state_dict`` afterwards."""
     import torch.distributed.checkpoint as dcp
-    dcp.load(states, storage_reader=_reader(path), planner=_planner(),
-             no_dist=not _distributed())
+    with _dcp_quietly():
+        dcp.load(states, storage_reader=_reader(path), planner=_planner(),
+                 no_dist=not _distributed())
 
 
 def read_train_state(path: str) -> dict:
@@ -174,7 +187,8 @@ def load_full_tensors(path: str, prefix: str, skip: Iterable[str] = ()) -> Dict[
             if key.startswith(prefix) and key[len(prefix):] not in set(skip)}
     state = {key: torch.empty(shape, dtype=dtype) for key, (shape, dtype) in keys.items()}
     if state:
-        dcp.load(state, storage_reader=_reader(path), planner=_planner(), no_dist=True)
+        with _dcp_quietly():
+            dcp.load(state, storage_reader=_reader(path), planner=_planner(), no_dist=True)
     return {key[len(prefix):]: value for key, value in state.items()}
 
 

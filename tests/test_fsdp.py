@@ -1,0 +1,396 @@
+"""Sharded training on a CPU: FullyShardedWrapper (FSDP2), ShardedEMAHook, sharded
+checkpoints through torch.distributed.checkpoint, FlexRunner, the consolidation tool.
+
+Fast tests run one process (a sharded config still writes sharded checkpoints, and one
+process is what the world-size-1 side of resharding is); the slow ones run the tiny NiT and
+FiT recipes on 2 gloo ranks with torchrun against DDP, kill a save halfway, resume, and
+reshard to one process.
+"""
+import importlib.util
+import os
+import os.path as osp
+import pickle
+import signal
+import sys
+import uuid
+
+import pytest
+import torch
+from mmengine.config import Config
+from mmengine.model import ExponentialMovingAverage
+from safetensors import safe_open
+
+import flexgen
+from flexgen.engine.ema import ShardedEMA
+from flexgen.engine.sharded_checkpoint import (TRAIN_STATE, consolidate, load_full_tensors,
+                                               read_train_state)
+from flexgen.fileio import CheckpointError
+from helpers import ROOT, run_train, train_ok
+
+TOY = osp.join(ROOT, 'tests', 'configs', 'toy_train.py')
+NIT = osp.join(ROOT, 'configs', 'nit', 'nit_tiny_shapes_pack.py')
+FIT = osp.join(ROOT, 'configs', 'fit', 'fitv2_xl_2.py')
+KILL_ENV = 'FLEXGEN_TEST_KILL_WHILE_SAVING'
+
+
+def load_tool(name):
+    sys.path.insert(0, osp.join(ROOT, 'tools'))  # tools/test.py imports from train.py
+    spec = importlib.util.spec_from_file_location(f'flexgen_tool_{name}',
+                                                  osp.join(ROOT, 'tools', f'{name}.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _arm_kill(name: str) -> None:
+    """In a torchrun worker: rank 1 is SIGKILLed right after it wrote its shards of the
+    checkpoint ``name`` (rank 0 then waits in the save's collective until torchrun stops
+    the job), so the save dies halfway."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+    write_data = HuggingFaceStorageWriter.write_data
+
+    def write_then_die(self, plan, planner):
+        written = write_data(self, plan, planner)
+        if str(self.path).endswith(f'.{name}.tmp') and dist.get_rank() == 1:
+            written.wait()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return written
+
+    HuggingFaceStorageWriter.write_data = write_then_die
+
+
+if os.environ.get(KILL_ENV):  # imported by a training worker (custom_imports)
+    _arm_kill(os.environ[KILL_ENV])
+
+flexgen.register_all_modules()
+train_tool = load_tool('train')
+
+
+def sharded(base, ema_momentum=0.1, extra='', wrapper=''):
+    """A config file's text: ``base`` trained with FullyShardedWrapper (``wrapper``: more
+    of its arguments) and ShardedEMAHook."""
+    return (f'_base_ = [{base!r}]\n'
+            f"model_wrapper_cfg = dict(type='FullyShardedWrapper'{wrapper})\n"
+            f"custom_hooks = [dict(type='ShardedEMAHook', momentum={ema_momentum}, "
+            "priority='ABOVE_NORMAL')]\n" + extra)
+
+
+def unsharded(base, ema_momentum=0.1, extra=''):
+    return (f'_base_ = [{base!r}]\n'
+            f"custom_hooks = [dict(type='EMAHook', momentum={ema_momentum}, "
+            "priority='ABOVE_NORMAL')]\n" + extra)
+
+
+def write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def run_in_process(config, work_dir, *options, resume=None):
+    argv = [config, '--work-dir', str(work_dir)]
+    if resume is not None:
+        argv += ['--resume', str(resume)]
+    argv += ['--cfg-options', f'experiment_name=fsdp_{uuid.uuid4().hex[:8]}', *options]
+    runner = train_tool.build_runner(argv)
+    runner.train()
+    return runner
+
+
+def assert_same_tensors(a: dict, b: dict, atol=0.0):
+    assert a.keys() == b.keys()
+    for key, value in a.items():
+        if atol == 0.0:
+            assert torch.equal(value, b[key]), key
+        else:
+            torch.testing.assert_close(b[key], value, rtol=0, atol=atol,
+                                       msg=lambda m, key=key: f'{key}: {m}')
+
+
+# --------------------------------------------------------------------------- the EMA
+@pytest.mark.parametrize('update_buffers', [False, True])
+def test_sharded_ema_equals_mmengine_ema(update_buffers):
+    """ShardedEMA (foreach lerp on local tensors) gives mmengine's ExponentialMovingAverage
+    bit for bit: first call copies, updates every `interval` calls, buffers copied or
+    averaged; the state dicts have the same keys in the same order."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8),
+                                torch.nn.Linear(8, 2))
+    reference = ExponentialMovingAverage(model, momentum=0.3, interval=2,
+                                         update_buffers=update_buffers)
+    ours = ShardedEMA(model, momentum=0.3, interval=2, update_buffers=update_buffers)
+    for _ in range(7):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        model(torch.randn(5, 4))  # moves the BatchNorm statistics
+        reference.update_parameters(model)
+        ours.update_parameters(model)
+    expected, got = reference.state_dict(), ours.state_dict()
+    assert list(expected) == list(got)
+    assert_same_tensors(expected, got)
+    # ... and they are not the model's weights (the average did something).
+    assert not torch.equal(got['module.0.weight'], model[0].weight)
+    # Swapping in and out is exact.
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ours.swap(model, with_buffers=update_buffers)
+    assert torch.equal(model[0].weight, expected['module.0.weight'])
+    ours.swap(model, with_buffers=update_buffers)
+    assert_same_tensors(before, model.state_dict())
+
+
+# --------------------------------------------------------------------------- one process
+@pytest.fixture(scope='module')
+def toy_runs(tmp_path_factory):
+    """The toy recipe, 8 steps, once as mmengine writes it (EMAHook, single files) and
+    once as a sharded config in one process (ShardedEMAHook, sharded checkpoints)."""
+    root = tmp_path_factory.mktemp('toy')
+    options = ['default_hooks.checkpoint.interval=4', 'default_hooks.checkpoint.max_keep_ckpts=2']
+    plain = write(root / 'plain.py', unsharded(TOY, extra='randomness = dict(seed=5)\n'))
+    shard = write(root / 'sharded.py', sharded(TOY, extra='randomness = dict(seed=5)\n',
+                                               wrapper=", blocks=['net']"))
+    run_in_process(plain, root / 'plain', *options)
+    run_in_process(shard, root / 'sharded', *options)
+    return root
+
+
+def test_sharded_checkpoint_of_one_process_equals_mmengine_checkpoint(toy_runs):
+    """One process: the sharded checkpoint holds exactly what mmengine's single file holds
+    (weights, EMA, Adam moments, steps, hyper-parameters), in its own layout."""
+    single = torch.load(toy_runs / 'plain' / 'iter_8.pth', weights_only=True)
+    path = str(toy_runs / 'sharded' / 'iter_8.pth')
+    # mmengine's EMAHook layout: state_dict = EMA, ema_state_dict = raw weights.
+    assert_same_tensors(single['state_dict'], consolidate(path, 'ema'))
+    raw = {k[len('module.'):]: v for k, v in single['ema_state_dict'].items()
+           if k.startswith('module.')}
+    assert_same_tensors(raw, consolidate(path, 'model'))
+    assert not torch.equal(raw['net.0.weight'], single['state_dict']['net.0.weight'])
+    assert torch.equal(load_full_tensors(path, 'ema.')['steps'],
+                       single['ema_state_dict']['steps'])
+    # Adam's state: by position in mmengine's file, by parameter name in the shards.
+    names = list(raw)
+    optimizer = load_full_tensors(path, 'optimizer.state.')
+    for index, state in single['optimizer']['state'].items():
+        for key, value in state.items():
+            assert torch.equal(optimizer[f'{names[index]}.{key}'], value), (index, key)
+    train_state = read_train_state(path)
+    assert train_state['meta']['iter'] == single['meta']['iter'] == 8
+    groups = train_state['optimizer_param_groups']
+    assert [g['lr'] for g in groups] == [g['lr'] for g in single['optimizer']['param_groups']]
+    assert train_state['param_schedulers'] == single['param_schedulers']
+    saved = [n for n in os.listdir(toy_runs / 'sharded') if n.startswith('iter_')]
+    assert sorted(saved) == ['iter_4.pth', 'iter_8.pth']
+    assert all(osp.isdir(toy_runs / 'sharded' / n) for n in saved)
+
+
+def test_resume_from_a_sharded_checkpoint_is_bit_identical(toy_runs, tmp_path):
+    path = toy_runs / 'sharded' / 'iter_4.pth'
+    run_in_process(str(toy_runs / 'sharded.py'), tmp_path, resume=path)
+    assert_same_tensors(load_full_tensors(str(toy_runs / 'sharded' / 'iter_8.pth'), ''),
+                        load_full_tensors(str(tmp_path / 'iter_8.pth'), ''))
+
+
+def test_sharded_checkpoint_files_hold_no_pickle(toy_runs, tmp_path):
+    """Every file of a sharded checkpoint is safetensors or weights_only; DCP's pickled
+    ``.metadata`` is neither written nor read, and a planted one never runs."""
+    import shutil
+    path = tmp_path / 'iter_8.pth'
+    shutil.copytree(toy_runs / 'sharded' / 'iter_8.pth', path)
+    names = sorted(os.listdir(path))
+    assert names == ['shard-00001-model-00001-of-00001.safetensors', TRAIN_STATE]
+    with safe_open(str(path / names[0]), 'pt') as f:
+        assert f.metadata()['DCP_SHARDING_INFO'].startswith('{')  # JSON offsets
+    torch.load(path / TRAIN_STATE, weights_only=True)
+
+    marker = tmp_path / 'code_ran'
+
+    class Payload:  # unpickling it would create the marker file
+        def __reduce__(self):
+            return (open, (str(marker), 'w'))
+
+    with open(path / '.metadata', 'wb') as f:
+        pickle.dump(Payload(), f, protocol=2)
+    expected = consolidate(str(toy_runs / 'sharded' / 'iter_8.pth'))
+    assert_same_tensors(expected, consolidate(str(path)))
+    assert not marker.exists()
+    # A train state carrying code is refused, and the code does not run.
+    with open(path / TRAIN_STATE, 'wb') as f:
+        pickle.dump(Payload(), f, protocol=2)
+    with pytest.raises(CheckpointError, match='pickled'):
+        read_train_state(str(path))
+    assert not marker.exists()
+
+
+def test_consolidated_weights_are_what_tools_test_and_init_generator_read(toy_runs, tmp_path):
+    """tools/consolidate_checkpoint.py writes the EMA weights as one safetensors file with
+    the model's keys; tools/test.py scores it exactly as it scores the single-file
+    checkpoint holding the same EMA weights."""
+    out = str(tmp_path / 'toy_ema.safetensors')
+    tensors = load_tool('consolidate_checkpoint').main(
+        [str(toy_runs / 'sharded' / 'iter_8.pth'), out])
+    with safe_open(out, 'pt') as f:
+        assert sorted(f.keys()) == sorted(tensors) == ['net.0.bias', 'net.0.weight',
+                                                       'net.2.bias', 'net.2.weight']
+        assert f.metadata()['weights'] == 'ema' and f.metadata()['iter'] == '8'
+    test_tool = load_tool('test')
+    from_file = test_tool.main([str(toy_runs / 'sharded.py'), out, '--work-dir',
+                                str(tmp_path / 'a')])
+    from_pth = test_tool.main([TOY, str(toy_runs / 'plain' / 'iter_8.pth'), '--work-dir',
+                               str(tmp_path / 'b')])
+    assert from_file == from_pth and from_file['toy/loss'] > 0
+
+
+def test_sharded_setup_refusals(tmp_path):
+    with pytest.raises(ValueError, match="use dict\\(type='ShardedEMAHook'"):
+        train_tool.build_runner([write(tmp_path / 'a.py', unsharded(
+            TOY, extra="model_wrapper_cfg = dict(type='FullyShardedWrapper', blocks=[])\n"))])
+    with pytest.raises(ValueError, match='ZeroRedundancyOptimizer.*shards the optimizer'):
+        train_tool.build_runner([write(tmp_path / 'b.py', sharded(
+            TOY, wrapper=', blocks=[]', extra="optim_wrapper = dict(optimizer=dict("
+            "_delete_=True, type='ZeroRedundancyOptimizer', optimizer_type='AdamW', "
+            "lr=1e-3))\n"))])
+    from flexgen.engine import FullyShardedWrapper
+    model = torch.nn.Module()
+    model.blocks = torch.nn.ModuleList([torch.nn.Linear(2, 2)])
+    with pytest.raises(ValueError, match='float16 would need loss scaling'):
+        FullyShardedWrapper(model, blocks='blocks', mixed_precision=dict(param_dtype='float16'))
+    with pytest.raises(ValueError, match="blocks='backbone.blocks' is not a sub-module"):
+        FullyShardedWrapper(model)
+    with pytest.raises(RuntimeError, match='needs a process group'):
+        FullyShardedWrapper(model, blocks='blocks')
+
+
+def test_a_sharded_run_does_not_resume_from_a_single_file(toy_runs, tmp_path):
+    config = write(tmp_path / 'c.py', sharded(TOY, wrapper=', blocks=[]'))
+    with pytest.raises(ValueError, match='use load_from'):
+        run_in_process(config, tmp_path, resume=toy_runs / 'plain' / 'iter_4.pth')
+
+
+# --------------------------------------------------------------------------- two ranks
+NIT_OPTIONS = ['model.backbone.hidden_size=32', 'model.backbone.depth=2',
+               'model.backbone.num_heads=2', 'train_dataloader.dataset.num_samples=2000',
+               'train_dataloader.batch_sampler.max_tokens=512', 'param_scheduler=[]',
+               'optim_wrapper.optimizer.lr=3e-3', 'train_cfg.max_iters=10',
+               'default_hooks.checkpoint.interval=5', 'default_hooks.checkpoint.max_keep_ckpts=2',
+               'val_cfg=None', 'val_dataloader=None', 'val_evaluator=None', 'test_cfg=None',
+               'test_dataloader=None', 'test_evaluator=None', 'randomness.seed=3']
+
+
+@pytest.fixture(scope='module')
+def nit_runs(tmp_path_factory):
+    """The tiny NiT recipe (packs, token-mean loss, direction loss, clipping, AdamW) on 2
+    ranks for 10 steps: DDP with mmengine's EMAHook, and sharded."""
+    root = tmp_path_factory.mktemp('nit')
+    extra = "custom_imports = dict(imports=['test_fsdp'], allow_failed_imports=False)\n"
+    train_ok(write(root / 'ddp.py', unsharded(NIT, extra=extra)), root / 'ddp', 2,
+             options=NIT_OPTIONS)
+    train_ok(write(root / 'sharded.py', sharded(NIT, extra=extra)), root / 'sharded', 2,
+             options=NIT_OPTIONS)
+    return root
+
+
+@pytest.mark.slow
+def test_nit_sharded_training_and_ema_equal_ddp(nit_runs):
+    """Same images, same keyed per-image draws: after 10 steps the sharded weights and
+    the sharded EMA equal DDP's (and mmengine's unsharded EMA) to float32 summation order
+    (measured <= 3e-8; a wrong shard, sample or EMA step moves them by >= 1e-4)."""
+    ddp = torch.load(nit_runs / 'ddp' / 'iter_10.pth', weights_only=True)
+    path = str(nit_runs / 'sharded' / 'iter_10.pth')
+    ema, weights = consolidate(path, 'ema'), consolidate(path, 'model')
+    assert_same_tensors(ddp['state_dict'], ema, atol=1e-6)  # mmengine: state_dict = EMA
+    raw = {k[len('module.'):]: v for k, v in ddp['ema_state_dict'].items() if k != 'steps'}
+    assert_same_tensors(raw, weights, atol=1e-6)
+    assert (weights['backbone.final_layer.linear.weight']
+            - ema['backbone.final_layer.linear.weight']).abs().max() > 1e-3
+    shards = sorted(n for n in os.listdir(path) if n.endswith('.safetensors'))
+    assert shards == ['shard-00001-model-00001-of-00001.safetensors',
+                      'shard-00002-model-00001-of-00001.safetensors']
+    with safe_open(osp.join(path, shards[1]), 'pt') as f:  # rank 1 holds the second halves
+        qkv = f.get_slice('model.backbone.blocks.0.attn.qkv.weight').get_shape()
+    assert qkv == [48, 32]  # of [96, 32]
+
+
+@pytest.mark.slow
+def test_nit_kill_while_saving_then_resume_is_bit_identical(nit_runs, tmp_path):
+    """Rank 1 dies halfway through writing iter_10: iter_5 and the pointer to it stay
+    whole; `--resume` finishes the run with exactly the uninterrupted run's state."""
+    config = str(nit_runs / 'sharded.py')
+    proc = run_train(config, tmp_path, 2, options=NIT_OPTIONS,
+                     env={KILL_ENV: 'iter_10.pth'})
+    assert proc.returncode != 0
+    names = os.listdir(tmp_path)
+    assert '.iter_10.pth.tmp' in names and 'iter_10.pth' not in names
+    assert open(tmp_path / 'last_checkpoint').read() == str(tmp_path / 'iter_5.pth')
+    assert_same_tensors(load_full_tensors(str(nit_runs / 'sharded' / 'iter_5.pth'), ''),
+                        load_full_tensors(str(tmp_path / 'iter_5.pth'), ''))
+
+    train_ok(config, tmp_path, 2, options=NIT_OPTIONS, args=['--resume'])
+    assert '.iter_10.pth.tmp' not in os.listdir(tmp_path)
+    expected = load_full_tensors(str(nit_runs / 'sharded' / 'iter_10.pth'), '')
+    assert_same_tensors(expected, load_full_tensors(str(tmp_path / 'iter_10.pth'), ''))
+    assert len(expected) > 150  # model, EMA, Adam moments and steps
+
+
+FIT_TINY = '''
+model = dict(
+    backbone=dict(in_channels=3, hidden_size=32, depth=2, num_heads=2, num_classes=6,
+                  modulation=dict(type='AdaLNLoRA', rank=8)),
+    sampler=dict(_delete_=True, type='EulerODE', num_steps=4),
+    autoencoder=dict(_delete_=True, type='IdentityAutoencoder'), inputs_are_latents=False)
+train_dataloader = dict(
+    _delete_=True, batch_size=4, num_workers=0,
+    dataset=dict(type='ProceduralShapes', num_samples=400, seed=0,
+                 sizes=[(16, 16), (16, 24), (24, 16), (24, 24)]),
+    sampler=dict(type='DefaultSampler', shuffle=True, seed=0),
+    collate_fn=dict(type='flexgen.padded_collate', max_length=144, patch_size=2))
+optim_wrapper = dict(optimizer=dict(lr=1e-3, fused=True))
+param_scheduler = []
+auto_scale_lr = dict(enable=False)
+train_cfg = dict(max_iters=10, val_interval=1000)
+test_dataloader = None
+test_cfg = None
+test_evaluator = None
+default_hooks = dict(checkpoint=dict(interval=5, max_keep_ckpts=2))
+randomness = dict(seed=4)
+'''
+
+
+@pytest.mark.slow
+def test_fit_sharded_equals_ddp_and_reshards_to_one_process(tmp_path):
+    """The tiny FiTv2 recipe (padded batches, image-mean loss, AdaLN-LoRA, fused AdamW,
+    clipping) on 2 ranks: sharded with activation checkpointing of both blocks equals DDP
+    without it; the sharded iter_5 resumed by ONE process at the same global batch
+    reaches the 2-rank iter_10 (DCP reshards 2 -> 1)."""
+    ddp_cfg = write(tmp_path / 'ddp.py', unsharded(FIT, extra=FIT_TINY))
+    sharded_cfg = write(tmp_path / 'sharded.py', sharded(FIT, extra=FIT_TINY + (
+        "activation_checkpointing = ['backbone.blocks.0', 'backbone.blocks.1']\n")))
+    per_rank = ['train_dataloader.batch_size=2']
+    train_ok(ddp_cfg, tmp_path / 'ddp', 2, options=per_rank)
+    train_ok(sharded_cfg, tmp_path / 'sharded', 2, options=per_rank)
+    ddp = torch.load(tmp_path / 'ddp' / 'iter_10.pth', weights_only=True)
+    path = str(tmp_path / 'sharded' / 'iter_10.pth')
+    # measured <= 3e-8 (float32 summation order through Adam)
+    assert_same_tensors(ddp['state_dict'], consolidate(path, 'ema'), atol=1e-6)
+    assert consolidate(path, 'model')['backbone.final_layer.linear.weight'].abs().max() > 1e-3
+
+    one = run_in_process(sharded_cfg, tmp_path / 'one', resume=tmp_path / 'sharded' / 'iter_5.pth')
+    assert one.iter == 10 and not hasattr(one.model, 'module')  # one process: unwrapped
+    assert_same_tensors(load_full_tensors(path, ''),
+                        load_full_tensors(str(tmp_path / 'one' / 'iter_10.pth'), ''), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_zero_redundancy_optimizer_saves_and_resumes_under_ddp(tmp_path):
+    """ZeRO-1 with DDP on 2 ranks: every rank joins the consolidation of the optimizer
+    state (no hang at the first save), and resuming from iter_4 gives iter_8 exactly."""
+    zero = ['optim_wrapper.optimizer.type=ZeroRedundancyOptimizer',
+            'optim_wrapper.optimizer.optimizer_type=AdamW', 'train_dataloader.batch_size=4']
+    train_ok(TOY, tmp_path / 'a', 2, options=zero, timeout=240)
+    train_ok(TOY, tmp_path / 'b', 2, options=zero, timeout=240,
+             args=['--resume', str(tmp_path / 'a' / 'iter_4.pth')])
+    a = torch.load(tmp_path / 'a' / 'iter_8.pth', weights_only=True)
+    b = torch.load(tmp_path / 'b' / 'iter_8.pth', weights_only=True)
+    assert sorted(a['optimizer']['state']) == [0, 1, 2, 3]  # both ranks' partitions
+    assert_same_tensors(a['state_dict'], b['state_dict'])
+    for index, state in a['optimizer']['state'].items():
+        assert_same_tensors(state, b['optimizer']['state'][index])
