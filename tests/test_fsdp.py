@@ -394,3 +394,70 @@ def test_zero_redundancy_optimizer_saves_and_resumes_under_ddp(tmp_path):
     assert_same_tensors(a['state_dict'], b['state_dict'])
     for index, state in a['optimizer']['state'].items():
         assert_same_tensors(state, b['optimizer']['state'][index])
+
+
+# --------------------------------------------------------------------------- mixed precision
+@pytest.fixture
+def one_rank_group():
+    """A one-rank gloo process group in this process (FSDP2 shards over one rank)."""
+    import torch.distributed as dist
+    dist.init_process_group('gloo', store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def tiny_nit_generator():
+    from flexgen.registry import MODELS
+    torch.manual_seed(0)
+    model = MODELS.build(dict(
+        type='DiffusionGenerator', transport=dict(type='RectifiedFlow'),
+        backbone=dict(type='FlexDiT', in_channels=3, patch_size=2, hidden_size=32, depth=2,
+                      num_heads=2, num_classes=6, pos_embed=None, time_scale=1.0,
+                      qk_norm=dict(type='layernorm_affine', eps=1e-5),
+                      rope=dict(type='AxialRoPE2D', layout='nit')),
+        sampler=dict(type='EulerODE', num_steps=3), loss_reduction='token'))
+    with torch.no_grad():  # zero-initialised adaLN / output layers would hide the compute
+        g = torch.Generator().manual_seed(1)
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    g = torch.Generator().manual_seed(2)
+    images = [torch.rand(3, h, w, generator=g) * 2 - 1 for h, w in [(8, 12), (12, 8), (8, 8)]]
+    samples = dict(label=torch.tensor([0, 5, 2]), seed=7, step=3, index=torch.tensor([4, 9, 1]))
+    return model, dict(inputs=images, data_samples=samples)
+
+
+def test_bf16_compute_over_fp32_master_weights(one_rank_group):
+    """mixed_precision=dict(param_dtype='bfloat16', reduce_dtype='float32'): the sharded
+    master weights and their gradients stay float32, the blocks compute with bfloat16
+    weights, and the loss is the float32 model's up to bfloat16 rounding (and not equal to
+    it: the compute really is bfloat16). Generation under ``gathered()`` works too."""
+    from torch.distributed.tensor import DTensor
+
+    from flexgen.engine import FullyShardedWrapper
+    reference, data = tiny_nit_generator()
+    expected = reference(**data, mode='loss')['loss']
+    expected_images = reference.generate([1, 2], [(8, 8), (8, 12)], seeds=[0, 1])
+
+    model, _ = tiny_nit_generator()
+    wrapper = FullyShardedWrapper(model, mixed_precision=dict(param_dtype='bfloat16',
+                                                              reduce_dtype='float32'))
+    seen = []
+    model.backbone.blocks[0].attn.qkv.register_forward_pre_hook(
+        lambda module, args: seen.append(module.weight.dtype))
+    with wrapper._autocast():
+        loss = wrapper.module(**data, mode='loss')['loss']
+    loss.backward()
+    assert seen == [torch.bfloat16]
+    qkv = model.backbone.blocks[0].attn.qkv.weight
+    assert isinstance(qkv, DTensor) and qkv.dtype == torch.float32
+    assert qkv.grad.dtype == torch.float32 and qkv.grad.abs().sum() > 0
+    torch.testing.assert_close(loss.float(), expected, rtol=2e-2, atol=0)
+    assert loss.float() != expected
+
+    with wrapper.gathered() as full:
+        images = full.generate([1, 2], [(8, 8), (8, 12)], seeds=[0, 1])
+    for image, reference_image in zip(images, expected_images):
+        torch.testing.assert_close(image.float(), reference_image, rtol=0, atol=0.1)
+    assert isinstance(model.backbone.blocks[0].attn.qkv.weight, DTensor)  # resharded
