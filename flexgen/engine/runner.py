@@ -65,6 +65,9 @@ class FlexRunner(Runner):
                     f"mmengine's {type(hook).__name__}, which deep-copies the model (not "
                     "possible for a sharded one) and saves into a single file: use "
                     "dict(type='ShardedEMAHook', ...) with the same arguments")
+            if getattr(hook, 'published_keys', None):
+                raise ValueError('checkpoint published_keys re-reads a single-file checkpoint; '
+                                 'a sharded run publishes with tools/consolidate_checkpoint.py')
         optimizer = (self.optim_wrapper or {}).get('optimizer', {}) \
             if isinstance(self.optim_wrapper, dict) else {}
         if isinstance(optimizer, dict) and 'ZeroRedundancy' in str(optimizer.get('type', '')):
