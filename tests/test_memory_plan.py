@@ -11,7 +11,7 @@ from mmengine.config import Config
 
 import flexgen
 from flexgen.registry import MODELS
-from flexgen.utils.memory_plan import (GIB, Setup, _training_forward, configured_setup,
+from flexgen.utils.memory_plan import (Setup, _training_forward, configured_setup,
                                        count_parameters, measure_activations, plan_memory,
                                        tokens_per_gpu)
 from test_configs_dit_sit import official_dit_parameters
@@ -117,5 +117,5 @@ def test_memory_plan_tool_says_what_fits(capsys):
     tool.main([path, '--gpus', '2', '--gpu-memory', '1', '--cfg-options',
                'model.backbone.depth=4'])
     out = capsys.readouterr().out
-    assert 'DDP + float32' in out and 'switch on: ' in out  # 1 GiB: the configured run does not fit
-    assert GIB == 2 ** 30
+    # 1 GiB: the configured run does not fit, sharding and checkpointing do
+    assert 'DDP + float32' in out and '-> switch on: FSDP' in out
