@@ -6,8 +6,7 @@ import pytest
 import torch
 
 import flexgen.models.layers.attention_backends as backends
-from flexgen.models.layers.attention_backends import (AutoAttention, build_attention_backend,
-                                                      length_groups)
+from flexgen.models.layers.attention_backends import AutoAttention, build_attention_backend
 from flexgen.models.layers.attention_flex import (FlexAttention, document_block_mask,
                                                   flex_attention_available)
 from flexgen.structures import TokenBatch
@@ -84,9 +83,9 @@ def test_sdpa_runs_on_strided_inputs_equals_per_image_attention(dtype):
 
 
 def test_equal_length_runs_merge_consecutive_images_only():
-    runs = backends.equal_length_runs(_pack([[2, 3], [3, 2], [1, 1], [6, 1], [2, 2]])[0])
+    runs = _pack([[2, 3], [3, 2], [1, 1], [6, 1], [2, 2]])[0].geometry.runs()
     assert runs == [(0, 2, 6), (12, 1, 1), (13, 1, 6), (19, 1, 4)]
-    assert backends.equal_length_runs(_pack(PACKS['equal_lengths'])[0]) == [(0, 4, 12)]
+    assert _pack(PACKS['equal_lengths'])[0].geometry.runs() == [(0, 4, 12)]
 
 
 def test_sdpa_rejects_an_unknown_strategy():
@@ -192,13 +191,13 @@ def test_cpu_kernels_run_once_per_segment(monkeypatch):
 
 def test_length_groups_order_gathers_each_group_contiguously():
     batch = _pack(PACKS['mixed'])[0]
-    groups = length_groups(batch)
+    groups = batch.geometry.length_groups()
     assert groups.lengths == [6, 16, 1, 5] and groups.counts == [2, 2, 1, 1]
     ids = batch.image_ids[groups.order]
     assert ids.tolist() == [0] * 6 + [3] * 6 + [1] * 16 + [4] * 16 + [2] + [5] * 5
     assert sorted(groups.order.tolist()) == list(range(len(ids)))
-    assert length_groups(batch) is groups  # cached on the batch for every layer
-    sorted_groups = length_groups(_pack(PACKS['mixed_sorted'])[0])
+    assert batch.replace(batch.tokens * 2).geometry.length_groups() is groups  # shared
+    sorted_groups = _pack(PACKS['mixed_sorted'])[0].geometry.length_groups()
     assert sorted_groups.order is None
 
 

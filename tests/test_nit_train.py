@@ -168,8 +168,7 @@ class PackRecorderHook(Hook):
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
         self.steps.append(dict(index=data_batch['data_samples']['index'].tolist(),
-                               tokens=sum((x.shape[1] // 2) * (x.shape[2] // 2)
-                                          for x in data_batch['inputs'])))
+                               tokens=data_batch['inputs'].tokens.shape[0]))
 
     def after_train(self, runner):
         rank, _ = get_dist_info()

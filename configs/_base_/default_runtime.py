@@ -17,6 +17,12 @@ default_hooks = dict(
     # Atomic writes, weights_only files; max_keep_ckpts prunes only after a save is whole.
     checkpoint=dict(type='FlexCheckpointHook', by_epoch=False, interval=10000,
                     max_keep_ckpts=3, save_last=True),
+    # TF32 for float32 matmuls / convolutions on CUDA while the Runner trains or evaluates,
+    # as DiT and SiT (DiT: 0.81 vs 0.51 steps/s on 8 A100). Off for bit-exact float32:
+    # default_hooks = dict(tf32=dict(allow_tf32=False)), or on the command line
+    # --cfg-options default_hooks.tf32.allow_tf32=False. (A hook argument rather than an
+    # env_cfg key: a Runner built without a config keeps no env_cfg a hook could read.)
+    tf32=dict(type='TF32Hook', allow_tf32=True),
 )
 
 env_cfg = dict(

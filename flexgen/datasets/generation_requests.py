@@ -1,10 +1,10 @@
 """What a generator is asked to generate at validation and test time."""
 from typing import Optional, Sequence, Tuple
 
-import numpy as np
 from torch.utils.data import Dataset
 
 from flexgen.registry import DATASETS
+from flexgen.rng import mix
 
 from .shapes import _check_sizes
 
@@ -15,7 +15,7 @@ class GenerationRequests(Dataset):
 
     Item ``i`` is ``dict(inputs=None, data_samples=dict(label, size=(H, W), seed, index=i))``
     in the order size, then class, then repeat (``i = (size_id * C + label) * R + repeat``).
-    ``seed`` is numpy's ``SeedSequence((seed, i))`` hash (63 bits), so a request's image
+    ``seed`` is ``flexgen.rng.mix(seed, i)`` (62 bits), so a request's image
     depends only on the request, never on the batch it lands in or the process count.
 
     Args:
@@ -69,9 +69,8 @@ class GenerationRequests(Dataset):
         return self._check(index) // self.num_per_class % len(self.classes)
 
     def request_seed(self, index: int) -> int:
-        """The 63-bit seed of request ``index`` (a pure function of ``(seed, index)``)."""
-        sequence = np.random.SeedSequence((self.seed, self._check(index)))
-        return int(sequence.generate_state(1, np.uint64)[0]) >> 1
+        """The 62-bit seed of request ``index`` (a pure function of ``(seed, index)``)."""
+        return int(mix(self.seed, self._check(index)))
 
     def __getitem__(self, index: int) -> dict:
         index = self._check(index)

@@ -31,7 +31,7 @@ between loader workers); :func:`flexgen.models.vision_encoders.as_pixels` reads 
 ``image_mode='path'`` gives ``image_path`` (str) and ``flip`` (bool) instead.
 
 The flip choice (``latent[1]`` and the mirrored image) is a hash of ``(seed, index)``
-(:func:`flexgen.datasets.shapes.index_uniforms`): the same every epoch and in every
+(:func:`flexgen.rng.uniforms`): the same every epoch and in every
 worker. (The reference redraws it on every access with the global RNG.)
 """
 import json
@@ -48,14 +48,14 @@ from safetensors import SafetensorError, safe_open
 from torch.utils.data import Dataset
 
 from flexgen.registry import DATASETS
+from flexgen.rng import stream_id, uniforms
 
 from .image_folder import center_crop_arr
-from .shapes import index_uniforms
 
 NIT_TYPES = ('native-resolution', 'fixed-256x256', 'fixed-512x512')
 IMAGE_MODES = (None, 'path', 'image')
 REQUIRED = ('latent_file', 'latent_h', 'latent_w', 'type')
-_FLIP_STREAM = 0  # index_uniforms stream of the flip draw
+_FLIP_STREAM = stream_id('flip')
 
 
 class NiTFileError(ValueError):
@@ -164,7 +164,7 @@ class NiTLatents(Dataset):
         self.image_dir, self.image_mode, self.image_scale = image_dir, image_mode, image_scale
         self.flip_prob, self.seed, self.latent_channels = float(flip_prob), seed, latent_channels
         self._index()
-        self._flip = index_uniforms(seed, np.arange(len(self)), _FLIP_STREAM) < self.flip_prob
+        self._flip = (uniforms(seed, torch.arange(len(self)), _FLIP_STREAM) < self.flip_prob).numpy()
 
     # ------------------------------------------------------------------ the jsonl index
     def _index(self) -> None:

@@ -31,6 +31,8 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Uni
 import numpy as np
 import torch
 
+from flexgen.rng import keyed_generator
+
 Strategy = Tuple[int, Tuple[int, ...]]  # (how many packs, the lengths in each of them)
 
 
@@ -159,12 +161,11 @@ def assign_indices(lengths: Sequence[int], strategies: Sequence[Strategy],
     histogram does not always put the same images together.
     """
     lengths = np.asarray(lengths, dtype=np.int64)
-    rng = None if seed is None else np.random.default_rng(np.random.SeedSequence(seed))
     pools = {}
     for length in np.unique(lengths).tolist():
         pool = np.flatnonzero(lengths == length)
-        if rng is not None:
-            pool = rng.permutation(pool)
+        if seed is not None:
+            pool = pool[torch.randperm(len(pool), generator=keyed_generator(seed, length)).numpy()]
         pools[length] = pool.tolist()
     packs = []
     for count, pack in strategies:
@@ -294,11 +295,6 @@ def fill_packs(indices: Sequence[int], lengths: Sequence[int], num_packs: int, m
     return packs, left_out
 
 
-def _generator(*key: int) -> torch.Generator:
-    state = np.random.SeedSequence(key).generate_state(1, np.uint64)[0]
-    return torch.Generator().manual_seed(int(state) >> 1)
-
-
 class OnlinePlan:
     """Where every pack of an online-packed, infinite stream of epochs comes from, found by
     arithmetic: no earlier pack is ever computed, so resuming at any step packs one chunk.
@@ -387,7 +383,7 @@ class OnlinePlan:
         if self._shared['order'][0] != epoch:
             order = self.indices
             if self.shuffle:
-                generator = _generator(self.seed, epoch)
+                generator = keyed_generator(self.seed, epoch)
                 order = order[torch.randperm(len(order), generator=generator).numpy()]
             offsets = np.cumsum(self.lengths[order]) - self.lengths[order]
             self._shared['order'] = (epoch, (order, offsets))
@@ -404,7 +400,7 @@ class OnlinePlan:
                                          self.max_per_pack)
             # Level packs are interchangeable: shuffle them, so that pack 0 (which took the
             # largest image) does not always go to the same rank.
-            shuffled = torch.randperm(len(packs), generator=_generator(self.seed, epoch, chunk))
+            shuffled = torch.randperm(len(packs), generator=keyed_generator(self.seed, epoch, chunk))
             self._chunk_cache = ((epoch, chunk), ([packs[k] for k in shuffled.tolist()],
                                                   left_out))
         return self._chunk_cache[1]
@@ -491,10 +487,13 @@ def choose_fill(lengths: Sequence[int], indices: Sequence[int], max_len: int,
     failed_steps = None
     for k, slack in enumerate(FILL_SLACKS):
         plan = plan_at(slack)
-        # Lower fills mean more packs for the same images: once a pack may stay empty, it
-        # may at every lower fill too.
-        if plan is None or plan.may_leave_a_pack_empty():
+        if plan is None:
             break
+        # Whether a pack may stay empty depends on how the steps fall into chunks, not
+        # monotonically on the fill (800 images, 16-pack chunks: possible at 81 to 83
+        # steps, not at 80 or 85), so a lower fill may still be safe.
+        if plan.may_leave_a_pack_empty():
+            continue
         if plan.steps_per_epoch == failed_steps:
             continue  # the packs depend on the fill only through the number of steps
         spread = np.linspace(0, plan.num_chunks - 1, trial_chunks).round().astype(int)

@@ -1,7 +1,8 @@
-"""Hooks: sample previews during training."""
+"""Hooks: sample previews during training; TF32 for the run."""
 import os.path as osp
 from contextlib import nullcontext
 
+import torch
 from mmengine.dist import is_main_process
 from mmengine.hooks import EMAHook, Hook
 from mmengine.model import is_model_wrapper
@@ -65,3 +66,51 @@ class SamplePreviewHook(Hook):
 
     def after_train(self, runner):
         self.write(runner, f'iter_{runner.iter}')
+
+
+def tf32_flags():
+    """``(torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)``."""
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+def set_tf32_flags(matmul: bool, cudnn: bool) -> None:
+    # The legacy switches, as DiT / SiT: once torch's newer fp32_precision API is used, the
+    # legacy getters (which torch's inductor still reads) raise; these setters keep both valid.
+    torch.backends.cuda.matmul.allow_tf32 = matmul
+    torch.backends.cudnn.allow_tf32 = cudnn
+
+
+@HOOKS.register_module()
+class TF32Hook(Hook):
+    """TensorFloat-32 for float32 matmuls and cuDNN convolutions on CUDA (Ampere and newer)
+    while the Runner runs: training, validation, testing. DiT and SiT train with it on (DiT
+    reports 0.81 vs 0.51 steps/s on 8 A100 with / without); it rounds the inputs of float32
+    matmuls to 10 mantissa bits (bf16 / fp16 autocast matmuls, the CPU: unaffected).
+
+    Sets ``torch.backends.cuda.matmul.allow_tf32`` and ``torch.backends.cudnn.allow_tf32``
+    to ``allow_tf32`` in ``before_run`` and puts the previous values back in ``after_run``,
+    so a Runner leaves the process as it found it.
+
+    Args:
+        allow_tf32: the switch (``configs/_base_/default_runtime.py``: True).
+    """
+
+    priority = 'VERY_HIGH'
+
+    def __init__(self, allow_tf32: bool = True):
+        if not isinstance(allow_tf32, bool):
+            raise ValueError(f'TF32Hook: allow_tf32 must be True or False, got {allow_tf32!r} '
+                             '(default_hooks.tf32.allow_tf32)')
+        self.allow_tf32, self._previous = allow_tf32, None
+
+    def before_run(self, runner) -> None:
+        try:
+            self._previous = tf32_flags()
+        except RuntimeError:  # torch refuses to read flags set through both of its APIs
+            self._previous = None
+        set_tf32_flags(self.allow_tf32, self.allow_tf32)
+
+    def after_run(self, runner) -> None:
+        if self._previous is not None:
+            set_tf32_flags(*self._previous)
+            self._previous = None

@@ -39,8 +39,10 @@ model = dict(
     # The training data are latents already (FiTLatents: SD-VAE-ft-EMA latents x 0.18215),
     # so training skips the encoder; generation decodes with that VAE (a local directory
     # written by diffusers' save_pretrained works offline).
+    # SD-VAE: 4 latent channels, 8 px per latent pixel (known before the VAE loads, which
+    # happens when something first encodes or decodes).
     autoencoder=dict(type='DiffusersAutoencoder', path='stabilityai/sd-vae-ft-ema',
-                     scaling_factor=0.18215),
+                     latent_channels=4, downsample=8, scaling_factor=0.18215),
     inputs_are_latents=True,
     class_dropout_prob=0.1,
     loss_reduction='image')

@@ -18,9 +18,6 @@ Every backend computes, for each image i of a :class:`~flexgen.structures.TokenB
 A backend is a callable ``(q, k, v, batch) -> out`` on ``[N, heads, head_dim]`` tensors.
 A new one is one class here (or in your own module) and one config line.
 """
-from collections import defaultdict
-from typing import List, NamedTuple, Optional, Tuple
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -34,65 +31,6 @@ def _sdpa(q, k, v):
     out = F.scaled_dot_product_attention(q.transpose(-3, -2), k.transpose(-3, -2),
                                          v.transpose(-3, -2))
     return out.transpose(-3, -2)
-
-
-def _attention_cache(batch):
-    # Geometry-derived plans live on the batch itself: every layer of one forward pass
-    # sees the same TokenBatch, so each plan is built once per batch, not once per layer.
-    return batch.__dict__.setdefault('_attention_cache', {})
-
-
-class LengthGroups(NamedTuple):
-    """A jagged batch's images grouped by token count (computed once per batch).
-
-    Group ``g`` holds ``counts[g]`` images of ``lengths[g]`` tokens each. ``order`` lists
-    the token indices of group 0's images, then group 1's, ... (each image's tokens in
-    order), so the tokens of a group are one contiguous ``[count * n]`` range of
-    ``x[order]``. It is ``None`` when the batch is already in that order (e.g. images
-    sorted by length), which saves the gathers.
-    """
-    lengths: List[int]
-    counts: List[int]
-    order: Optional[Tensor]
-
-
-def length_groups(batch) -> LengthGroups:
-    """The :class:`LengthGroups` of ``batch``, cached on the batch, on its device."""
-    cache, key = _attention_cache(batch), ('length_groups', str(batch.device))
-    if key not in cache:
-        cache[key] = _build_length_groups(batch.seqlens_list, batch.device)
-    return cache[key]
-
-
-def _build_length_groups(seqlens, device):
-    members = defaultdict(list)  # insertion order: groups in order of first appearance
-    for i, n in enumerate(seqlens):
-        members[n].append(i)
-    lengths, counts = list(members), [len(ids) for ids in members.values()]
-    image_order = [i for ids in members.values() for i in ids]
-    if image_order == sorted(image_order):
-        return LengthGroups(lengths, counts, None)
-    starts = torch.zeros(len(seqlens), dtype=torch.long)
-    starts[1:] = torch.cumsum(torch.tensor(seqlens[:-1]), 0)
-    order = torch.cat([(starts[ids, None] + torch.arange(n)).flatten()
-                       for n, ids in members.items()])
-    return LengthGroups(lengths, counts, order.to(device))
-
-
-def equal_length_runs(batch) -> List[Tuple[int, int, int]]:
-    """``(first token, images, tokens per image)`` of each run of consecutive images of
-    equal length, in batch order (a uniform batch is one run); cached on the batch."""
-    cache = _attention_cache(batch)
-    if 'runs' not in cache:
-        runs, start = [], 0
-        for n in batch.seqlens_list:
-            if runs and runs[-1][2] == n:
-                runs[-1][1] += 1
-            else:
-                runs.append([start, 1, n])
-            start += n
-        cache['runs'] = [tuple(run) for run in runs]
-    return cache['runs']
 
 
 def _cpu_flash_kernels():
@@ -184,10 +122,11 @@ class SDPAAttention:
 
     - ``'runs'``: runs of consecutive equal-length images, read in place (strided views,
       no gather);
-    - ``'grouped'``: all images of one length in one call (:func:`length_groups`); the
-      tokens are gathered once so each group is contiguous, and scattered back.
+    - ``'grouped'``: all images of one length in one call (``Geometry.length_groups``);
+      the tokens are gathered once so each group is contiguous, and scattered back.
 
-    Plans are cached on the batch (built once for all layers). On CPU the segments run
+    Plans live in the batch's geometry (built once for all layers, by the collate in
+    training). On CPU the segments run
     through torch's CPU flash kernels directly (:class:`_SegmentAttention`: no
     per-segment autograd graph, results written once into preallocated tensors);
     elsewhere through ``scaled_dot_product_attention`` with autograd.
@@ -218,9 +157,9 @@ class SDPAAttention:
         if strategy == 'auto':
             strategy = 'runs' if on_cpu else 'grouped'
         if strategy == 'runs':
-            segments, order = equal_length_runs(batch), None
+            segments, order = batch.geometry.runs(), None
         else:
-            groups = length_groups(batch)
+            groups = batch.geometry.length_groups()
             segments, order = _group_segments(groups), groups.order
         if on_cpu:
             q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))

@@ -42,7 +42,7 @@ def document_block_mask(batch, block_size=128):
     """The :class:`~torch.nn.attention.flex_attention.BlockMask` of ``batch``'s
     block-diagonal attention (a token sees the tokens of its own image), cached on the
     batch per device and block size."""
-    cache = batch.__dict__.setdefault('_attention_cache', {})
+    cache = batch.geometry.plans
     key = ('flex_block_mask', str(batch.device), block_size)
     if key not in cache:
         cache[key] = _build_document_block_mask(batch.seqlens_list, block_size, batch.device)
