@@ -195,6 +195,16 @@ def test_resume_from_a_sharded_checkpoint_is_bit_identical(toy_runs, tmp_path):
                         load_full_tensors(str(tmp_path / 'iter_8.pth'), ''))
 
 
+def test_load_from_a_sharded_checkpoint_takes_its_ema_weights(toy_runs, tmp_path):
+    """``load_from`` a sharded directory initialises the model with the EMA weights, as
+    mmengine's ``load_from`` of a single file does (its state_dict holds the EMA)."""
+    runner = train_tool.build_runner([str(toy_runs / 'sharded.py'), '--work-dir',
+                                      str(tmp_path)])
+    path = str(toy_runs / 'sharded' / 'iter_8.pth')
+    runner.load_checkpoint(path)
+    assert_same_tensors(consolidate(path, 'ema'), runner.model.state_dict())
+
+
 def test_sharded_checkpoint_files_hold_no_pickle(toy_runs, tmp_path):
     """Every file of a sharded checkpoint is safetensors or weights_only; DCP's pickled
     ``.metadata`` is neither written nor read, and a planted one never runs."""

@@ -58,7 +58,11 @@ def is_sharded_wrapper_cfg(model_wrapper_cfg) -> bool:
         return False
     kind = model_wrapper_cfg.get('type')
     if isinstance(kind, str):
-        kind = MODEL_WRAPPERS.get(kind.split('.')[-1] if kind.startswith('flexgen.') else kind)
+        try:
+            kind = MODEL_WRAPPERS.get(kind[len('flexgen.'):] if kind.startswith('flexgen.')
+                                      else kind)
+        except KeyError:  # a wrapper flexgen does not know (mmengine's wrap_model decides)
+            return False
     return isinstance(kind, type) and issubclass(kind, FullyShardedWrapper)
 
 
@@ -125,7 +129,7 @@ class FullyShardedWrapper(nn.Module):
                                'torchrun ... tools/train.py CONFIG --launcher pytorch')
 
         if hasattr(module, 'init_weights'):
-            module.init_weights()  # before sharding: the Runner's later call is a no-op
+            module.init_weights()  # before sharding (FlexRunner does not call it again)
         _broadcast_from_rank0(module)
         device = next(module.parameters()).device.type
         mesh = init_device_mesh(device, (dist.get_world_size(),))
