@@ -238,8 +238,8 @@ def test_sharded_checkpoint_files_hold_no_pickle(toy_runs, tmp_path):
 
 def test_consolidated_weights_are_what_tools_test_and_init_generator_read(toy_runs, tmp_path):
     """tools/consolidate_checkpoint.py writes the EMA weights as one safetensors file with
-    the model's keys; tools/test.py scores it exactly as it scores the single-file
-    checkpoint holding the same EMA weights."""
+    the model's keys; init_generator loads them, and tools/test.py scores the file exactly
+    as it scores the single-file checkpoint holding the same EMA weights."""
     out = str(tmp_path / 'toy_ema.safetensors')
     tensors = load_tool('consolidate_checkpoint').main(
         [str(toy_runs / 'sharded' / 'iter_8.pth'), out])
@@ -247,6 +247,8 @@ def test_consolidated_weights_are_what_tools_test_and_init_generator_read(toy_ru
         assert sorted(f.keys()) == sorted(tensors) == ['net.0.bias', 'net.0.weight',
                                                        'net.2.bias', 'net.2.weight']
         assert f.metadata()['weights'] == 'ema' and f.metadata()['iter'] == '8'
+    from flexgen.apis import init_generator
+    assert_same_tensors(tensors, init_generator(TOY, out).state_dict())
     test_tool = load_tool('test')
     from_file = test_tool.main([str(toy_runs / 'sharded.py'), out, '--work-dir',
                                 str(tmp_path / 'a')])
