@@ -12,9 +12,11 @@ import pickle
 import signal
 import uuid
 
+import numpy as np
 import pytest
 import torch
 from mmengine.model import ExponentialMovingAverage
+from PIL import Image
 from safetensors import safe_open
 
 from flexgen.engine.ema import ShardedEMA
@@ -53,19 +55,19 @@ if os.environ.get(KILL_ENV):  # imported by a training worker (custom_imports)
 
 
 
-def sharded(base, ema_momentum=0.1, extra='', wrapper=''):
+def sharded(base, ema_momentum=0.1, extra='', wrapper='', hooks=''):
     """A config file's text: ``base`` trained with FullyShardedWrapper (``wrapper``: more
-    of its arguments) and ShardedEMAHook."""
+    of its arguments) and ShardedEMAHook (``hooks``: more hooks)."""
     return (f'_base_ = [{base!r}]\n'
             f"model_wrapper_cfg = dict(type='FullyShardedWrapper'{wrapper})\n"
             f"custom_hooks = [dict(type='ShardedEMAHook', momentum={ema_momentum}, "
-            "priority='ABOVE_NORMAL')]\n" + extra)
+            f"priority='ABOVE_NORMAL'){hooks}]\n" + extra)
 
 
-def unsharded(base, ema_momentum=0.1, extra=''):
+def unsharded(base, ema_momentum=0.1, extra='', hooks=''):
     return (f'_base_ = [{base!r}]\n'
             f"custom_hooks = [dict(type='EMAHook', momentum={ema_momentum}, "
-            "priority='ABOVE_NORMAL')]\n" + extra)
+            f"priority='ABOVE_NORMAL'){hooks}]\n" + extra)
 
 
 def write(path, text):
@@ -296,13 +298,15 @@ NIT_OPTIONS = ['model.backbone.hidden_size=32', 'model.backbone.depth=2',
 @pytest.fixture(scope='module')
 def nit_runs(tmp_path_factory):
     """The tiny NiT recipe (packs, token-mean loss, direction loss, clipping, AdamW) on 2
-    ranks for 10 steps: DDP with mmengine's EMAHook, and sharded."""
+    ranks for 10 steps, with EMA sample previews every 5: DDP with mmengine's EMAHook, and
+    sharded."""
     root = tmp_path_factory.mktemp('nit')
     extra = "custom_imports = dict(imports=['test_fsdp'], allow_failed_imports=False)\n"
-    train_ok(write(root / 'ddp.py', unsharded(NIT, extra=extra)), root / 'ddp', 2,
-             options=NIT_OPTIONS)
-    train_ok(write(root / 'sharded.py', sharded(NIT, extra=extra)), root / 'sharded', 2,
-             options=NIT_OPTIONS)
+    preview = ", dict(type='SamplePreviewHook', interval=5, sizes=[(8, 8), (8, 12)])"
+    train_ok(write(root / 'ddp.py', unsharded(NIT, extra=extra, hooks=preview)), root / 'ddp',
+             2, options=NIT_OPTIONS)
+    train_ok(write(root / 'sharded.py', sharded(NIT, extra=extra, hooks=preview)),
+             root / 'sharded', 2, options=NIT_OPTIONS)
     return root
 
 
@@ -319,6 +323,12 @@ def test_nit_sharded_training_and_ema_equal_ddp(nit_runs):
     assert_same_tensors(raw, weights, atol=1e-6)
     assert (weights['backbone.final_layer.linear.weight']
             - ema['backbone.final_layer.linear.weight']).abs().max() > 1e-3
+    # The sharded previews (rank 0 samples the gathered model with the EMA swapped in)
+    # are DDP's (mmengine's EMA copy), to a grey level, and previews left training alone.
+    for name in ('iter_5.png', 'iter_10.png'):
+        ours, theirs = (np.asarray(Image.open(nit_runs / run / 'previews' / name), np.int16)
+                        for run in ('sharded', 'ddp'))
+        assert ours.shape == theirs.shape and np.abs(ours - theirs).max() <= 1
     shards = sorted(n for n in os.listdir(path) if n.endswith('.safetensors'))
     assert shards == ['shard-00001-model-00001-of-00001.safetensors',
                       'shard-00002-model-00001-of-00001.safetensors']
