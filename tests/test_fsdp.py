@@ -447,10 +447,12 @@ def test_fit_partial_fine_tune_loads_a_single_file_into_shards(fit_runs, tmp_pat
 
 @pytest.mark.slow
 def test_zero_redundancy_optimizer_saves_and_resumes_under_ddp(tmp_path):
-    """ZeRO-1 with DDP on 2 ranks: every rank joins the consolidation of the optimizer
-    state (no hang at the first save), and resuming from iter_4 gives iter_8 exactly."""
+    """ZeRO-1 with DDP (gradient_as_bucket_view) on 2 ranks: every rank joins the
+    consolidation of the optimizer state (no hang at the first save), and resuming from
+    iter_4 gives iter_8 exactly."""
     zero = ['optim_wrapper.optimizer.type=ZeroRedundancyOptimizer',
-            'optim_wrapper.optimizer.optimizer_type=AdamW', 'train_dataloader.batch_size=4']
+            'optim_wrapper.optimizer.optimizer_type=AdamW', 'train_dataloader.batch_size=4',
+            'model_wrapper_cfg.gradient_as_bucket_view=True']
     train_ok(TOY, tmp_path / 'a', 2, options=zero, timeout=240)
     train_ok(TOY, tmp_path / 'b', 2, options=zero, timeout=240,
              args=['--resume', str(tmp_path / 'a' / 'iter_4.pth')])
