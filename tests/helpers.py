@@ -4,6 +4,7 @@ import os.path as osp
 import socket
 import subprocess
 import sys
+from contextlib import contextmanager
 from itertools import islice
 
 import torch
@@ -53,6 +54,30 @@ class Wrapped:
 def take(sampler, n):
     """The first ``n`` items of a sampler."""
     return list(islice(iter(sampler), n))
+
+
+def load_tool(name):
+    """``tools/<name>.py`` as a module (``tools/`` on the path: test.py imports train.py)."""
+    import importlib.util
+    tools = osp.join(ROOT, 'tools')
+    if tools not in sys.path:
+        sys.path.insert(0, tools)
+    spec = importlib.util.spec_from_file_location(f'flexgen_tool_{name}',
+                                                  osp.join(tools, f'{name}.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextmanager
+def one_torch_thread():
+    """Tiny tensors: torch's thread hand-off costs more than it saves."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def free_port():

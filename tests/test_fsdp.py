@@ -23,13 +23,13 @@ from flexgen.engine.ema import ShardedEMA
 from flexgen.engine.sharded_checkpoint import (TRAIN_STATE, consolidate, load_full_tensors,
                                                read_train_state)
 from flexgen.fileio import CheckpointError
-from helpers import ROOT, run_train, train_ok
-from test_train_tool import load_tool, train_tool
+from helpers import ROOT, load_tool, run_train, train_ok
 
 TOY = osp.join(ROOT, 'tests', 'configs', 'toy_train.py')
 NIT = osp.join(ROOT, 'configs', 'nit', 'nit_tiny_shapes_pack.py')
 FIT = osp.join(ROOT, 'configs', 'fit', 'fitv2_xl_2.py')
 KILL_ENV = 'FLEXGEN_TEST_KILL_WHILE_SAVING'
+train_tool = load_tool('train')
 
 
 def _arm_kill(name: str) -> None:

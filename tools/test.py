@@ -10,14 +10,10 @@ import argparse
 import os
 import os.path as osp
 
-from mmengine.config import Config, DictAction
-from mmengine.model import is_model_wrapper
-from mmengine.registry import RUNNERS
-from mmengine.runner import Runner
+from mmengine.config import Config
 
-import flexgen
-from flexgen.apis.official import convert_for_config, is_official_checkpoint
-from train import check_config_keys, init_cpu_distributed
+from flexgen.cli import add_cfg_options
+from train import check_config_keys, init_cpu_distributed, runner_from_cfg
 
 
 def parse_args(argv=None):
@@ -28,10 +24,12 @@ def parse_args(argv=None):
     parser.add_argument('--converter', help='converter of an official checkpoint (dit, sit, '
                         '...); default: the one the checkpoint and the config agree on')
     parser.add_argument('--work-dir', help='where logs and metrics go')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
-                        help='override config entries, e.g. test_dataloader.batch_size=4')
-    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm'], default='none')
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    add_cfg_options(parser, 'test_dataloader.batch_size=4')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm'], default='none',
+                        help='how processes were started: none (one process), pytorch '
+                        '(torchrun), slurm (srun)')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0,
+                        help=argparse.SUPPRESS)  # set by torch.distributed.launch
     args = parser.parse_args(argv)
     if 'LOCAL_RANK' not in os.environ:
         os.environ['LOCAL_RANK'] = str(args.local_rank)
@@ -40,6 +38,10 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    from mmengine.model import is_model_wrapper
+
+    import flexgen
+    from flexgen.apis.official import convert_for_config, is_official_checkpoint
     flexgen.register_all_modules()
     cfg = Config.fromfile(args.config)
     cfg.launcher = args.launcher
@@ -55,7 +57,7 @@ def main(argv=None):
     cfg.load_from, cfg.resume = (None if official else args.checkpoint), False
     check_config_keys(cfg, args.config)
     init_cpu_distributed(args.launcher)
-    runner = RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
+    runner = runner_from_cfg(cfg)
     if converted is not None:
         # Before test(): an EMA hook copies the model when the run starts, so the EMA
         # weights it swaps in for testing are these.

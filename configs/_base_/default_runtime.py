@@ -6,12 +6,15 @@
 # reads (a misspelled `trian_cfg` is an error, not a silent no-op). Helper variables of
 # a config must start with an underscore, e.g. `_latent_size = 32`.
 default_scope = 'flexgen'
-# mmengine's Runner, plus sharded training when model_wrapper_cfg selects
-# FullyShardedWrapper (flexgen/engine/runner.py).
-runner_type = 'FlexRunner'
 
 default_hooks = dict(
-    timer=dict(type='IterTimerHook'),
+    # The train step's scalars are read from the device once per logging interval (by
+    # FlexTrainLoop), not once per step.
+    runtime_info=dict(type='FlexRuntimeInfoHook'),
+    # The training `time` counts the train step alone (not validation, previews, saves).
+    timer=dict(type='TrainStepTimerHook'),
+    # A bar over the batches of validation and test runs (they generate for minutes).
+    progress=dict(type='ProgressBarHook'),
     logger=dict(type='LoggerHook', interval=100, log_metric_by_epoch=False),
     param_scheduler=dict(type='ParamSchedulerHook'),
     # Atomic writes, weights_only files; max_keep_ckpts prunes only after a save is whole.
@@ -32,7 +35,8 @@ env_cfg = dict(
     dist_cfg=dict(backend='nccl'),
 )
 
-log_processor = dict(by_epoch=False, window_size=50)
+# Validation / test times are logged as val/time, test/time: `time` is the train step's.
+log_processor = dict(type='FlexLogProcessor', by_epoch=False, window_size=50)
 
 # tools/train.py adds dict(type='TensorboardVisBackend') when the optional `tensorboard`
 # package is installed (pip install flexgen[dev] or tensorboard).

@@ -81,9 +81,9 @@ class FullyShardedWrapper(nn.Module):
     The wrapped model is ``self.module`` (as with DDP), so hooks that reach the model
     through ``runner.model.module`` find it; its parameters become sharded ``DTensor`` s.
     Build it from a config (``model_wrapper_cfg``) under ``torchrun ... --launcher pytorch``
-    with :class:`~flexgen.engine.runner.FlexRunner` (the default runner of flexgen
-    configs), which writes sharded checkpoints; mmengine's ``EMAHook`` deep-copies the
-    model, which a sharded model cannot do: use :class:`~flexgen.engine.ema.ShardedEMAHook`.
+    with :class:`~flexgen.engine.runner.FlexRunner` (the Runner flexgen's tools build),
+    which writes sharded checkpoints; mmengine's ``EMAHook`` deep-copies the model, which a
+    sharded model cannot do: use :class:`~flexgen.engine.ema.ShardedEMAHook`.
 
     Args:
         module: the model (an mmengine ``BaseModel``).
@@ -157,9 +157,10 @@ class FullyShardedWrapper(nn.Module):
     def train_step(self, data, optim_wrapper):
         if not self.runner_checked:
             raise RuntimeError(
-                "FullyShardedWrapper trains under flexgen's FlexRunner only (runner_type="
-                "'FlexRunner', the default of configs/_base_/default_runtime.py): mmengine's "
-                'Runner saves checkpoints from rank 0 alone and would lose the other shards')
+                "FullyShardedWrapper trains under flexgen's FlexRunner only (what "
+                'tools/train.py builds unless the config names another runner_type): '
+                "mmengine's Runner saves checkpoints from rank 0 alone and would lose the "
+                'other shards')
         # Gradient accumulation: reduce-scatter only on the micro-step that updates.
         self.module.set_requires_gradient_sync(optim_wrapper.should_sync())
         with self._autocast():

@@ -1,11 +1,15 @@
-"""Hooks: sample previews during training; TF32 for the run."""
+"""Hooks: sample previews during training, TF32 for the run, progress bars, the train
+step's timer."""
 import os.path as osp
+import sys
+import time
 from contextlib import nullcontext
 
 import torch
 from mmengine.dist import is_main_process
-from mmengine.hooks import EMAHook, Hook
+from mmengine.hooks import EMAHook, Hook, IterTimerHook, RuntimeInfoHook
 from mmengine.model import is_model_wrapper
+from tqdm import tqdm
 
 from flexgen.apis.inference import image_grid, save_png
 from flexgen.registry import HOOKS
@@ -16,8 +20,10 @@ class SamplePreviewHook(Hook):
     """Writes a grid of samples (one row per size, one column per class) to
     ``work_dir/previews/iter_<N>.png`` every ``interval`` iterations and at the end of
     training, from the EMA weights when an ``EMAHook`` or ``ShardedEMAHook`` is present
-    (with a sharded model every rank takes part and rank 0 samples). Seeds are fixed, so
-    successive grids show the same noise evolving into images."""
+    (with a sharded model every rank takes part and rank 0 samples), and hands the same grid
+    to the runner's visualizer as image ``preview`` at step N (TensorBoard, when its backend
+    is configured). Seeds are fixed, so successive grids show the same noise evolving into
+    images."""
 
     priority = 'LOW'
 
@@ -25,7 +31,7 @@ class SamplePreviewHook(Hook):
         self.sizes = [tuple(s) for s in sizes]
         self.classes, self.interval, self.seed, self.out_dir = classes, interval, seed, out_dir
 
-    def write(self, runner, name):
+    def write(self, runner, step):
         ema = next((hook for hook in runner.hooks
                     if isinstance(hook, EMAHook) and hasattr(hook, 'ema_model')), None)
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
@@ -41,12 +47,12 @@ class SamplePreviewHook(Hook):
             with (runner.model.gathered() if hasattr(runner.model, 'gathered')
                   else nullcontext()):
                 if is_main_process():
-                    self._sample(runner, model, name)
+                    self._sample(runner, model, step)
         finally:
             if in_place:
                 ema._swap_ema_parameters()
 
-    def _sample(self, runner, model, name):
+    def _sample(self, runner, model, step):
         classes = self.classes if self.classes is not None else list(range(model.num_classes))
         labels = [c for _ in self.sizes for c in classes]
         sizes = [s for s in self.sizes for _ in classes]
@@ -56,16 +62,73 @@ class SamplePreviewHook(Hook):
         model.train(was_training)
         grid = image_grid([((im.float().cpu() + 1) / 2).clamp(0, 1) for im in images],
                           ncols=len(classes))
-        path = osp.join(runner.work_dir, self.out_dir, f'{name}.png')
+        path = osp.join(runner.work_dir, self.out_dir, f'iter_{step}.png')
         save_png(grid, path)
+        # The PNG's pixels (save_png's rounding), [H, W, 3] uint8 as the visualizer takes them.
+        pixels = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        runner.visualizer.add_image('preview', pixels, step=step)
         runner.logger.info(f'sample preview: {path}')
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
         if self.every_n_train_iters(runner, self.interval) and not self.is_last_train_iter(runner):
-            self.write(runner, f'iter_{runner.iter + 1}')
+            self.write(runner, runner.iter + 1)
 
     def after_train(self, runner):
-        self.write(runner, f'iter_{runner.iter}')
+        self.write(runner, runner.iter)
+
+
+@HOOKS.register_module()
+class ProgressBarHook(Hook):
+    """A progress bar (tqdm on stderr, main process only) over the batches of every
+    validation and test run: generating the samples a metric scores takes minutes, and the
+    logger prints only once they are scored. Closed after the last batch, before the
+    metrics' own work (a judge trains with its own bar)."""
+
+    priority = 'NORMAL'
+
+    def __init__(self):
+        self.bar = None
+
+    def _before_epoch(self, runner, mode='train'):
+        if mode == 'train' or not is_main_process():
+            return
+        loader = runner.val_dataloader if mode == 'val' else runner.test_dataloader
+        self.bar = tqdm(total=len(loader), desc=mode, unit='batch', file=sys.stderr,
+                        dynamic_ncols=True)
+
+    def _after_iter(self, runner, batch_idx, data_batch=None, outputs=None, mode='train'):
+        if mode == 'train' or self.bar is None:
+            return
+        self.bar.update(1)
+        if self.bar.n >= self.bar.total:
+            self.close()
+
+    def _after_epoch(self, runner, mode='train'):
+        if mode != 'train':
+            self.close()
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+@HOOKS.register_module()
+class TrainStepTimerHook(IterTimerHook):
+    """mmengine's ``IterTimerHook`` whose training ``time`` and ``data_time`` count one
+    training step alone: loading its batch and the step itself.
+
+    mmengine's timer measures from the end of the previous iteration's timer call, so an
+    iteration after a validation run also counts the evaluation, and every iteration
+    counts the hooks that ran after the timer in the previous one (sample previews,
+    checkpoints). Here the clock starts when the loop asks for the batch:
+    :class:`flexgen.engine.FlexTrainLoop` calls :meth:`before_train_fetch` there. Under
+    other loops it times as mmengine's does. Validation and test times are unchanged.
+    """
+
+    def before_train_fetch(self, runner):
+        self.t = time.time()
+
 
 
 def tf32_flags():
@@ -114,3 +177,15 @@ class TF32Hook(Hook):
         if self._previous is not None:
             set_tf32_flags(*self._previous)
             self._previous = None
+
+
+@HOOKS.register_module()
+class FlexRuntimeInfoHook(RuntimeInfoHook):
+    """mmengine's ``RuntimeInfoHook``, except that under ``FlexTrainLoop`` it leaves the
+    training step's scalars to the loop, which logs them in step order at its flushes
+    (reading them here would cost a device sync per step)."""
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
+        if getattr(runner.train_loop, 'logs_step_scalars', False):
+            return
+        super().after_train_iter(runner, batch_idx, data_batch, outputs)

@@ -1,6 +1,9 @@
-"""flexgen's Runner: mmengine's ``Runner`` plus sharded (FSDP2) training.
+"""The Runner the tools build: mmengine's ``Runner`` with a console a user can read and
+sharded (FSDP2) training.
 
-For a model that is not sharded it is mmengine's ``Runner`` unchanged. When the config
+Console: the start-up dumps (environment, config, hook order) stay in the log file.
+
+For a model that is not sharded it is otherwise mmengine's ``Runner``. When the config
 selects :class:`~flexgen.engine.fsdp.FullyShardedWrapper` (``model_wrapper_cfg``), it
 
 - builds the wrapper from flexgen's registry (mmengine's ``wrap_model`` looks wrappers up in
@@ -42,11 +45,25 @@ from .sharded_checkpoint import (is_sharded_checkpoint, load_sharded, read_train
                                  save_sharded, sharded_keys)
 
 
+class StartupDumpFilter(logging.Filter):
+    """Drops the Runner's start-up dumps (system environment, the whole config, the hook
+    order: hundreds of lines) from a handler; the log file keeps them."""
+
+    PREFIXES = ('System environment:', 'Config:\n', 'Hooks will be executed in the following')
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage() if isinstance(record.msg, str) else ''
+        return not message.lstrip('\n-').startswith(self.PREFIXES)
+
+
 @RUNNERS.register_module()
 class FlexRunner(Runner):
-    """mmengine's ``Runner`` that also trains, saves and resumes sharded models (see the
-    module docstring). Selected by ``runner_type='FlexRunner'``; its arguments are the
-    Runner's."""
+    """mmengine's ``Runner`` whose console leaves out the start-up dumps (environment,
+    config, hook order) and says where they are instead: the log file in
+    ``work_dir/<timestamp>/`` has everything, and the config is also dumped to the work
+    dir as a file; and that trains, saves and resumes sharded models (see the module
+    docstring). ``tools/train.py`` and ``tools/test.py`` build it unless the config names a
+    ``runner_type``; its arguments are the Runner's."""
 
     def __init__(self, *args, **kwargs):
         self._resuming = False
@@ -55,6 +72,18 @@ class FlexRunner(Runner):
         self.sharded_checkpoints = is_sharded_wrapper_cfg(self.cfg.get('model_wrapper_cfg'))
         if self.sharded_checkpoints:
             self._check_sharded_setup()
+
+    def build_logger(self, log_level='INFO', log_file=None, **kwargs):
+        logger = super().build_logger(log_level, log_file, **kwargs)
+        files = [h.baseFilename for h in logger.handlers if isinstance(h, logging.FileHandler)]
+        for handler in logger.handlers:
+            console = isinstance(handler, logging.StreamHandler) and \
+                not isinstance(handler, logging.FileHandler)
+            if console and not any(isinstance(f, StartupDumpFilter) for f in handler.filters):
+                handler.addFilter(StartupDumpFilter())
+        if files:
+            logger.info(f'Environment, full config and hook order: {files[0]}')
+        return logger
 
     # ------------------------------------------------------------------ set-up
     def _check_sharded_setup(self) -> None:

@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -17,10 +18,12 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from mmengine.dist import is_main_process
 from mmengine.logging import print_log
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from tqdm import tqdm
 
 # Bump when the network or the training recipe changes: old cache files then stop matching.
 CACHE_VERSION = 1
@@ -133,6 +136,8 @@ def _fit(model: SmallConvClassifier, images: List[Tensor], labels: Tensor, epoch
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     plan = [size_batches(images, batch_size, generator) for _ in range(epochs)]
     total, step = sum(len(batches) for batches in plan), 0
+    bar = tqdm(total=total, desc='training the judge classifier', unit='step',
+               file=sys.stderr, dynamic_ncols=True, disable=not is_main_process())
     for batches in plan:
         for batch in batches:
             for group in optimizer.param_groups:
@@ -146,6 +151,8 @@ def _fit(model: SmallConvClassifier, images: List[Tensor], labels: Tensor, epoch
             loss.backward()
             optimizer.step()
             step += 1
+            bar.update(1)
+    bar.close()
     model.eval()
 
 

@@ -211,17 +211,23 @@ class DiffusionGenerator(BaseModel):
                              f'{self.num_classes} is reserved for "no class"). Check the '
                              "dataset's classes against the model.")
 
+    _labels_checked = False
+
     def train_step(self, data, optim_wrapper):
         # Labels are checked while they are on the host: after the data preprocessor
         # moved them, a check would cost a device sync every step.
         samples = data.get('data_samples') if isinstance(data, dict) else None
         if isinstance(samples, dict) and isinstance(samples.get('label'), torch.Tensor):
             self.check_labels(samples['label'], 'training batch', samples.get('index'))
-        return super().train_step(data, optim_wrapper)
+        self._labels_checked = True
+        try:
+            return super().train_step(data, optim_wrapper)
+        finally:
+            self._labels_checked = False
 
     def loss(self, inputs, data_samples: dict) -> dict:
         labels = torch.as_tensor(data_samples['label'])
-        if labels.device.type == 'cpu':
+        if not self._labels_checked:  # called directly, not by train_step
             self.check_labels(labels, 'training batch', data_samples.get('index'))
         batch = self.token_batch(inputs)
         device = batch.device

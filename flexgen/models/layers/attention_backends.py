@@ -247,8 +247,12 @@ class AutoAttention:
 
     @staticmethod
     def choose(device, dtype):
-        """The backend name ``'auto'`` uses for tensors on ``device`` of ``dtype``."""
-        if torch.device(device).type == 'cuda' and dtype in (torch.float16, torch.bfloat16):
+        """The backend name ``'auto'`` uses for tensors on ``device`` of ``dtype`` (the
+        autocast dtype where autocast is on for the device)."""
+        device = torch.device(device)
+        if torch.is_autocast_enabled(device.type):
+            dtype = torch.get_autocast_dtype(device.type)
+        if _has_varlen_kernels(device) and dtype in (torch.float16, torch.bfloat16):
             for name in ('flash_varlen', 'xformers'):
                 try:
                     build_attention_backend(name)
@@ -258,10 +262,15 @@ class AutoAttention:
         return 'sdpa'
 
     def __call__(self, q, k, v, batch):
-        key = (q.device.type, q.dtype)
+        key = (q.device.type, q.dtype, torch.is_autocast_enabled(q.device.type))
         if key not in self._chosen:
             self._chosen[key] = build_attention_backend(self.choose(q.device, q.dtype))
         return self._chosen[key](q, k, v, batch)
+
+
+def _has_varlen_kernels(device) -> bool:
+    """Whether the varlen kernels (flash-attn, xformers) can run on ``device``."""
+    return device.type == 'cuda'
 
 
 def _register_optional_backends():
