@@ -13,21 +13,16 @@ bytes (no pickle), and writes the file atomically.
 import argparse
 import os.path as osp
 
-import torch
-
-from flexgen.fileio import atomic_path
-from flexgen.engine.sharded_checkpoint import consolidate, read_train_state
-
-DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+DTYPES = ('bfloat16', 'float16', 'float32')
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Sharded checkpoint -> one safetensors file')
-    parser.add_argument('checkpoint', help='a sharded checkpoint directory')
+    parser.add_argument('checkpoint', help='a sharded checkpoint directory (iter_N.pth/)')
     parser.add_argument('out', help='the .safetensors file to write')
     parser.add_argument('--weights', choices=['ema', 'model'], default='ema',
                         help='the exponential moving average (default) or the trained weights')
-    parser.add_argument('--dtype', choices=sorted(DTYPES),
+    parser.add_argument('--dtype', choices=DTYPES,
                         help='cast floating-point tensors (default: as stored, float32)')
     return parser.parse_args(argv)
 
@@ -36,8 +31,13 @@ def main(argv=None):
     args = parse_args(argv)
     if not args.out.endswith('.safetensors'):
         raise ValueError(f'{args.out}: the output is a safetensors file; name it *.safetensors')
+    import torch
     from safetensors.torch import save_file
-    tensors = consolidate(args.checkpoint, args.weights, DTYPES.get(args.dtype))
+
+    from flexgen.engine.sharded_checkpoint import consolidate, read_train_state
+    from flexgen.fileio import atomic_path
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    tensors = consolidate(args.checkpoint, args.weights, dtype)
     meta = read_train_state(args.checkpoint).get('meta', {})
     header = dict(format='pt', weights=args.weights, source=osp.abspath(args.checkpoint),
                   iter=str(meta.get('iter', '')))

@@ -16,11 +16,7 @@ import argparse
 import os.path as osp
 from dataclasses import replace
 
-from mmengine.config import Config, DictAction
-
-from flexgen.utils.memory_plan import (GIB, candidate_setups, configured_setup,
-                                       count_parameters, measure_activations, plan_memory,
-                                       tokens_per_gpu)
+from flexgen.cli import add_cfg_options
 
 COLUMNS = [('weights', 'weights'), ('gradients', 'grads'), ('buckets', 'buckets'),
            ('optimizer', 'optim'), ('ema', 'EMA'), ('gathered', 'gathered'),
@@ -29,8 +25,8 @@ COLUMNS = [('weights', 'weights'), ('gradients', 'grads'), ('buckets', 'buckets'
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='GPU memory plan of training recipes')
-    parser.add_argument('configs', nargs='+')
-    parser.add_argument('--gpus', type=int, default=8)
+    parser.add_argument('configs', nargs='+', help='training config files')
+    parser.add_argument('--gpus', type=int, default=8, help='data-parallel GPUs (default 8)')
     parser.add_argument('--gpu-memory', type=float, default=80, help='GiB per GPU')
     parser.add_argument('--usable', type=float, default=0.9,
                         help='share of the GPU memory a plan may fill (the rest: CUDA '
@@ -43,11 +39,16 @@ def parse_args(argv=None):
                         help="REPA vision encoder feature width when the config sets no "
                         "z_dims (1280: RADIO v2.5-H, NiT's encoder)")
     parser.add_argument('--markdown', action='store_true', help='one README table row each')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction)
+    add_cfg_options(parser, 'train_dataloader.batch_size=8')
     return parser.parse_args(argv)
 
 
 def plans_for(path, args):
+    from mmengine.config import Config
+
+    from flexgen.utils.memory_plan import (candidate_setups, configured_setup,
+                                           count_parameters, measure_activations,
+                                           plan_memory, tokens_per_gpu)
     cfg = Config.fromfile(path)
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
@@ -68,13 +69,13 @@ def plans_for(path, args):
 
 
 def gib(value):
-    return f'{value / GIB:.1f}'
+    return f'{value / 2 ** 30:.1f}'
 
 
 def main(argv=None):
+    args = parse_args(argv)
     import flexgen
     flexgen.register_all_modules()
-    args = parse_args(argv)
     rows = []
     for path in args.configs:
         cfg, counts, tokens, measured, plans = plans_for(path, args)
@@ -100,10 +101,16 @@ def main(argv=None):
         print('  GiB per GPU: ' + ' '.join(f'{label:>8}' for _, label in COLUMNS)
               + '     peak  fits  setup')
         for plan in plans:
+            fits = 'yes' if plan.fits(args.gpu_memory, args.usable) else 'no'
             print('               ' + ' '.join(f'{gib(plan.parts[k]):>8}' for k, _ in COLUMNS)
-                  + f' {gib(plan.peak):>8}  {"yes" if plan.fits(args.gpu_memory, args.usable) else "no":>4}'
-                  + f'  {plan.setup.describe()}')
-        print(f'  -> {"as configured" if fitting is plans[0] else ("switch on: " + fitting.setup.describe()) if fitting else "no setup here fits: more GPUs or fewer tokens per GPU"}')
+                  + f' {gib(plan.peak):>8}  {fits:>4}  {plan.setup.describe()}')
+        if fitting is None:
+            verdict = 'no setup here fits: more GPUs or fewer tokens per GPU'
+        elif fitting is plans[0]:
+            verdict = 'as configured'
+        else:
+            verdict = f'switch on: {fitting.setup.describe()}'
+        print(f'  -> {verdict}')
     if args.markdown:
         print(f'| config | setup | parameters (trainable) | tokens / GPU | weights, grads, '
               f'buckets, optimizer, EMA (GiB) | activations (GiB) | peak (GiB) | fits '

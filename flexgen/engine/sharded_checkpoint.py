@@ -20,10 +20,11 @@ parses JSON and raw tensor bytes only; ``train_state.pth`` loads with
 
 Writes are atomic as a whole: the shards and the train state go to a temporary directory
 ``.<name>.tmp`` beside the target, which is renamed to ``<name>`` once every rank has
-finished (and fsync'ed) its files. Every rank writes into the same directory, so on several
-nodes the work directory must be on a file system they share (as for any DCP checkpoint). A kill at any earlier point leaves the previous
+finished (and fsync'ed) its files. A kill at any earlier point leaves the previous
 checkpoint, and the ``last_checkpoint`` pointer to it, untouched; the leftover temporary
-directory is removed when training starts again.
+directory is removed when training starts again. Every rank writes into the same
+directory, so on several nodes the work directory must be on a file system they share (as
+for any DCP checkpoint).
 """
 import io
 import os
