@@ -44,6 +44,16 @@ class LengthGroups(NamedTuple):
     order: Optional[Tensor]
 
 
+def host_to_device(tensor: Tensor, device) -> Tensor:
+    """A small host tensor on ``device`` without blocking the host: page-locked first, then
+    a non-blocking copy, where the device is an accelerator (a plain ``.to`` from pageable
+    memory waits for the copy)."""
+    device = torch.device(device)
+    if device.type == 'cpu':
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def _move(value, device, non_blocking=False):
     """Tensors inside plain containers / named tuples moved to ``device``."""
     if isinstance(value, Tensor):

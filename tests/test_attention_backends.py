@@ -201,12 +201,15 @@ def test_length_groups_order_gathers_each_group_contiguously():
     assert sorted_groups.order is None
 
 
-def test_auto_picks_grouped_sdpa_on_cpu_and_for_float32():
+def test_auto_choices_by_device_dtype_and_batch():
     assert AutoAttention.choose('cpu', torch.float32) == 'sdpa'
     assert AutoAttention.choose('cpu', torch.bfloat16) == 'sdpa'
-    assert AutoAttention.choose('cuda', torch.float32) == 'sdpa'
-    expected = 'flash_varlen' if HAS_FLASH else 'xformers' if HAS_XFORMERS else 'sdpa'
+    flex = 'flex' if flex_attention_available() else 'sdpa'
+    assert AutoAttention.choose('cuda', torch.float32) == flex
+    expected = 'flash_varlen' if HAS_FLASH else 'xformers' if HAS_XFORMERS else flex
     assert AutoAttention.choose('cuda', torch.bfloat16) == expected
+    # equal lengths (DiT): one dense batched call, whatever is installed
+    assert AutoAttention.choose('cuda', torch.bfloat16, uniform=True) == 'sdpa'
 
 
 def test_registered_names_build():

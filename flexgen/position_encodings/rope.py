@@ -30,6 +30,8 @@ import torch.nn as nn
 
 from flexgen.registry import POSITION_ENCODINGS
 
+from flexgen.structures import host_to_device
+
 from .rope_scaling import base_frequencies, build_rope_rule
 # the rule families register themselves in POSITION_ENCODINGS on import
 from . import rope_interpolation, rope_ntk, rope_proportional, rope_yarn  # noqa: F401,E402
@@ -52,15 +54,6 @@ def apply_rotary(x, cos, sin):
     dtype = x.dtype
     x = x.float()
     return (x * cos[:, None] + rotate_half(x) * sin[:, None]).to(dtype)
-
-
-def _to_device(tensor, device):
-    """A small host tensor on ``device`` without blocking the host (pinned, then a
-    non-blocking copy) where the device is an accelerator."""
-    device = torch.device(device)
-    if device.type == 'cpu':
-        return tensor
-    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _pair(value, name):
@@ -186,16 +179,16 @@ class AxialRoPE2D(nn.Module):
             uniq, inverse = torch.unique(self.grid_sizes(batch.sizes), dim=0,
                                          return_inverse=True)
         tables = [self.frequencies(h, w) for h, w in uniq.tolist()]
-        rows = _to_device(torch.stack([t[0] for t in tables]).float(), device)
-        cols = _to_device(torch.stack([t[1] for t in tables]).float(), device)
+        rows = host_to_device(torch.stack([t[0] for t in tables]).float(), device)
+        cols = host_to_device(torch.stack([t[1] for t in tables]).float(), device)
         factors = [t[2] for t in tables]
         if len(tables) == 1:
             factor = None if factors[0] == 1.0 else factors[0]
             return rows[0], cols[0], factor
-        token = _to_device(inverse, device)[batch.image_ids]
+        token = host_to_device(inverse, device)[batch.image_ids]
         factor = None
         if any(f != 1.0 for f in factors):
-            factor = _to_device(torch.tensor(factors, dtype=torch.float32), device)[token, None]
+            factor = host_to_device(torch.tensor(factors, dtype=torch.float32), device)[token, None]
         return rows[token], cols[token], factor
 
     # ------------------------------------------------------------------ forward

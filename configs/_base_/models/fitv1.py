@@ -27,7 +27,7 @@ model = dict(
         block=dict(type='AdaLNZeroBlock'), mlp=dict(type='SwiGLUMlp', large=True),
         qk_norm=None, modulation=dict(type='AdaLNZero'), pos_embed=None,
         rope=dict(type='AxialRoPE2D', theta=10000.0, layout='fit'),
-        attn_backend='sdpa',
+        attn_backend='auto',
         time_scale=1000.0, time_flip=False, output_scale=1.0),
     transport=dict(type='DDPM', num_timesteps=1000, beta_schedule='linear', prediction='eps',
                    variance='learned_range', loss='hybrid'),

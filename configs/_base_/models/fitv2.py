@@ -23,7 +23,7 @@ model = dict(
         qk_norm='layernorm', modulation=dict(type='AdaLNLoRA', rank=288),
         global_modulation=dict(type='AdaLNZero'), pos_embed=None,
         rope=dict(type='AxialRoPE2D', theta=10000.0, layout='fit'),
-        attn_backend='sdpa',
+        attn_backend='auto',
         time_scale=1.0, time_flip=True, output_scale=-1.0),
     transport=dict(type='Interpolant', path='linear', prediction='velocity',
                    train_eps=0.0, sample_eps=0.0),

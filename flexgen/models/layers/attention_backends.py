@@ -231,13 +231,17 @@ class PaddedAttention:
 
 @ATTENTION_BACKENDS.register_module(name='auto')
 class AutoAttention:
-    """The fastest exact backend for the device and dtype of each call.
+    """The fastest exact backend for the device, dtype and batch of each call.
 
+    - a uniform batch (every image the same length: DiT): ``'sdpa'``, one dense batched
+      call (torch's flash / memory-efficient kernels on a GPU);
     - CUDA, float16 / bfloat16: ``'flash_varlen'`` when flash-attn is installed, else
-      ``'xformers'`` when xformers is, else ``'sdpa'``;
-    - everything else (CPU; float32 / float64 on CUDA): ``'sdpa'`` (the fastest CPU path
-      in ``tools/benchmark.py``; ``'flex'`` has no CPU backward, and its compiled CPU
-      forward measured slower than ``'sdpa'``).
+      ``'xformers'`` when xformers is;
+    - CUDA otherwise: ``'flex'`` (compiled FlexAttention with a document mask: 4.7x
+      faster than grouped ``'sdpa'`` on a 16k-token ImageNet-like pack on an H200,
+      tools/gpu_check.py), ``'sdpa'`` where this torch has no FlexAttention;
+    - CPU: ``'sdpa'`` (the fastest CPU path in ``tools/benchmark.py``; ``'flex'`` has
+      no CPU backward, and its compiled CPU forward measured slower than ``'sdpa'``).
 
     Never the dense masked SDPA over the whole pack, which costs ``(sum n_i)^2``.
     """
@@ -246,25 +250,30 @@ class AutoAttention:
         self._chosen = {}
 
     @staticmethod
-    def choose(device, dtype):
+    def choose(device, dtype, uniform=False):
         """The backend name ``'auto'`` uses for tensors on ``device`` of ``dtype`` (the
         autocast dtype where autocast is on for the device)."""
         device = torch.device(device)
+        if uniform or not _has_varlen_kernels(device):
+            return 'sdpa'
         if torch.is_autocast_enabled(device.type):
             dtype = torch.get_autocast_dtype(device.type)
-        if _has_varlen_kernels(device) and dtype in (torch.float16, torch.bfloat16):
-            for name in ('flash_varlen', 'xformers'):
-                try:
-                    build_attention_backend(name)
-                except ImportError:
-                    continue
-                return name
+        candidates = ('flash_varlen', 'xformers', 'flex') if dtype in (
+            torch.float16, torch.bfloat16) else ('flex',)
+        for name in candidates:
+            try:
+                build_attention_backend(name)
+            except ImportError:
+                continue
+            return name
         return 'sdpa'
 
     def __call__(self, q, k, v, batch):
-        key = (q.device.type, q.dtype, torch.is_autocast_enabled(q.device.type))
+        key = (q.device.type, q.dtype, torch.is_autocast_enabled(q.device.type),
+               batch.is_uniform)
         if key not in self._chosen:
-            self._chosen[key] = build_attention_backend(self.choose(q.device, q.dtype))
+            self._chosen[key] = build_attention_backend(
+                self.choose(q.device, q.dtype, batch.is_uniform))
         return self._chosen[key](q, k, v, batch)
 
 

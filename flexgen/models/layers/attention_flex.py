@@ -22,6 +22,7 @@ import warnings
 import torch
 
 from flexgen.registry import ATTENTION_BACKENDS
+from flexgen.structures import host_to_device
 from .attention_backends import SDPAAttention
 
 _COMPILED = {}        # the compiled kernel, one per process (shared by every layer)
@@ -69,9 +70,10 @@ def _build_document_block_mask(seqlens, block_size, device):
     def ordered(blocks):
         counts = blocks.sum(1, dtype=torch.int32)
         indices = torch.argsort((~blocks).to(torch.int8), dim=1, stable=True).to(torch.int32)
-        return counts[None, None].to(device), indices[None, None].to(device)
+        return (host_to_device(counts[None, None], device),
+                host_to_device(indices[None, None], device))
 
-    doc = doc.to(device)
+    doc = host_to_device(doc, device)
 
     def same_image(b, h, q_idx, kv_idx):
         return doc[q_idx] == doc[kv_idx]
