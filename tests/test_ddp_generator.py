@@ -35,7 +35,7 @@ val_evaluator = None
 test_dataloader = None
 test_cfg = None
 test_evaluator = None
-custom_hooks = [dict(type='EMAHook', momentum=0.1, priority='ABOVE_NORMAL'),
+custom_hooks = [dict(type='FlexEMAHook', momentum=0.1, priority='ABOVE_NORMAL'),
                 dict(type='BatchRecorderHook')]
 default_hooks = dict(checkpoint=dict(interval={STEPS}, save_last=False))
 randomness = dict(seed=3)

@@ -282,7 +282,7 @@ def test_config_recipe(path):
     assert cfg.optim_wrapper.clip_grad == dict(max_norm=1.0)
     assert cfg.auto_scale_lr == dict(base_batch_size=256, enable=True)
     assert [h.momentum for h in cfg.custom_hooks
-            if h.type in ('EMAHook', 'ShardedEMAHook')] == [1e-4]  # 3B: sharded
+            if h.type in ('EMAHook', 'FlexEMAHook')] == [1e-4]  # 3B: sharded
     data = cfg.train_dataloader
     assert data.dataset.type == 'FiTLatents'
     assert data.dataset.target_len == data.collate_fn.max_length == (1024 if hr else 256)

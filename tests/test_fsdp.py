@@ -1,4 +1,4 @@
-"""Sharded training on a CPU: FullyShardedWrapper (FSDP2), ShardedEMAHook, sharded
+"""Sharded training on a CPU: FullyShardedWrapper (FSDP2), FlexEMAHook, sharded
 checkpoints through torch.distributed.checkpoint, FlexRunner, the consolidation tool.
 
 Fast tests run one process (a sharded config still writes sharded checkpoints, and one
@@ -57,16 +57,16 @@ if os.environ.get(KILL_ENV):  # imported by a training worker (custom_imports)
 
 def sharded(base, ema_momentum=0.1, extra='', wrapper='', hooks=''):
     """A config file's text: ``base`` trained with FullyShardedWrapper (``wrapper``: more
-    of its arguments) and ShardedEMAHook (``hooks``: more hooks)."""
+    of its arguments) and FlexEMAHook (``hooks``: more hooks)."""
     return (f'_base_ = [{base!r}]\n'
             f"model_wrapper_cfg = dict(type='FullyShardedWrapper'{wrapper})\n"
-            f"custom_hooks = [dict(type='ShardedEMAHook', momentum={ema_momentum}, "
+            f"custom_hooks = [dict(type='FlexEMAHook', momentum={ema_momentum}, "
             f"priority='ABOVE_NORMAL'){hooks}]\n" + extra)
 
 
 def unsharded(base, ema_momentum=0.1, extra='', hooks=''):
     return (f'_base_ = [{base!r}]\n'
-            f"custom_hooks = [dict(type='EMAHook', momentum={ema_momentum}, "
+            f"custom_hooks = [dict(type='FlexEMAHook', momentum={ema_momentum}, "
             f"priority='ABOVE_NORMAL'){hooks}]\n" + extra)
 
 
@@ -131,7 +131,7 @@ def test_sharded_ema_equals_mmengine_ema(update_buffers):
 @pytest.fixture(scope='module')
 def toy_runs(tmp_path_factory):
     """The toy recipe, 8 steps, once as mmengine writes it (EMAHook, single files) and
-    once as a sharded config in one process (ShardedEMAHook, sharded checkpoints)."""
+    once as a sharded config in one process (FlexEMAHook, sharded checkpoints)."""
     root = tmp_path_factory.mktemp('toy')
     options = ['default_hooks.checkpoint.interval=4', 'default_hooks.checkpoint.max_keep_ckpts=2']
     plain = write(root / 'plain.py', unsharded(TOY, extra='randomness = dict(seed=5)\n'))
@@ -139,7 +139,7 @@ def toy_runs(tmp_path_factory):
                                                wrapper=", blocks=['net']"))
     ema_only = write(root / 'ema_only.py', (
         f'_base_ = [{TOY!r}]\nrandomness = dict(seed=5)\n'
-        "custom_hooks = [dict(type='ShardedEMAHook', momentum=0.1, priority='ABOVE_NORMAL')]\n"))
+        "custom_hooks = [dict(type='FlexEMAHook', momentum=0.1, priority='ABOVE_NORMAL')]\n"))
     run_in_process(plain, root / 'plain', *options)
     run_in_process(shard, root / 'sharded', *options)
     run_in_process(ema_only, root / 'ema_only', *options)
@@ -147,7 +147,7 @@ def toy_runs(tmp_path_factory):
 
 
 def test_sharded_ema_hook_writes_and_resumes_mmengine_single_files(toy_runs, tmp_path):
-    """Unsharded, ShardedEMAHook is mmengine's EMAHook: the same single-file checkpoint
+    """Unsharded, FlexEMAHook is mmengine's EMAHook: the same single-file checkpoint
     (state_dict = EMA, ema_state_dict = raw weights + steps), and resuming from it is exact."""
     expected = torch.load(toy_runs / 'plain' / 'iter_8.pth', weights_only=True)
     ours = torch.load(toy_runs / 'ema_only' / 'iter_8.pth', weights_only=True)
@@ -260,9 +260,10 @@ def test_consolidated_weights_are_what_tools_test_and_init_generator_read(toy_ru
 
 
 def test_sharded_setup_refusals(tmp_path):
-    with pytest.raises(ValueError, match="use dict\\(type='ShardedEMAHook'"):
+    with pytest.raises(ValueError, match="use dict\\(type='FlexEMAHook'"):
         train_tool.build_runner([write(tmp_path / 'a.py', unsharded(
-            TOY, extra="model_wrapper_cfg = dict(type='FullyShardedWrapper', blocks=[])\n"))])
+            TOY, extra="model_wrapper_cfg = dict(type='FullyShardedWrapper', blocks=[])\n"
+            "custom_hooks = [dict(type='EMAHook', momentum=0.1)]\n"))])  # mmengine's
     with pytest.raises(ValueError, match='ZeroRedundancyOptimizer.*shards the optimizer'):
         train_tool.build_runner([write(tmp_path / 'b.py', sharded(
             TOY, wrapper=', blocks=[]', extra="optim_wrapper = dict(optimizer=dict("

@@ -188,7 +188,7 @@ def recording_config(tmp_path, imports=(), extra=''):
     """The tiny config plus this file's recorder hook (and the modules to import)."""
     config = tmp_path / 'nit_tiny_recorded.py'
     text = (f'_base_ = [{TINY!r}]\n'
-            "custom_hooks = [dict(type='EMAHook', momentum=1e-3, priority='ABOVE_NORMAL'), "
+            "custom_hooks = [dict(type='FlexEMAHook', momentum=1e-3, priority='ABOVE_NORMAL'), "
             "dict(type='PackRecorderHook')]\n") + extra
     if imports:
         text += f'custom_imports = dict(imports={list(imports)!r}, allow_failed_imports=False)\n'

@@ -22,4 +22,4 @@ model_wrapper_cfg = dict(type='FullyShardedWrapper',
                          mixed_precision=dict(param_dtype='bfloat16', reduce_dtype='float32'))
 optim_wrapper = dict(optimizer=dict(fused=True))
 # fitv2_xl_2.py's EMA (decay 0.9999), per shard.
-custom_hooks = [dict(type='ShardedEMAHook', momentum=1e-4, priority='ABOVE_NORMAL')]
+custom_hooks = [dict(type='FlexEMAHook', momentum=1e-4, priority='ABOVE_NORMAL')]

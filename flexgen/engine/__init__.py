@@ -4,7 +4,7 @@ sample previews, a console and logs a user can read (progress bars, the train st
 time), and sharded training (FSDP2 wrapper, sharded EMA, sharded checkpoints)."""
 from .checkpoint import (AtomicLocalBackend, FlexCheckpointHook, atomic_write,
                          restore_message_hub, to_plain)
-from .ema import ShardedEMA, ShardedEMAHook
+from .ema import ShardedEMA, FlexEMAHook
 from .fsdp import FullyShardedWrapper
 from .hooks import (FlexRuntimeInfoHook, ProgressBarHook, SamplePreviewHook, TF32Hook,
                     TrainStepTimerHook)
@@ -17,6 +17,6 @@ __all__ = [
     'AtomicLocalBackend', 'AutocastOptimWrapper', 'FlexCheckpointHook', 'FlexLogProcessor',
     'FlexOptimWrapper', 'FlexRunner', 'FlexRuntimeInfoHook', 'FlexTrainLoop',
     'FullyShardedWrapper', 'ProgressBarHook', 'SamplePreviewHook', 'ShardedEMA',
-    'ShardedEMAHook', 'TF32Hook', 'TrainStepTimerHook', 'atomic_write',
+    'FlexEMAHook', 'TF32Hook', 'TrainStepTimerHook', 'atomic_write',
     'restore_message_hub', 'to_plain'
 ]

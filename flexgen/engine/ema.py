@@ -15,6 +15,7 @@ from mmengine.hooks import EMAHook
 from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 
+from flexgen.fileio import CheckpointError
 from flexgen.registry import HOOKS
 
 
@@ -114,6 +115,13 @@ class ShardedEMA:
         if strict and (missing or unexpected):
             raise KeyError(f'ShardedEMA.load_state_dict: missing {sorted(missing)[:5]}, '
                            f'unexpected {sorted(unexpected)[:5]}')
+        misshapen = [f'{name} {tuple(state_dict[f"module.{name}"].shape)} != '
+                     f'{tuple(average.shape)}' for name, average in self.averages.items()
+                     if f'module.{name}' in state_dict
+                     and tuple(state_dict[f'module.{name}'].shape) != tuple(average.shape)]
+        if misshapen:
+            raise CheckpointError('its weights do not fit the model (shape mismatches: '
+                                  + ', '.join(misshapen[:8]) + ')')
         if 'steps' in state_dict:
             self.steps = torch.as_tensor(state_dict['steps'], dtype=torch.long).cpu().clone()
         for name, average in self.averages.items():
@@ -122,12 +130,14 @@ class ShardedEMA:
 
 
 @HOOKS.register_module()
-class ShardedEMAHook(EMAHook):
+class FlexEMAHook(EMAHook):
     """mmengine's ``EMAHook`` with the average kept per shard (:class:`ShardedEMA`).
 
     Same arguments, same behaviour (validation and testing with the averaged weights;
-    ``begin_iter`` / ``begin_epoch``), no copy of the model: use it for sharded training
-    (``FullyShardedWrapper``) and anywhere else. In a single-file checkpoint (``.pth``) it
+    ``begin_iter`` / ``begin_epoch``), the same numbers, and: no copy of the model (so it
+    works sharded, ``FullyShardedWrapper``), one ``foreach`` update for all tensors, and
+    no host sync per step (mmengine's average tests a step count kept on the device).
+    Every flexgen config uses it. In a single-file checkpoint (``.pth``) it
     writes mmengine's layout (``state_dict`` holds the averaged weights, ``ema_state_dict``
     the raw ones as ``module.*`` plus ``steps``); in a sharded checkpoint the runner saves
     the average as ``ema`` (``ema.steps``, ``ema.module.*``) next to ``model``.
@@ -143,7 +153,7 @@ class ShardedEMAHook(EMAHook):
                  strict_load: bool = False, begin_iter: int = 0, begin_epoch: int = 0,
                  ema_type: str = 'ExponentialMovingAverage'):
         if ema_type != 'ExponentialMovingAverage':
-            raise ValueError(f"ShardedEMAHook averages as ExponentialMovingAverage; "
+            raise ValueError(f"FlexEMAHook averages as ExponentialMovingAverage; "
                              f"ema_type={ema_type!r} is not supported")
         super().__init__(strict_load=strict_load, begin_iter=begin_iter,
                          begin_epoch=begin_epoch, momentum=momentum, interval=interval,
@@ -173,6 +183,13 @@ class ShardedEMAHook(EMAHook):
             super().before_save_checkpoint(runner, checkpoint)
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        try:
+            self._load_average(runner, checkpoint)
+        except CheckpointError as error:
+            raise CheckpointError(f'{runner._load_from or "the checkpoint"} does not fit the '
+                                  f"config's model: {error}") from None
+
+    def _load_average(self, runner, checkpoint: dict) -> None:
         if 'state_dict' not in checkpoint:
             return  # a sharded checkpoint: the runner loaded the average with the weights
         if 'ema_state_dict' in checkpoint and runner._resume:
@@ -180,7 +197,7 @@ class ShardedEMAHook(EMAHook):
             self.ema_model.load_state_dict(checkpoint['ema_state_dict'], strict=self.strict_load)
             return
         if runner._resume:
-            print_log('There is no `ema_state_dict` in checkpoint. `ShardedEMAHook` starts '
+            print_log('There is no `ema_state_dict` in checkpoint. `FlexEMAHook` starts '
                       'the average from `state_dict`', 'current', logging.WARNING)
         self.ema_model.load_state_dict(
             {f'module.{k}': v for k, v in checkpoint['state_dict'].items()}, strict=False)

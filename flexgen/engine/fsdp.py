@@ -13,7 +13,7 @@ Selected from a config::
     model_wrapper_cfg = dict(type='FullyShardedWrapper',
                              mixed_precision=dict(param_dtype='bfloat16',
                                                   reduce_dtype='float32'))
-    custom_hooks = [dict(type='ShardedEMAHook', momentum=1e-4, priority='ABOVE_NORMAL')]
+    custom_hooks = [dict(type='FlexEMAHook', momentum=1e-4, priority='ABOVE_NORMAL')]
 
 Design: a model wrapper (mmengine's ``model_wrapper_cfg``, the key that already chooses
 DDP) shards the model, and :class:`~flexgen.engine.runner.FlexRunner` (flexgen's Runner)
@@ -83,7 +83,7 @@ class FullyShardedWrapper(nn.Module):
     Build it from a config (``model_wrapper_cfg``) under ``torchrun ... --launcher pytorch``
     with :class:`~flexgen.engine.runner.FlexRunner` (the Runner flexgen's tools build),
     which writes sharded checkpoints; mmengine's ``EMAHook`` deep-copies the model, which a
-    sharded model cannot do: use :class:`~flexgen.engine.ema.ShardedEMAHook`.
+    sharded model cannot do: use :class:`~flexgen.engine.ema.FlexEMAHook`.
 
     Args:
         module: the model (an mmengine ``BaseModel``).

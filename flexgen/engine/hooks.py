@@ -19,7 +19,7 @@ from flexgen.registry import HOOKS
 class SamplePreviewHook(Hook):
     """Writes a grid of samples (one row per size, one column per class) to
     ``work_dir/previews/iter_<N>.png`` every ``interval`` iterations and at the end of
-    training, from the EMA weights when an ``EMAHook`` or ``ShardedEMAHook`` is present
+    training, from the EMA weights when an ``EMAHook`` or ``FlexEMAHook`` is present
     (with a sharded model every rank takes part and rank 0 samples), and hands the same grid
     to the runner's visualizer as image ``preview`` at step N (TensorBoard, when its backend
     is configured). Seeds are fixed, so successive grids show the same noise evolving into
@@ -35,7 +35,7 @@ class SamplePreviewHook(Hook):
         ema = next((hook for hook in runner.hooks
                     if isinstance(hook, EMAHook) and hasattr(hook, 'ema_model')), None)
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
-        # mmengine's EMA is a copy of the model; a ShardedEMAHook's average is swapped into
+        # mmengine's EMA is a copy of the model; a FlexEMAHook's average is swapped into
         # the model itself (on every rank), and a sharded model gathers its weights (a
         # collective: every rank takes part, rank 0 samples).
         in_place = ema is not None and not hasattr(ema.ema_model, 'module')

@@ -18,7 +18,7 @@ selects :class:`~flexgen.engine.fsdp.FullyShardedWrapper` (``model_wrapper_cfg``
   (its EMA weights when it has them, as mmengine's ``load_from`` takes the averaged
   weights of a single-file checkpoint) or a single file (``.pth``, ``.safetensors``);
 - refuses what would break sharded training: mmengine's ``EMAHook`` (it deep-copies the
-  model: use ``ShardedEMAHook``), ``ZeroRedundancyOptimizer`` (FSDP already shards the
+  model: use ``FlexEMAHook``), ``ZeroRedundancyOptimizer`` (FSDP already shards the
   optimizer state), several optimizers (``OptimWrapperDict``) and resuming a sharded run
   from a single-file checkpoint (its optimizer state is not keyed by parameter name).
 """
@@ -39,7 +39,7 @@ from mmengine.utils import apply_to, get_git_hash
 
 from flexgen.fileio import all_finite
 from flexgen.registry import MODEL_WRAPPERS, RUNNERS
-from .ema import ShardedEMAHook, _local
+from .ema import FlexEMAHook, _local
 from .fsdp import FullyShardedWrapper, is_sharded_wrapper_cfg
 from .sharded_checkpoint import (is_sharded_checkpoint, load_sharded, read_train_state,
                                  save_sharded, sharded_keys)
@@ -88,12 +88,12 @@ class FlexRunner(Runner):
     # ------------------------------------------------------------------ set-up
     def _check_sharded_setup(self) -> None:
         for hook in self.hooks:
-            if isinstance(hook, EMAHook) and not isinstance(hook, ShardedEMAHook):
+            if isinstance(hook, EMAHook) and not isinstance(hook, FlexEMAHook):
                 raise ValueError(
                     f"model_wrapper_cfg selects FullyShardedWrapper, but custom_hooks has "
                     f"mmengine's {type(hook).__name__}, which deep-copies the model (not "
                     "possible for a sharded one) and saves into a single file: use "
-                    "dict(type='ShardedEMAHook', ...) with the same arguments")
+                    "dict(type='FlexEMAHook', ...) with the same arguments")
             if getattr(hook, 'published_keys', None):
                 raise ValueError('checkpoint published_keys re-reads a single-file checkpoint; '
                                  'a sharded run publishes with tools/consolidate_checkpoint.py')
@@ -176,7 +176,7 @@ class FlexRunner(Runner):
             else:
                 train_state['param_schedulers'] = [s.state_dict() for s in self.param_schedulers]
         # Hooks see the plain part (FlexCheckpointHook makes it weights_only-loadable);
-        # hooks with sharded state (ShardedEMAHook) hand it over for the shards.
+        # hooks with sharded state (FlexEMAHook) hand it over for the shards.
         self.call_hook('before_save_checkpoint', checkpoint=train_state)
         for hook in self.hooks:
             if hasattr(hook, 'sharded_state'):
@@ -187,7 +187,7 @@ class FlexRunner(Runner):
         """Refuse to save NaN / inf weights (as FlexCheckpointHook does for single files),
         on every rank together: each checks its own shards."""
         local = [_local(v) for v in weights.values() if isinstance(v, torch.Tensor)]
-        local += [_local(v) for hook in self.hooks if isinstance(hook, ShardedEMAHook)
+        local += [_local(v) for hook in self.hooks if isinstance(hook, FlexEMAHook)
                   for v in hook.ema_model.averages.values()]
         finite = torch.tensor(float(all_finite(local)))
         if self.distributed:

@@ -206,7 +206,7 @@ def consolidate(path: str, weights: str = 'ema', dtype: Optional[torch.dtype] = 
     if not tensors:
         found = sorted({key.split('.')[0] for key in sharded_keys(path)})
         raise KeyError(f'{path} holds no {weights!r} weights (it has: {", ".join(found)}); '
-                       + ("the run kept no EMA (ShardedEMAHook): take weights='model'"
+                       + ("the run kept no EMA (FlexEMAHook): take weights='model'"
                           if weights == 'ema' else ''))
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
