@@ -16,7 +16,7 @@ def register_all_modules(init_default_scope: bool = True) -> None:
     import flexgen.models  # noqa: F401
     import flexgen.position_encodings  # noqa: F401
     import flexgen.samplers  # noqa: F401
-    import flexgen.schedulers  # noqa: F401
+    import flexgen.transports  # noqa: F401
     if init_default_scope:
         from mmengine.registry import DefaultScope
         if DefaultScope.get_current_instance() is None or \

@@ -171,9 +171,9 @@ POSITION_ENCODINGS = FlexRegistry('position encoding', scope=SCOPE,
 ATTENTION_BACKENDS = FlexRegistry('attention backend', scope=SCOPE,
                                   locations=['flexgen.models.layers'],
                                   build_func=_build_with_hints)
-TRANSPORTS = FlexRegistry('transport', scope=SCOPE, locations=['flexgen.schedulers'],
+TRANSPORTS = FlexRegistry('transport', scope=SCOPE, locations=['flexgen.transports'],
                           build_func=_build_with_hints)
-TIME_SAMPLERS = FlexRegistry('time sampler', scope=SCOPE, locations=['flexgen.schedulers'],
+TIME_SAMPLERS = FlexRegistry('time sampler', scope=SCOPE, locations=['flexgen.transports'],
                              build_func=_build_with_hints)
 SAMPLERS = FlexRegistry('sampler', scope=SCOPE, locations=['flexgen.samplers'],
                         build_func=_build_with_hints)
