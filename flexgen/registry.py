@@ -7,7 +7,8 @@ registries of its own for the building blocks of diffusion transformers:
 ==========================  ==========================================================
 registry                    what registers there
 ==========================  ==========================================================
-MODELS                      generators, backbones, blocks, MLPs, modulation, autoencoders
+MODELS                      generators, backbones, blocks, MLPs, modulation, autoencoders,
+                            losses
 POSITION_ENCODINGS          absolute sin-cos, 2D axial RoPE (and its extrapolation rules)
 ATTENTION_BACKENDS          how block-diagonal attention over a jagged batch is computed
 TRANSPORTS                  noise processes: rectified flow, DDPM, interpolants
@@ -173,8 +174,9 @@ DATA_SAMPLERS = _child('data sampler', MMENGINE_DATA_SAMPLERS, ['flexgen.dataset
 TRANSFORMS = _child('transform', MMENGINE_TRANSFORMS, ['flexgen.datasets'])
 
 # ----------------------------------------------------------------- models
-MODELS = _child('model', MMENGINE_MODELS, ['flexgen.models'], _build_model_with_hints)
-MODEL_WRAPPERS = _child('model_wrapper', MMENGINE_MODEL_WRAPPERS, ['flexgen.models'])
+MODELS = _child('model', MMENGINE_MODELS, ['flexgen.models', 'flexgen.losses'],
+                _build_model_with_hints)
+MODEL_WRAPPERS = _child('model_wrapper', MMENGINE_MODEL_WRAPPERS, ['flexgen.engine'])
 WEIGHT_INITIALIZERS = _child('weight initializer', MMENGINE_WEIGHT_INITIALIZERS,
                              ['flexgen.models'])
 TASK_UTILS = _child('task util', MMENGINE_TASK_UTILS, ['flexgen.models'])
@@ -193,7 +195,7 @@ EVALUATOR = _child('evaluator', MMENGINE_EVALUATOR, ['flexgen.evaluation'])
 VISUALIZERS = _child('visualizer', MMENGINE_VISUALIZERS, ['flexgen.engine'])
 VISBACKENDS = _child('vis_backend', MMENGINE_VISBACKENDS, ['flexgen.engine'])
 LOG_PROCESSORS = _child('log_processor', MMENGINE_LOG_PROCESSORS, ['flexgen.engine'])
-INFERENCERS = _child('inferencer', MMENGINE_INFERENCERS, ['flexgen.apis'])
+INFERENCERS = _child('inferencer', MMENGINE_INFERENCERS, [])
 FUNCTIONS = _child('function', MMENGINE_FUNCTIONS, ['flexgen.datasets'])
 
 # ----------------------------------------------------------------- flexgen's own
