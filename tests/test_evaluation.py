@@ -179,7 +179,18 @@ def test_generated_class_accuracy(trained, cache_dir, monkeypatch):
     labels = [fresh[i]['data_samples']['label'] for i in range(len(fresh))]
 
     perfect = _evaluate(metric, images, labels)
-    assert set(perfect) == {'gen/accuracy', 'gen/frechet_distance', 'gen/classifier_accuracy'}
+    sizes = sorted({f'{x.shape[1]}x{x.shape[2]}' for x in images})
+    assert sizes == ['16x16', '16x24']
+    assert set(perfect) == {'gen/accuracy', 'gen/frechet_distance', 'gen/classifier_accuracy'} \
+        | {f'gen/{name}/{size}' for name in ('accuracy', 'frechet_distance') for size in sizes}
+    # Per size: the figures of that size's images scored alone (a one-size set has no
+    # per-size keys).
+    for size in sizes:
+        mine = [i for i, x in enumerate(images) if f'{x.shape[1]}x{x.shape[2]}' == size]
+        alone = _evaluate(metric, [images[i] for i in mine], [labels[i] for i in mine])
+        assert set(alone) == {'gen/accuracy', 'gen/frechet_distance', 'gen/classifier_accuracy'}
+        assert alone['gen/accuracy'] == perfect[f'gen/accuracy/{size}']
+        assert alone['gen/frechet_distance'] == perfect[f'gen/frechet_distance/{size}']
     assert perfect['gen/classifier_accuracy'] == trained.accuracy
     assert abs(perfect['gen/accuracy'] - trained.accuracy) <= 5
 

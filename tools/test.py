@@ -5,6 +5,13 @@ loader): a file holding pickled code is refused, never executed. An official ref
 checkpoint (e.g. DiT-XL-2-256x256.pt) is recognised by its keys and converted on the fly
 (``flexgen.apis.official``); ``--converter`` names the converter when the config alone
 cannot tell.
+
+Generators are tested by ``GenerationLoop`` (``test_cfg``): the requests are generated in
+shards that a rerun skips, ADM's ``samples_{H}x{W}.npz`` is written per size and the test
+evaluator's metrics land in a per-size table (``metrics.json``, ``table.md``):
+
+    torchrun --nproc_per_node 8 tools/test.py configs/dit/dit_xl_2_256.py DiT-XL-2-256x256.pt \
+        --launcher pytorch --num-samples 50000 --batch-size 32 --cfg-scale 1.5
 """
 import argparse
 import os
@@ -17,7 +24,9 @@ from mmengine.runner import Runner
 
 import flexgen
 from flexgen.apis.official import convert_for_config, is_official_checkpoint
-from train import check_config_keys, init_cpu_distributed
+from flexgen.engine.generation_loop import apply_generation_options
+from flexgen.evaluation.generation import PRECISIONS
+from train import check_config_keys, init_cpu_distributed, use_cpu_ddp
 
 
 def parse_args(argv=None):
@@ -32,6 +41,18 @@ def parse_args(argv=None):
                         help='override config entries, e.g. test_dataloader.batch_size=4')
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm'], default='none')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    generation = parser.add_argument_group('generation (GenerationLoop)')
+    generation.add_argument('--num-samples', type=int, help='images per size (e.g. 50000)')
+    generation.add_argument('--batch-size', type=int, help='requests per process and step')
+    generation.add_argument('--out-dir', help='samples folder (default: WORK_DIR/samples/'
+                            '<hash of the settings>); a rerun resumes there')
+    generation.add_argument('--cfg-scale', type=float, help='classifier-free guidance scale')
+    generation.add_argument('--cfg-interval', type=float, nargs=2, metavar=('LOW', 'HIGH'),
+                            help='guide only for LOW <= t <= HIGH (t = 1 is noise)')
+    generation.add_argument('--sampler', help='a registered sampler, e.g. EulerODE, '
+                            'DDPMAncestral, EulerMaruyamaSDE (its default arguments)')
+    generation.add_argument('--steps', type=int, help='sampling steps')
+    generation.add_argument('--precision', choices=PRECISIONS)
     args = parser.parse_args(argv)
     if 'LOCAL_RANK' not in os.environ:
         os.environ['LOCAL_RANK'] = str(args.local_rank)
@@ -45,6 +66,10 @@ def main(argv=None):
     cfg.launcher = args.launcher
     if args.cfg_options is not None:
         cfg.merge_from_dict(args.cfg_options)
+    apply_generation_options(
+        cfg, num_samples=args.num_samples, batch_size=args.batch_size, out_dir=args.out_dir,
+        cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval, sampler=args.sampler,
+        steps=args.steps, precision=args.precision)
     if args.work_dir is not None:
         cfg.work_dir = args.work_dir
     elif cfg.get('work_dir') is None:
@@ -54,6 +79,7 @@ def main(argv=None):
                  else None)
     cfg.load_from, cfg.resume = (None if official else args.checkpoint), False
     check_config_keys(cfg, args.config)
+    use_cpu_ddp(cfg)
     init_cpu_distributed(args.launcher)
     runner = RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
     if converted is not None:

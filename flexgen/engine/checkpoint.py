@@ -42,9 +42,13 @@ def _write(f, data: bytes) -> None:
     f.write(data)
 
 
-def atomic_write(data: bytes, filepath) -> None:
+def atomic_write(data, filepath) -> None:
     """Write ``data`` to ``filepath`` so that it holds either its old content or all of
-    ``data``, whatever happens (kill, power loss) during the write."""
+    ``data``, whatever happens (kill, power loss) during the write.
+
+    ``data`` is bytes, or a function that writes the content into the binary file object it
+    is given (for files too large to assemble in memory first).
+    """
     filepath = osp.abspath(os.fspath(filepath))
     directory = osp.dirname(filepath)
     os.makedirs(directory, exist_ok=True)
@@ -52,7 +56,10 @@ def atomic_write(data: bytes, filepath) -> None:
                    f'.{osp.basename(filepath)}.{os.getpid()}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}')
     try:
         with open(tmp, 'xb') as f:
-            _write(f, data)
+            if callable(data):
+                data(f)
+            else:
+                _write(f, data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, filepath)

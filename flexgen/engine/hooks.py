@@ -6,7 +6,6 @@ from mmengine.dist import master_only
 from mmengine.hooks import EMAHook, Hook
 from mmengine.model import is_model_wrapper
 
-from flexgen.apis.inference import image_grid, save_png
 from flexgen.registry import HOOKS
 
 
@@ -31,6 +30,7 @@ class SamplePreviewHook(Hook):
 
     @master_only
     def write(self, runner, name):
+        from flexgen.apis.inference import image_grid, save_png
         model = self._model(runner)
         classes = self.classes if self.classes is not None else list(range(model.num_classes))
         labels = [c for _ in self.sizes for c in classes]
