@@ -8,7 +8,7 @@ cannot tell.
 
 Generators are tested by ``GenerationLoop`` (``test_cfg``): the requests are generated in
 shards that a rerun skips, ADM's ``samples_{H}x{W}.npz`` is written per size and the test
-evaluator's metrics land in a per-size table (``metrics.json``, ``table.md``):
+evaluator's metrics land in a per-size table (``metrics.json``, ``metrics.md``):
 
     torchrun --nproc_per_node 8 tools/test.py configs/dit/dit_xl_2_256.py DiT-XL-2-256x256.pt \
         --launcher pytorch --num-samples 50000 --batch-size 32 --cfg-scale 1.5
@@ -59,13 +59,17 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None):
+def build_runner(argv=None, test_cfg=None):
+    """Parse ``argv``, load the config and the checkpoint, and build (not run) the Runner;
+    ``test_cfg`` entries (e.g. another test loop) override the config's."""
     args = parse_args(argv)
     flexgen.register_all_modules()
     cfg = Config.fromfile(args.config)
     cfg.launcher = args.launcher
     if args.cfg_options is not None:
         cfg.merge_from_dict(args.cfg_options)
+    if test_cfg is not None:
+        cfg.test_cfg = dict(cfg.get('test_cfg') or {}, **test_cfg)
     apply_generation_options(
         cfg, num_samples=args.num_samples, batch_size=args.batch_size, out_dir=args.out_dir,
         cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval, sampler=args.sampler,
@@ -87,7 +91,11 @@ def main(argv=None):
         # weights it swaps in for testing are these.
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
         model.backbone.load_state_dict(converted.state_dict, strict=True)
-    return runner.test()
+    return runner
+
+
+def main(argv=None):
+    return build_runner(argv).test()
 
 
 if __name__ == '__main__':

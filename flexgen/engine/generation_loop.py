@@ -30,18 +30,18 @@ def generation_manifest(model_cfg, dataset_cfg, model) -> dict:
                 weights=state_dict_digest(_unwrap(model).state_dict()))
 
 
-def default_out_dir(work_dir: str, manifest: dict) -> str:
-    """``work_dir/samples/<12 hex digits of the manifest>``: the same settings find their
-    earlier shards; other settings get a folder of their own."""
+def default_out_dir(root: str, manifest: dict) -> str:
+    """``root/<12 hex digits of the manifest>``: the same settings find their earlier
+    shards; other settings get a folder of their own."""
     text = json.dumps(manifest, sort_keys=True, default=repr)
-    return osp.join(work_dir, 'samples', hashlib.sha256(text.encode()).hexdigest()[:12])
+    return osp.join(root, hashlib.sha256(text.encode()).hexdigest()[:12])
 
 
 @LOOPS.register_module()
 class GenerationLoop(BaseLoop):
     """Generates every request of the test set in resumable shards, writes ADM's .npz per
     size, scores the images with the test evaluator and writes the per-size table
-    (size, aspect ratio, tokens, metrics, time) as ``metrics.json`` and ``table.md``.
+    (size, aspect ratio, tokens, metrics, time) as ``metrics.json`` and ``metrics.md``.
 
     The per-process batch is ``test_dataloader.batch_size``; the requests come from
     ``test_dataloader.dataset`` (``GenerationRequests``) and are batched with its
@@ -78,36 +78,46 @@ class GenerationLoop(BaseLoop):
         self.npz, self.progress = npz, progress
 
     def run(self) -> dict:
+        self.runner.call_hook('before_test')
+        self.runner.call_hook('before_test_epoch')
+        self.runner.model.eval()
+        result = self.generate(self.dataloader.dataset, self.runner.cfg.model,
+                               self.runner.cfg.test_dataloader.dataset, self.out_dir)
+        metrics = result['metrics']
+        self.runner.call_hook('after_test_epoch', metrics=metrics)
+        self.runner.call_hook('after_test')
+        return metrics
+
+    def generate(self, requests, model_cfg, requests_cfg, out_dir: Optional[str] = None,
+                 root: str = 'samples') -> dict:
+        """Generate ``requests`` with the runner's model (whose config, as far as the
+        images are concerned, is ``model_cfg``) into ``out_dir`` (default
+        ``work_dir/<root>/<hash of the settings>``), evaluate, write the table."""
         runner = self.runner
-        runner.call_hook('before_test')
-        runner.call_hook('before_test_epoch')
-        runner.model.eval()
         model = _unwrap(runner.model)
         rank, world = get_dist_info()
         holder = [None, None]
         if rank == 0:
-            manifest = generation_manifest(runner.cfg.model, runner.cfg.test_dataloader.dataset,
-                                           runner.model)
-            holder = [manifest, self.out_dir or default_out_dir(
-                runner.work_dir, dict(manifest, shard_size=self.shard_size,
-                                      precision=self.precision))]
+            manifest = generation_manifest(model_cfg, requests_cfg, runner.model)
+            holder = [manifest, out_dir or default_out_dir(
+                osp.join(runner.work_dir, root), dict(manifest, shard_size=self.shard_size,
+                                                      precision=self.precision))]
         if world > 1:
             broadcast_object_list(holder)
         manifest, out_dir = holder
-        for metric in getattr(self.evaluator, 'metrics', []):
-            if hasattr(metric, 'out_dir') and metric.out_dir is None:
-                metric.out_dir = osp.join(out_dir, 'png')
-        device = next(model.parameters()).device
-        result = run_generation(
-            runner.model, self.dataloader.dataset, out_dir, manifest,
-            collate_fn=self.dataloader.collate_fn, batch_size=self.dataloader.batch_size,
-            shard_size=self.shard_size, precision=self.precision, evaluator=self.evaluator,
-            npz=self.npz, tokens=lambda size: tokens_per_image(model, size), device=device,
-            progress=self.progress)
-        metrics = result['metrics']
-        runner.call_hook('after_test_epoch', metrics=metrics)
-        runner.call_hook('after_test')
-        return metrics
+        # Metrics that write files (SampleWriter) and were given no folder write into this
+        # run's output folder.
+        if not hasattr(self, '_folderless'):
+            self._folderless = [m for m in getattr(self.evaluator, 'metrics', [])
+                                if hasattr(m, 'out_dir') and m.out_dir is None]
+        for metric in self._folderless:
+            metric.out_dir = osp.join(out_dir, 'png')
+        return run_generation(
+            runner.model, requests, out_dir, manifest, collate_fn=self.dataloader.collate_fn,
+            batch_size=self.dataloader.batch_size, shard_size=self.shard_size,
+            precision=self.precision, evaluator=self.evaluator, npz=self.npz,
+            tokens=lambda size: tokens_per_image(model, size),
+            device=next(model.parameters()).device, progress=self.progress)
 
 
 def apply_generation_options(cfg, *, num_samples: Optional[int] = None,
@@ -122,7 +132,8 @@ def apply_generation_options(cfg, *, num_samples: Optional[int] = None,
     loop_options = dict(out_dir=out_dir, precision=precision, shard_size=shard_size)
     if any(v is not None for v in loop_options.values()):
         test_cfg = cfg.get('test_cfg') or {}
-        if test_cfg.get('type') != 'GenerationLoop':
+        loop = LOOPS.get(test_cfg['type']) if test_cfg.get('type') else None
+        if not (isinstance(loop, type) and issubclass(loop, GenerationLoop)):
             raise ValueError(f'--out-dir / --precision / --shard-size need '
                              f"test_cfg=dict(type='GenerationLoop'); the config has "
                              f'test_cfg={test_cfg!r}')

@@ -12,7 +12,7 @@ Then rank 0 writes one ``samples_{H}x{W}.npz`` per size, the file ADM's evaluati
 reads (``arr_0``: uint8 ``[N, H, W, 3]`` in request order; ``arr_1``: the labels), the
 evaluator's metrics (FID, class accuracy, ...) are computed over the images of every
 process, and a table with one row per size (aspect ratio, tokens, metrics, time) is
-written as JSON and markdown.
+written as JSON and markdown (``metrics.json``, ``metrics.md``).
 
 ``out_dir`` holds::
 
@@ -20,7 +20,7 @@ written as JSON and markdown.
                        precision, shard size); a rerun with other settings is refused
     shards/{H}x{W}_{start}_{stop}.npz   images, labels, indices, seconds of one shard
     samples_{H}x{W}.npz                 ADM's format, one per size
-    metrics.json, table.md              the metrics and the per-size table
+    metrics.json, metrics.md            the metrics and the per-size table
 """
 import io
 import json
@@ -188,6 +188,22 @@ def write_shard(out_dir: str, shard: Shard, data: Dict) -> None:
     atomic_write(buffer.getvalue(), osp.join(out_dir, SHARDS, shard.name))
 
 
+def read_image(out_dir: str, size, k: int) -> np.ndarray:
+    """Image ``k`` (uint8 ``[H, W, 3]``) of the requests of ``size`` in ``out_dir``, read
+    from the one shard that holds it."""
+    key, first = size_key(size), None
+    names = sorted(n for n in os.listdir(osp.join(out_dir, SHARDS))
+                   if n.startswith(key + '_') and n.endswith('.npz'))
+    shards = [Shard(int(n.split('_')[1]), int(n.split('_')[2][:-4]), tuple(size))
+              for n in names]
+    if shards:
+        first = shards[0].start
+    for shard in shards:
+        if shard.start <= first + k < shard.stop:
+            return read_shard(out_dir, shard)['images'][first + k - shard.start]
+    raise IndexError(f'{out_dir} holds no image {k} of size {key}')
+
+
 def write_size_npz(out_dir: str, size, shards: Sequence[Shard]) -> str:
     """``samples_{H}x{W}.npz`` from the shards of one size, streamed shard by shard (50K
     images of 1024 px are 157 GB: never assembled in memory; numpy's savez cannot stream,
@@ -271,13 +287,11 @@ def markdown_table(rows: List[Dict]) -> str:
     return '\n'.join(lines) + '\n'
 
 
-def write_tables(out_dir: str, rows: List[Dict], metrics: Dict, manifest: Dict) -> None:
-    """``metrics.json`` (rows, every metric, the manifest) and ``table.md``."""
-    payload = dict(rows=rows, metrics={k: _number(v) for k, v in metrics.items()},
-                   manifest=manifest)
-    atomic_write(json.dumps(payload, indent=1, sort_keys=False, default=repr).encode(),
-                 osp.join(out_dir, 'metrics.json'))
-    atomic_write(markdown_table(rows).encode(), osp.join(out_dir, 'table.md'))
+def write_table_files(stem: str, rows: List[Dict], metrics: Dict, **extra) -> None:
+    """``{stem}.json`` (the rows, every metric, ``extra``) and ``{stem}.md`` (the rows)."""
+    payload = dict(rows=rows, metrics={k: _number(v) for k, v in metrics.items()}, **extra)
+    atomic_write(json.dumps(payload, indent=1, default=repr).encode(), f'{stem}.json')
+    atomic_write(markdown_table(rows).encode(), f'{stem}.md')
 
 
 # --------------------------------------------------------------------- the run
@@ -398,8 +412,8 @@ def run_generation(model, requests, out_dir: str, manifest: Dict, *, collate_fn:
                    for size, group in by_size.items()}
         counts = {size_key(size): sum(len(s) for s in group) for size, group in by_size.items()}
         rows = size_rows(metrics, sizes, counts, seconds, tokens or (lambda size: None))
-        write_tables(out_dir, rows, metrics, manifest)
-        print_log('Per-size results (' + osp.join(out_dir, 'table.md') + '):\n'
+        write_table_files(osp.join(out_dir, 'metrics'), rows, metrics, manifest=manifest)
+        print_log('Per-size results (' + osp.join(out_dir, 'metrics.md') + '):\n'
                   + markdown_table(rows), logger='current')
     else:
         rows = None

@@ -125,7 +125,8 @@ class InceptionFeatures(nn.Module):
                 feature_extractor_weights_path=buffer)
         except RuntimeError as error:  # load_state_dict: missing / unexpected keys, shapes
             raise ValueError(f'Inception weights {self.weights_path!r} do not fit '
-                             f'torch-fidelity\'s InceptionV3: {error}') from error
+                             f'torch-fidelity\'s InceptionV3: '
+                             f'{" ".join(str(error).split())}') from error
         self._spatial = None
         self.net.Mixed_6d.branch1x1.register_forward_hook(self._keep_spatial)
         self.to(torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu')))
