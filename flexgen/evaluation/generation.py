@@ -18,7 +18,8 @@ written as JSON and markdown (``metrics.json``, ``metrics.md``).
 
     manifest.json      what the images depend on (model config, weights digest, requests,
                        precision, shard size); a rerun with other settings is refused
-    shards/{H}x{W}_{start}_{stop}.npz   images, labels, indices, seconds of one shard
+    shards/{H}x{W}_{start}_{stop}.npz   images, labels, indices, seconds (and the batch
+                                        size, rank, world size) of one shard
     samples_{H}x{W}.npz                 ADM's format, one per size
     metrics.json, metrics.md            the metrics and the per-size table
 """
@@ -393,6 +394,7 @@ def run_generation(model, requests, out_dir: str, manifest: Dict, *, collate_fn:
         for i in mine:
             data = generate_shard(model, requests, shards[i], batch_size, collate_fn,
                                   precision, device, bar)
+            data.update(rank=np.int64(rank), world_size=np.int64(world))
             write_shard(out_dir, shards[i], data)
     if world > 1:
         barrier()

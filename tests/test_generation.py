@@ -1,0 +1,312 @@
+"""Sharded, resumable generation (GenerationLoop through tools/test.py), the per-size table
+and the RoPE extrapolation sweep, on a tiny demo-like checkpoint written by the Runner."""
+import json
+import os
+import os.path as osp
+import socket
+import subprocess
+import sys
+import uuid
+
+import numpy as np
+import pytest
+import torch
+from mmengine.config import Config
+from PIL import Image
+
+import flexgen
+from flexgen.evaluation import GeneratedClassAccuracy, to_uint8
+from flexgen.evaluation import generation as generation_module
+from flexgen.models.generator import DiffusionGenerator
+from flexgen.registry import DATASETS, MODELS
+from test_train_tool import load_tool
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+SIZES = [(16, 16), (16, 32), (24, 16)]
+PER_SIZE = 7  # 21 requests: uneven over 2 ranks and over shards of 4
+# The demo shrunk: a 2-block width-32 FlexDiT trained 12 steps at a high learning rate (so
+# its attention, and with it RoPE, shapes the samples), a 4-step sampler, and a judge
+# trained on 300 shapes for one epoch.
+TINY = f'''
+_base_ = [{osp.join(ROOT, 'configs', 'demo', 'shapes_flexdit_rf.py')!r}]
+model = dict(backbone=dict(hidden_size=32, depth=2, num_heads=2), sampler=dict(num_steps=4))
+train_dataloader = dict(batch_size=8, dataset=dict(num_samples=240))
+train_cfg = dict(max_iters=12, val_interval=1000)
+optim_wrapper = dict(optimizer=dict(lr=1e-2))
+param_scheduler = []
+val_dataloader = None
+val_cfg = None
+val_evaluator = None
+test_dataloader = dict(batch_size=4, num_workers=0,
+                       dataset=dict(_delete_=True, type='GenerationRequests', num_classes=6,
+                                    sizes={SIZES!r},
+                                    num_samples={PER_SIZE}, seed=1),
+                       sampler=dict(type='DefaultSampler', shuffle=False),
+                       collate_fn=dict(type='flexgen.jagged_collate'))
+test_cfg = dict(type='GenerationLoop', shard_size=4)
+test_evaluator = dict(classifier_dataset=dict(num_samples=300), num_real=100,
+                      train_cfg=dict(epochs=1, max_train_images=None))
+custom_hooks = [dict(type='EMAHook', momentum=0.1, priority='ABOVE_NORMAL')]
+default_hooks = dict(checkpoint=dict(interval=12))
+'''
+
+
+def experiment():
+    return f'experiment_name=gen_{uuid.uuid4().hex[:8]}'
+
+
+@pytest.fixture(scope='module')
+def tiny(tmp_path_factory):
+    """The tiny config and its 12-step checkpoint (tools/train.py, the Runner)."""
+    root = tmp_path_factory.mktemp('generation')
+    config = root / 'tiny.py'
+    config.write_text(TINY)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv('FLEXGEN_CACHE_DIR', str(root / 'cache'))
+        load_tool('train').main([str(config), '--work-dir', str(root / 'train'),
+                                 '--cfg-options', experiment()])
+    return dict(config=str(config), checkpoint=str(root / 'train' / 'iter_12.pth'),
+                cache=str(root / 'cache'), root=root)
+
+
+@pytest.fixture
+def cache(tiny, monkeypatch):
+    monkeypatch.setenv('FLEXGEN_CACHE_DIR', tiny['cache'])
+
+
+def run_test_tool(tiny, out_dir, *options):
+    return load_tool('test').main([tiny['config'], tiny['checkpoint'], '--work-dir',
+                                   str(tiny['root'] / 'test'), '--out-dir', str(out_dir),
+                                   *options, '--cfg-options', experiment()])
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tiny):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv('FLEXGEN_CACHE_DIR', tiny['cache'])
+        metrics = run_test_tool(tiny, tiny['root'] / 'whole')
+    return tiny['root'] / 'whole', metrics
+
+
+def requests():
+    flexgen.register_all_modules()
+    return DATASETS.build(dict(type='GenerationRequests', num_classes=6, sizes=SIZES,
+                               num_samples=PER_SIZE, seed=1))
+
+
+def ema_model(tiny, rule=None):
+    """The config's model with the weights the test hooks use: mmengine's EMAHook saves the
+    averaged weights as the checkpoint's state_dict."""
+    cfg = Config.fromfile(tiny['config'])
+    if rule is not None:
+        cfg.model.backbone.rope.rule = rule
+    model = MODELS.build(cfg.model)
+    model.load_state_dict(torch.load(tiny['checkpoint'], weights_only=True)['state_dict'])
+    return model.eval()
+
+
+def direct_images(model, indices, batch=4):
+    """uint8 [N, H, W, 3] of requests ``indices`` generated directly, ``batch`` at a time
+    (as the loop batches a shard)."""
+    items, out = requests(), []
+    for begin in range(0, len(indices), batch):
+        chunk = [items[i]['data_samples'] for i in indices[begin:begin + batch]]
+        images = model.generate([s['label'] for s in chunk], [s['size'] for s in chunk],
+                                [s['seed'] for s in chunk])
+        out += [to_uint8((x + 1) / 2).permute(1, 2, 0).numpy() for x in images]
+    return np.stack(out)
+
+
+def read_npz(path):
+    with np.load(path) as data:
+        return {k: data[k] for k in data.files}
+
+
+def test_generation_writes_adm_npz_and_the_size_table(tiny, uninterrupted, cache):
+    out_dir, metrics = uninterrupted
+    items = requests()
+    model = ema_model(tiny)
+    judge_cfg = Config.fromfile(tiny['config']).test_evaluator.to_dict()
+    judge = GeneratedClassAccuracy(**{k: v for k, v in judge_cfg.items() if k != 'type'})
+    for s, (h, w) in enumerate(SIZES):
+        npz = read_npz(out_dir / f'samples_{h}x{w}.npz')
+        indices = list(range(s * PER_SIZE, (s + 1) * PER_SIZE))
+        # ADM's layout: arr_0 uint8 [N, H, W, 3] in request order, arr_1 the labels.
+        assert npz['arr_0'].dtype == np.uint8 and npz['arr_0'].shape == (PER_SIZE, h, w, 3)
+        assert npz['arr_1'].tolist() == [items.get_label(i) for i in indices]
+        # Each image is the request's own, pixel for pixel (shards of 4: batches 4 and 3).
+        expected = np.concatenate([direct_images(model, indices[:4]),
+                                   direct_images(model, indices[4:])])
+        assert np.array_equal(npz['arr_0'], expected)
+        # The table's figures for this size are the judge's on this size's images alone.
+        judge.process(None, [dict(image=torch.from_numpy(x).permute(2, 0, 1).float() / 255,
+                                  label=int(y)) for x, y in zip(npz['arr_0'], npz['arr_1'])])
+        alone = judge.evaluate(PER_SIZE)
+        assert metrics[f'gen/accuracy/{h}x{w}'] == alone['gen/accuracy']
+        assert metrics[f'gen/frechet_distance/{h}x{w}'] == pytest.approx(
+            alone['gen/frechet_distance'], rel=1e-6)
+
+    with open(out_dir / 'metrics.json') as f:
+        table = json.load(f)
+    rows = table['rows']
+    assert [r['size'] for r in rows] == ['16x16', '16x32', '24x16']
+    assert [r['aspect'] for r in rows] == ['1:1', '1:2', '3:2']
+    assert [r['tokens'] for r in rows] == [16, 32, 24]  # (H / 4) (W / 4), patch 4 in pixels
+    assert all(r['images'] == PER_SIZE and r['seconds'] > 0 for r in rows)
+    for row in rows:
+        assert row['gen/accuracy'] == metrics[f"gen/accuracy/{row['size']}"]
+    assert table['manifest']['shard_size'] == 4 and table['manifest']['precision'] == 'fp32'
+    markdown = (out_dir / 'metrics.md').read_text().splitlines()
+    assert markdown[0] == ('| size | aspect | tokens | images | gen/accuracy | '
+                           'gen/frechet_distance | seconds |')
+    assert markdown[3].startswith(f"| 16x32 | 1:2 | 32 | 7 | {rows[1]['gen/accuracy']:.4g} |")
+    # 21 requests in shards of 4 that never cross a size: 4 + 3 per size.
+    names = sorted(os.listdir(out_dir / 'shards'))
+    assert names == ['16x16_0000000_0000004.npz', '16x16_0000004_0000007.npz',
+                     '16x32_0000007_0000011.npz', '16x32_0000011_0000014.npz',
+                     '24x16_0000014_0000018.npz', '24x16_0000018_0000021.npz']
+
+
+def test_killed_generation_resumes_without_redoing_finished_shards(tiny, uninterrupted,
+                                                                   cache, monkeypatch):
+    out_dir = tiny['root'] / 'killed'
+    real_write, written = generation_module.write_shard, []
+
+    def write_then_die(folder, shard, data):
+        if len(written) == 2:
+            raise RuntimeError('simulated kill')
+        real_write(folder, shard, data)
+        written.append(shard.name)
+
+    monkeypatch.setattr(generation_module, 'write_shard', write_then_die)
+    with pytest.raises(RuntimeError, match='simulated kill'):
+        run_test_tool(tiny, out_dir)
+    monkeypatch.setattr(generation_module, 'write_shard', real_write)
+    shard_dir = out_dir / 'shards'
+    assert sorted(os.listdir(shard_dir)) == sorted(written)
+    before = {n: (os.stat(shard_dir / n).st_ino, os.stat(shard_dir / n).st_mtime_ns)
+              for n in written}
+    # What a SIGKILL in the middle of a write leaves: atomic_write's temporary file.
+    stale = shard_dir / '.16x32_0000007_0000011.npz.999.deadbeef.tmp'
+    stale.write_bytes(b'half a shard')
+
+    generated = []
+    real_predict = DiffusionGenerator.predict
+
+    def recording_predict(self, data_samples):
+        generated.extend(int(i) for i in data_samples['index'])
+        return real_predict(self, data_samples)
+
+    monkeypatch.setattr(DiffusionGenerator, 'predict', recording_predict)
+    metrics = run_test_tool(tiny, out_dir)
+    assert sorted(generated) == list(range(7, 21))  # only the 4 unfinished shards
+    assert not stale.exists()
+    for name, stamp in before.items():
+        assert (os.stat(shard_dir / name).st_ino, os.stat(shard_dir / name).st_mtime_ns) \
+            == stamp
+    whole, whole_metrics = uninterrupted
+    for h, w in SIZES:
+        resumed = read_npz(out_dir / f'samples_{h}x{w}.npz')
+        reference = read_npz(whole / f'samples_{h}x{w}.npz')
+        assert np.array_equal(resumed['arr_0'], reference['arr_0'])
+        assert np.array_equal(resumed['arr_1'], reference['arr_1'])
+    assert metrics == whole_metrics
+
+    # The same folder with other settings is refused, naming what changed.
+    with pytest.raises(ValueError, match=r'other settings.*model\.guidance\.scale: 5\.0 -> 3\.0'):
+        run_test_tool(tiny, out_dir, '--cfg-scale', '3')
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def run_in_subprocess(tiny, out_dir, nproc):
+    launcher = [sys.executable, 'tools/test.py'] if nproc == 1 else [
+        sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}',
+        f'--master_port={free_port()}', 'tools/test.py', '--launcher', 'pytorch']
+    env = dict(os.environ, OMP_NUM_THREADS='1', FLEXGEN_CACHE_DIR=tiny['cache'],
+               PYTHONPATH=os.pathsep.join([ROOT, os.environ.get('PYTHONPATH', '')]))
+    proc = subprocess.run(launcher + [tiny['config'], tiny['checkpoint'], '--work-dir',
+                                      str(tiny['root'] / 'sub'), '--out-dir', str(out_dir),
+                                      '--cfg-options', experiment()],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out_dir / 'metrics.json') as f:
+        return json.load(f)
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_process_image_for_image(tiny):
+    one = run_in_subprocess(tiny, tiny['root'] / 'one', nproc=1)
+    two = run_in_subprocess(tiny, tiny['root'] / 'two', nproc=2)
+    for h, w in SIZES:
+        a = read_npz(tiny['root'] / 'one' / f'samples_{h}x{w}.npz')
+        b = read_npz(tiny['root'] / 'two' / f'samples_{h}x{w}.npz')
+        assert np.array_equal(a['arr_0'], b['arr_0']) and np.array_equal(a['arr_1'], b['arr_1'])
+    ranks = [int(read_npz(tiny['root'] / 'two' / 'shards' / name)['rank'])
+             for name in sorted(os.listdir(tiny['root'] / 'two' / 'shards'))]
+    assert ranks == [0, 1, 0, 1, 0, 1]  # the shards were dealt to both processes
+    # The evaluator saw every image once across the ranks (21 images: rank 1 pads one).
+    for key, value in one['metrics'].items():
+        assert two['metrics'][key] == pytest.approx(value, rel=1e-5), key
+    assert [r['images'] for r in two['rows']] == [PER_SIZE] * 3
+
+
+def test_extrapolation_sweep_table_and_grid(tiny, cache):
+    sweep_tool = load_tool('sweep_extrapolation')
+    out_dir = tiny['root'] / 'sweep'
+    sizes = [(16, 16), (32, 32), (24, 40)]
+    # L = 4 patches: 16x16 (4 x 4 patches) is inside it, 32x32 and 24x40 are beyond it.
+    metrics = sweep_tool.main([
+        tiny['config'], tiny['checkpoint'], '--rules', 'no', 'dynntk', 'YaRN', '--sizes',
+        '16x16', '32x32', '24x40', '--ori-max-pe-len', '4', '--num-samples', '2',
+        '--work-dir', str(tiny['root'] / 'test'), '--out-dir', str(out_dir),
+        '--cfg-options', experiment()])
+    with open(out_dir / 'sweep.json') as f:
+        sweep = json.load(f)
+    names = ['Extrapolation', 'NTKAware', 'NTKAware-decouple', 'YaRN', 'YaRN-decouple']
+    assert [v['name'] for v in sweep['variants']] == names
+    rows = sweep['rows']
+    assert [(r['rule'], r['decouple'], r['size']) for r in rows] == [
+        (name.split('-')[0], name.endswith('decouple'), f'{h}x{w}')
+        for name in names for h, w in sizes]
+    for row in rows:
+        name = row['rule'] + ('-decouple' if row['decouple'] else '')
+        assert row['gen/accuracy'] == metrics[f"{name}/gen/accuracy/{row['size']}"]
+    assert (out_dir / 'sweep.md').read_text().count('\n') == 2 + len(rows)
+
+    def images(name, size):
+        return read_npz(out_dir / name / f'samples_{size[0]}x{size[1]}.npz')['arr_0']
+
+    # Inside the training grid every rule is plain RoPE; on a square grid one scale per
+    # axis is the same scale; beyond the grid on a non-square one it is not.
+    for name in names[1:]:
+        assert np.array_equal(images(name, (16, 16)), images('Extrapolation', (16, 16)))
+        assert not np.array_equal(images(name, (32, 32)), images('Extrapolation', (32, 32)))
+    for rule in ('NTKAware', 'YaRN'):
+        assert np.array_equal(images(rule, (32, 32)), images(rule + '-decouple', (32, 32)))
+        assert not np.array_equal(images(rule, (24, 40)), images(rule + '-decouple', (24, 40)))
+    # The rule really is the one named: YaRN-decouple's images are the model's with it.
+    rule = dict(type='YaRN', decouple=True, ori_max_pe_len=4)
+    yarn = ema_model(tiny, rule=rule)
+    items = DATASETS.build(dict(type='GenerationRequests', num_classes=6, sizes=sizes,
+                                num_samples=2, seed=1))
+    chunk = [items[i]['data_samples'] for i in (4, 5)]  # the two requests of 24x40
+    direct = yarn.generate([s['label'] for s in chunk], [s['size'] for s in chunk],
+                           [s['seed'] for s in chunk])
+    assert np.array_equal(images('YaRN-decouple', (24, 40)),
+                          np.stack([to_uint8((x + 1) / 2).permute(1, 2, 0).numpy()
+                                    for x in direct]))
+
+    # The grid: rows = variants, columns = sizes, each cell request 0 of its size
+    # (image_grid's layout: cells of the largest image plus 2 px of padding).
+    grid = np.asarray(Image.open(out_dir / 'sweep_grid.png'))
+    cell_h, cell_w = 32 + 2, 40 + 2
+    assert grid.shape == (len(names) * cell_h + 2, len(sizes) * cell_w + 2, 3)
+    for r, name in enumerate(names):
+        for c, (h, w) in enumerate(sizes):
+            top, left = r * cell_h + 2, c * cell_w + 2
+            assert np.array_equal(grid[top:top + h, left:left + w], images(name, (h, w))[0])
