@@ -26,6 +26,7 @@ import flexgen
 from flexgen.apis.official import convert_for_config, is_official_checkpoint
 from flexgen.engine.generation_loop import apply_generation_options
 from flexgen.evaluation.generation import PRECISIONS
+from flexgen.evaluation.utils import parse_size_key
 from train import check_config_keys, init_cpu_distributed, use_cpu_ddp
 
 
@@ -42,6 +43,8 @@ def parse_args(argv=None):
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm'], default='none')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
     generation = parser.add_argument_group('generation (GenerationLoop)')
+    generation.add_argument('--sizes', nargs='+', type=parse_size_key, metavar='HxW',
+                            help='sizes to generate, e.g. 256x256 512x512')
     generation.add_argument('--num-samples', type=int, help='images per size (e.g. 50000)')
     generation.add_argument('--batch-size', type=int, help='requests per process and step')
     generation.add_argument('--out-dir', help='samples folder (default: WORK_DIR/samples/'
@@ -71,9 +74,9 @@ def build_runner(argv=None, test_cfg=None):
     if test_cfg is not None:
         cfg.test_cfg = dict(cfg.get('test_cfg') or {}, **test_cfg)
     apply_generation_options(
-        cfg, num_samples=args.num_samples, batch_size=args.batch_size, out_dir=args.out_dir,
-        cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval, sampler=args.sampler,
-        steps=args.steps, precision=args.precision)
+        cfg, sizes=args.sizes, num_samples=args.num_samples, batch_size=args.batch_size,
+        out_dir=args.out_dir, cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval,
+        sampler=args.sampler, steps=args.steps, precision=args.precision)
     if args.work_dir is not None:
         cfg.work_dir = args.work_dir
     elif cfg.get('work_dir') is None:

@@ -120,15 +120,17 @@ class GenerationLoop(BaseLoop):
             device=next(model.parameters()).device, progress=self.progress)
 
 
-def apply_generation_options(cfg, *, num_samples: Optional[int] = None,
+def apply_generation_options(cfg, *, sizes: Optional[Sequence] = None,
+                             num_samples: Optional[int] = None,
                              batch_size: Optional[int] = None, out_dir: Optional[str] = None,
                              cfg_scale: Optional[float] = None,
                              cfg_interval: Optional[Sequence[float]] = None,
                              sampler: Optional[str] = None, steps: Optional[int] = None,
                              precision: Optional[str] = None, shard_size: Optional[int] = None):
     """Fold the usual evaluation options into a config (``None`` leaves a setting alone):
-    images per size, per-process batch, output folder, guidance scale / interval, sampler
-    type and steps, precision, shard size. Returns ``cfg``."""
+    sizes ``(H, W)`` and images per size of the requests, per-process batch, output
+    folder, guidance scale / interval, sampler type and steps, precision, shard size.
+    Returns ``cfg``."""
     loop_options = dict(out_dir=out_dir, precision=precision, shard_size=shard_size)
     if any(v is not None for v in loop_options.values()):
         test_cfg = cfg.get('test_cfg') or {}
@@ -138,13 +140,16 @@ def apply_generation_options(cfg, *, num_samples: Optional[int] = None,
                              f"test_cfg=dict(type='GenerationLoop'); the config has "
                              f'test_cfg={test_cfg!r}')
         test_cfg.update({k: v for k, v in loop_options.items() if v is not None})
-    if num_samples is not None:
-        dataset = cfg.test_dataloader.dataset
+    if num_samples is not None or sizes is not None:
+        dataset = (cfg.get('test_dataloader') or {}).get('dataset') or {}
         if dataset.get('type') != 'GenerationRequests':
-            raise ValueError(f"--num-samples needs test_dataloader.dataset of type "
+            raise ValueError(f"--num-samples / --sizes need test_dataloader.dataset of type "
                              f"'GenerationRequests', got {dataset.get('type')!r}")
-        dataset.pop('num_per_class', None)
-        dataset.num_samples = int(num_samples)
+        if num_samples is not None:
+            dataset.pop('num_per_class', None)
+            dataset.num_samples = int(num_samples)
+        if sizes is not None:
+            dataset.sizes = [tuple(int(x) for x in size) for size in sizes]
     if batch_size is not None:
         cfg.test_dataloader.batch_size = int(batch_size)
     model = cfg.model

@@ -5,8 +5,11 @@
 #
 # Generation requests for FID-50K: 50 images per class at the training resolution (the
 # evaluation protocol of DiT / SiT: 50,000 samples, compared with ADM's ImageNet
-# reference batch). tools/test.py writes them as PNGs + samples.npz (SampleWriter) for ADM's
-# evaluation suite; an in-process FID metric with local Inception weights can replace it.
+# reference batch). tools/test.py (GenerationLoop) generates them in resumable shards,
+# writes samples_256x256.npz for ADM's evaluation suite and scores them in-process with
+# ADM's Inception (torch-fidelity's port): FID, sFID, IS, precision / recall against the
+# reference batch (VIRTUAL_imagenet256_labeled.npz from guided-diffusion's evaluations;
+# the Inception weights: inception_weights=PATH, or fetched once into torch's hub cache).
 # No validation during training (sampling 50K images is a job of its own).
 _resolution = 256
 _data_root = 'data/imagenet/train'
@@ -28,4 +31,5 @@ test_dataloader = dict(
                  sizes=[(_resolution, _resolution)], num_per_class=50, seed=0),
     sampler=dict(type='DefaultSampler', shuffle=False),
     collate_fn=dict(type='flexgen.jagged_collate'))
-test_evaluator = dict(type='SampleWriter', out_dir='work_dirs/samples')
+test_evaluator = dict(type='InceptionMetrics',
+                      reference='data/adm_reference/VIRTUAL_imagenet256_labeled.npz')

@@ -37,3 +37,19 @@ train_dataloader = dict(
         max_tokens=16384, patch_size=1),
     collate_fn=dict(type='flexgen.jagged_collate'))
 
+# FID-50K as NiT reports it at 256 x 256 (50 images per class, ADM's reference batch, its
+# Inception through torch-fidelity); tools/test.py --sizes / --cfg-scale / --sampler set the
+# other resolutions' settings (README, "Reproducing the papers' numbers"). NiT's DC-AE
+# needs sides that are multiples of 32.
+test_dataloader = dict(
+    batch_size=32,
+    num_workers=2,
+    dataset=dict(type='GenerationRequests', num_classes=1000, sizes=[(256, 256)],
+                 num_per_class=50, seed=0),
+    sampler=dict(type='DefaultSampler', shuffle=False),
+    collate_fn=dict(type='flexgen.jagged_collate'))
+# The 256 x 256 reference batch for 256 x 256, the 512 x 512 one for every other size (NiT's
+# README does not say which reference its other resolutions were compared with).
+test_evaluator = dict(type='InceptionMetrics', reference={
+    '256x256': 'data/adm_reference/VIRTUAL_imagenet256_labeled.npz',
+    'default': 'data/adm_reference/VIRTUAL_imagenet512.npz'})
