@@ -36,8 +36,8 @@ setup(
         'gpu': ['flash-attn', 'xformers'],
         # Inception metrics (FID / sFID / IS / precision-recall, flexgen.evaluation.fid):
         # imported when such a metric is built, with an error saying to install this.
-        'eval': ['torch-fidelity>=0.3'],
+        'eval': ['torch-fidelity>=0.4'],
         # scipy: the tests check FID against scipy.linalg.sqrtm.
-        'dev': ['pytest', 'tensorboard', 'torch-fidelity>=0.3', 'scipy'],
+        'dev': ['pytest', 'tensorboard', 'torch-fidelity>=0.4', 'scipy'],
     },
 )
