@@ -16,11 +16,13 @@ shuffling, ``calculate_precision_recall_part``); the Frechet distance is flexgen
 """
 import logging
 import math
+import os
 import os.path as osp
 from typing import Dict, Optional, Sequence, Union
 
 import numpy as np
 import torch
+from mmengine.dist import barrier, get_dist_info
 from mmengine.evaluator import BaseMetric
 from mmengine.logging import print_log
 
@@ -96,12 +98,24 @@ class InceptionMetrics(BaseMetric):
         self.metrics = tuple(metrics)
         self.references = self._check_references(reference, self.metrics)
         import_torch_fidelity()
-        self.weights = resolve_weights(inception_weights, download)
+        self.weights = self._weights_on_every_rank(inception_weights, download)
         self.batch_size, self.device, self.cache_dir = batch_size, device, cache_dir
         self.neighborhood, self.is_split_size = neighborhood, is_split_size
         self._inception: Optional[InceptionFeatures] = None
         self._reader: Optional[ReferenceReader] = None
         self._statistics: Dict[str, InceptionStatistics] = {}
+
+    @staticmethod
+    def _weights_on_every_rank(weights, download: bool) -> str:
+        """The weights file; when it must be fetched, one process per machine fetches it
+        while the others wait."""
+        _, world = get_dist_info()
+        if world == 1 or weights is not None:
+            return resolve_weights(weights, download)
+        if int(os.environ.get('LOCAL_RANK', 0)) == 0:
+            resolve_weights(None, download)
+        barrier()
+        return resolve_weights(None, download=False)
 
     @staticmethod
     def _check_references(reference, metrics) -> Dict[str, str]:

@@ -318,7 +318,7 @@ def _prepare(out_dir: str, manifest: Dict, shards: List[Shard]):
     return None, [i for i, s in enumerate(shards) if not osp.isfile(osp.join(shard_dir, s.name))]
 
 
-def _evaluate(evaluator, requests, out_dir: str, shards: List[Shard], batch_size: int):
+def _evaluate(evaluator, out_dir: str, shards: List[Shard], batch_size: int):
     """Feed every image to the evaluator, request ``i`` on rank ``i % world`` (mmengine's
     ``collect_results`` interleaves the ranks' results in that order; the ranks short of
     one image repeat request 0, which ``evaluate(total)`` drops), and evaluate."""
@@ -403,12 +403,16 @@ def run_generation(model, requests, out_dir: str, manifest: Dict, *, collate_fn:
     by_size = {size: [s for s in shards if s.size == size] for size in sizes}
     if npz and rank == 0:
         for size, group in by_size.items():
-            path = write_size_npz(out_dir, size, group)
+            path = osp.join(out_dir, f'samples_{size_key(size)}.npz')
+            newest = max(os.stat(osp.join(out_dir, SHARDS, s.name)).st_mtime_ns for s in group)
+            if osp.isfile(path) and os.stat(path).st_mtime_ns >= newest:
+                continue  # written from these very shards by an earlier run
+            write_size_npz(out_dir, size, group)
             print_log(f'{sum(len(s) for s in group)} samples of {size_key(size)} -> {path}',
                       logger='current')
     metrics = {}
     if evaluator is not None and len(getattr(evaluator, 'metrics', [])) > 0:
-        metrics = _evaluate(evaluator, requests, out_dir, shards, batch_size)
+        metrics = _evaluate(evaluator, out_dir, shards, batch_size)
     if rank == 0:
         seconds = {size_key(size): sum(shard_seconds(out_dir, s) for s in group)
                    for size, group in by_size.items()}
