@@ -310,3 +310,44 @@ def test_extrapolation_sweep_table_and_grid(tiny, cache):
         for c, (h, w) in enumerate(sizes):
             top, left = r * cell_h + 2, c * cell_w + 2
             assert np.array_equal(grid[top:top + h, left:left + w], images(name, (h, w))[0])
+
+
+def test_generation_options_edit_the_config():
+    from flexgen.engine import apply_generation_options
+    from flexgen.evaluation.generation import precision_context
+    flexgen.register_all_modules()
+    cfg = Config.fromfile(osp.join(ROOT, 'configs', 'dit', 'dit_xl_2_256.py'))
+    apply_generation_options(cfg, sizes=[(512, 512)], num_samples=10, batch_size=8,
+                             out_dir='somewhere', cfg_scale=4.0, cfg_interval=(0.0, 0.7),
+                             steps=100, precision='bf16', shard_size=64)
+    assert cfg.test_dataloader.dataset.sizes == [(512, 512)]
+    assert cfg.test_dataloader.dataset.num_samples == 10
+    assert 'num_per_class' not in cfg.test_dataloader.dataset
+    assert cfg.test_dataloader.batch_size == 8
+    assert cfg.test_cfg == dict(type='GenerationLoop', out_dir='somewhere', precision='bf16',
+                                shard_size=64)
+    assert cfg.model.guidance.scale == 4.0 and cfg.model.guidance.interval == (0.0, 0.7)
+    assert cfg.model.guidance.channels == (0, 1, 2)  # the rest of the guidance is kept
+    assert cfg.model.sampler == dict(type='DDPMAncestral', num_steps='100')  # respacing: str
+    apply_generation_options(cfg, sampler='EulerODE', steps=50)
+    assert cfg.model.sampler == dict(type='EulerODE', num_steps=50)  # a new type's defaults
+    demo = Config.fromfile(osp.join(ROOT, 'configs', 'demo', 'shapes_flexdit_rf.py'))
+    demo.model.guidance = None
+    with pytest.raises(ValueError, match='no guidance.*give --cfg-scale'):
+        apply_generation_options(demo, cfg_interval=(0.0, 0.5))
+    apply_generation_options(demo, cfg_scale=2.0)
+    assert demo.model.guidance == dict(type='ClassifierFreeGuidance', scale=2.0)
+    toy = Config.fromfile(osp.join(ROOT, 'tests', 'configs', 'toy_train.py'))
+    with pytest.raises(ValueError, match="need test_cfg=dict\\(type='GenerationLoop'\\)"):
+        apply_generation_options(toy, precision='bf16')
+    with pytest.raises(ValueError, match="GenerationRequests', got 'ToyVectorDataset'"):
+        apply_generation_options(toy, num_samples=4)
+    # Precision: autocast to bfloat16 (also on a CPU); fp32 leaves matmuls alone.
+    x = torch.ones(2, 2)
+    with precision_context('bf16', torch.device('cpu')):
+        assert (x @ x).dtype == torch.bfloat16
+    with precision_context('fp32', torch.device('cpu')):
+        assert (x @ x).dtype == torch.float32
+    with pytest.raises(ValueError, match='precision must be one of'):
+        with precision_context('fp8', torch.device('cpu')):
+            pass
