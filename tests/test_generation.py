@@ -3,7 +3,6 @@ and the RoPE extrapolation sweep, on a tiny demo-like checkpoint written by the 
 import json
 import os
 import os.path as osp
-import socket
 import subprocess
 import sys
 import uuid
@@ -19,7 +18,7 @@ from flexgen.evaluation import GeneratedClassAccuracy, to_uint8
 from flexgen.evaluation import generation as generation_module
 from flexgen.models.generator import DiffusionGenerator
 from flexgen.registry import DATASETS, MODELS
-from test_train_tool import load_tool
+from test_train_tool import free_port, load_tool
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 SIZES = [(16, 16), (16, 32), (24, 16)]
@@ -215,12 +214,6 @@ def test_killed_generation_resumes_without_redoing_finished_shards(tiny, uninter
     # The same folder with other settings is refused, naming what changed.
     with pytest.raises(ValueError, match=r'other settings.*model\.guidance\.scale: 5\.0 -> 3\.0'):
         run_test_tool(tiny, out_dir, '--cfg-scale', '3')
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 def run_in_subprocess(tiny, out_dir, nproc):

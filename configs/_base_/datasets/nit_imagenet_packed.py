@@ -12,6 +12,8 @@
 #                 train_dataloader.batch_sampler.meta_file=...
 # A missing file stops the build with an error naming it; image_dir (REPA's original
 # images) has no default and must be given.
+_base_ = ['./imagenet_fid50k.py']
+
 _root = 'data/imagenet1k'
 _vae = 'dc-ae-f32c32-sana-1.1-diffusers'
 _types = ['native-resolution', 'fixed-256x256', 'fixed-512x512']
@@ -37,19 +39,11 @@ train_dataloader = dict(
         max_tokens=16384, patch_size=1),
     collate_fn=dict(type='flexgen.jagged_collate'))
 
-# FID-50K as NiT reports it at 256 x 256 (50 images per class, ADM's reference batch, its
-# Inception through torch-fidelity); tools/test.py --sizes / --cfg-scale / --sampler set the
-# other resolutions' settings (README, "Reproducing the papers' numbers"). NiT's DC-AE
-# needs sides that are multiples of 32.
-test_dataloader = dict(
-    batch_size=32,
-    num_workers=2,
-    dataset=dict(type='GenerationRequests', num_classes=1000, sizes=[(256, 256)],
-                 num_per_class=50, seed=0),
-    sampler=dict(type='DefaultSampler', shuffle=False),
-    collate_fn=dict(type='flexgen.jagged_collate'))
-# The 256 x 256 reference batch for 256 x 256, the 512 x 512 one for every other size (NiT's
-# README does not say which reference its other resolutions were compared with).
-test_evaluator = dict(type='InceptionMetrics', reference={
+# Testing: FID-50K (imagenet_fid50k.py) at 256 x 256; tools/test.py --sizes / --cfg-scale /
+# --sampler give the other resolutions' settings (README, "Reproducing the papers' numbers").
+# 256 x 256 is compared with ADM's 256 x 256 reference batch, every other size with the
+# 512 x 512 one (NiT's README does not say which reference its other resolutions used).
+test_evaluator = dict(reference={
+    '_delete_': True,
     '256x256': 'data/adm_reference/VIRTUAL_imagenet256_labeled.npz',
     'default': 'data/adm_reference/VIRTUAL_imagenet512.npz'})
