@@ -15,18 +15,12 @@ request, ``--grid-index``, of its size). Every other option is tools/test.py's.
 import argparse
 import os.path as osp
 
-import torch
-from mmengine.dist import is_main_process
-
-from flexgen.apis import image_grid, save_png
-from flexgen.evaluation.generation import read_image
-from flexgen.evaluation.utils import parse_size_key
-from test import build_runner
-
 
 def parse_args(argv=None):
+    # torch, mmengine and flexgen are imported after parsing: --help answers at once.
     parser = argparse.ArgumentParser(
-        description='RoPE extrapolation sweep (the remaining options are tools/test.py\'s)')
+        description='RoPE extrapolation sweep: CONFIG CHECKPOINT and any other tools/test.py '
+        'option (python tools/test.py --help) pass through')
     parser.add_argument('--rules', nargs='+', required=True,
                         help='rule types (NTKAware, YaRN, ...) or reference names (no, linear, '
                         'dynntk, partntk, yarn, ntkpro1, ntkpro2, scale1, scale2)')
@@ -40,6 +34,10 @@ def parse_args(argv=None):
 
 
 def write_grid(sweep_dir: str, variants, sizes, index: int) -> str:
+    import torch
+
+    from flexgen.apis import image_grid, save_png
+    from flexgen.evaluation.generation import read_image
     cells = []
     for variant in variants:
         for size in sizes:
@@ -52,7 +50,14 @@ def write_grid(sweep_dir: str, variants, sizes, index: int) -> str:
 
 def main(argv=None):
     args, rest = parse_args(argv)
-    sizes = [parse_size_key(s) for s in args.sizes]
+    from mmengine.dist import is_main_process
+
+    from flexgen.evaluation.utils import parse_size_key
+    from test import build_runner
+    try:
+        sizes = [parse_size_key(s) for s in args.sizes]
+    except ValueError as error:
+        raise SystemExit(f'--sizes: {error}') from None
     runner = build_runner(rest, test_cfg=dict(
         type='ExtrapolationSweep', rules=args.rules, sizes=sizes, decouple=args.decouple,
         ori_max_pe_len=args.ori_max_pe_len))
