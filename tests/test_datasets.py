@@ -162,13 +162,14 @@ def test_generation_requests_cover_every_class_size_repeat():
 
 
 def test_generation_requests_num_samples_is_class_balanced():
-    """num_samples=N per size: every class gets N // C or N // C + 1 images, in blocks; with
-    N = C * R the requests (labels, sizes, seeds) are exactly those of num_per_class=R."""
+    """num_samples=N per size: the classes take turns (any run of consecutive requests is
+    balanced), N // C or N // C + 1 images each; with N = C * R the requests (labels, sizes,
+    seeds) are exactly those of num_per_class=R."""
     sizes = [(16, 16), (16, 32)]
     requests = GenerationRequests(sizes=sizes, num_classes=4, num_samples=10, seed=3)
     assert len(requests) == 20
     labels = [requests.get_label(i) for i in range(20)]
-    assert labels == [0, 0, 0, 1, 1, 2, 2, 2, 3, 3] * 2
+    assert labels == [0, 1, 2, 3, 0, 1, 2, 3, 0, 1] * 2
     assert [requests.get_size(i) for i in range(20)] == [(16, 16)] * 10 + [(16, 32)] * 10
     balanced = GenerationRequests(sizes=sizes, num_classes=4, num_samples=12, seed=3)
     repeats = GenerationRequests(sizes=sizes, num_classes=4, num_per_class=3, seed=3)
