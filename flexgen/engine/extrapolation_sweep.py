@@ -96,7 +96,7 @@ class ExtrapolationSweep(GenerationLoop):
         runner.model.eval()
         rank, world = get_dist_info()
         holder = [self.out_dir]
-        if rank == 0 and self.out_dir is None:
+        if self.out_dir is None:
             base = generation_manifest(runner.cfg.model, requests_cfg, runner.model)
             holder = [default_out_dir(osp.join(runner.work_dir, 'sweep'),
                                       dict(base, variants=variants, precision=self.precision,

@@ -95,16 +95,15 @@ class GenerationLoop(BaseLoop):
         ``work_dir/<root>/<hash of the settings>``), evaluate, write the table."""
         runner = self.runner
         model = _unwrap(runner.model)
-        rank, world = get_dist_info()
-        holder = [None, None]
-        if rank == 0:
-            manifest = generation_manifest(model_cfg, requests_cfg, runner.model)
-            holder = [manifest, out_dir or default_out_dir(
-                osp.join(runner.work_dir, root), dict(manifest, shard_size=self.shard_size,
-                                                      precision=self.precision))]
+        _, world = get_dist_info()
+        # Every rank digests the weights (gathering sharded ones is a collective); rank 0's
+        # folder is everyone's.
+        manifest = generation_manifest(model_cfg, requests_cfg, runner.model)
+        holder = [out_dir or default_out_dir(osp.join(runner.work_dir, root), dict(
+            manifest, shard_size=self.shard_size, precision=self.precision))]
         if world > 1:
             broadcast_object_list(holder)
-        manifest, out_dir = holder
+        out_dir = holder[0]
         # Metrics that write files (SampleWriter) and were given no folder write into this
         # run's output folder.
         if not hasattr(self, '_folderless'):

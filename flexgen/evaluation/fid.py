@@ -95,8 +95,8 @@ class InceptionMetrics(BaseMetric):
         if unknown or not metrics:
             raise ValueError(f'InceptionMetrics: metrics must be a non-empty subset of '
                              f'{ALL_METRICS}, got {tuple(metrics)}')
-        self.metrics = tuple(metrics)
-        self.references = self._check_references(reference, self.metrics)
+        self.metric_names = tuple(metrics)
+        self.references = self._check_references(reference, self.metric_names)
         import_torch_fidelity()
         self.weights = self._weights_on_every_rank(inception_weights, download)
         self.batch_size, self.device, self.cache_dir = batch_size, device, cache_dir
@@ -168,7 +168,7 @@ class InceptionMetrics(BaseMetric):
         if source not in self._statistics:
             if self._reader is None:
                 self._reader = ReferenceReader(self.inception, self.cache_dir, self.batch_size)
-            need_images = 'precision' in self.metrics or 'recall' in self.metrics
+            need_images = 'precision' in self.metric_names or 'recall' in self.metric_names
             self._statistics[source] = self._reader.read(source, need_images)
         return self._statistics[source]
 
@@ -190,7 +190,7 @@ class InceptionMetrics(BaseMetric):
                     result = dict(index=int(sample.get('index', -1)), size=size,
                                   pool=features['pool'][j].numpy(),
                                   logits=features['logits'][j].numpy())
-                    if 'sfid' in self.metrics:
+                    if 'sfid' in self.metric_names:
                         result['spatial'] = features['spatial'][j].numpy()
                     self.results.append(result)
 
@@ -201,30 +201,30 @@ class InceptionMetrics(BaseMetric):
             print_log(f'InceptionMetrics: {len(results)} image(s) of size {size_key(size)}; '
                       'FID and the other statistics need at least 2 (nan)', logger='current',
                       level=logging.WARNING)
-            return {name: math.nan for name in self.metrics}
+            return {name: math.nan for name in self.metric_names}
         samples = statistics_from_features(
             np.stack([r['pool'] for r in results]),
-            np.stack([r['spatial'] for r in results]) if 'sfid' in self.metrics else None)
-        if 'fid' in self.metrics:
+            np.stack([r['spatial'] for r in results]) if 'sfid' in self.metric_names else None)
+        if 'fid' in self.metric_names:
             out['fid'] = frechet_distance(samples.mu, samples.sigma, reference.mu,
                                           reference.sigma)
-        if 'sfid' in self.metrics:
+        if 'sfid' in self.metric_names:
             if reference.mu_s is None:
                 raise ValueError(f'InceptionMetrics: the reference {reference.source!r} has no '
                                  "spatial statistics (mu_s, sigma_s) and no images; drop 'sfid' "
                                  'from metrics or give a reference with images')
             out['sfid'] = frechet_distance(samples.mu_s, samples.sigma_s, reference.mu_s,
                                            reference.sigma_s)
-        if 'is' in self.metrics:
+        if 'is' in self.metric_names:
             out['is'] = inception_score(np.stack([r['logits'] for r in results]),
                                         self.is_split_size)
-        if 'precision' in self.metrics or 'recall' in self.metrics:
+        if 'precision' in self.metric_names or 'recall' in self.metric_names:
             if reference.pool is None:
                 raise ValueError(f'InceptionMetrics: the reference {reference.source!r} has no '
                                  'images (arr_0), so precision / recall cannot be computed; '
                                  "drop them from metrics or give a reference with images")
             scores = precision_recall(samples.pool, reference.pool, self.neighborhood)
-            out.update({k: v for k, v in scores.items() if k in self.metrics})
+            out.update({k: v for k, v in scores.items() if k in self.metric_names})
         return out
 
     def compute_metrics(self, results: list) -> dict:

@@ -56,10 +56,14 @@ def hwc_uint8(images) -> np.ndarray:
 
 def state_dict_digest(state: Dict[str, torch.Tensor]) -> str:
     """A sha256 of a state dict (names, dtypes, shapes, values): what anything computed
-    with these weights is keyed by."""
+    with these weights is keyed by. Sharded tensors (FSDP's DTensors) are gathered first,
+    a collective: under FSDP every rank must call this."""
     digest = hashlib.sha256()
     for name in sorted(state):
-        value = state[name].detach().cpu().contiguous()
+        value = state[name].detach()
+        if hasattr(value, 'full_tensor'):
+            value = value.full_tensor()
+        value = value.cpu().contiguous()
         digest.update(f'{name}:{value.dtype}:{tuple(value.shape)};'.encode())
         digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
