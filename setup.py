@@ -38,6 +38,6 @@ setup(
         # imported when such a metric is built, with an error saying to install this.
         'eval': ['torch-fidelity>=0.4'],
         # scipy: the tests check FID against scipy.linalg.sqrtm.
-        'dev': ['pytest', 'tensorboard', 'torch-fidelity>=0.4', 'scipy'],
+        'dev': ['pytest', 'tensorboard', 'torchdiffeq', 'torch-fidelity>=0.4', 'scipy'],
     },
 )

@@ -1,4 +1,5 @@
 """Small helpers shared by the tests."""
+from contextlib import contextmanager
 from itertools import islice
 
 import torch
@@ -46,6 +47,32 @@ class Wrapped:
 def take(sampler, n):
     """The first ``n`` items of a sampler."""
     return list(islice(iter(sampler), n))
+
+
+def load_tool(name):
+    """``tools/<name>.py`` as a module (``tools/`` on the path: test.py imports train.py)."""
+    import importlib.util
+    import os.path as osp
+    import sys
+    tools = osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'tools')
+    if tools not in sys.path:
+        sys.path.insert(0, tools)
+    spec = importlib.util.spec_from_file_location(f'flexgen_tool_{name}',
+                                                  osp.join(tools, f'{name}.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextmanager
+def one_torch_thread():
+    """Tiny tensors: torch's thread hand-off costs more than it saves."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def random_inception_weights(path, seed=0):

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 import flexgen.models.layers.attention_backends as backends
-from flexgen.models.layers.attention_backends import (AutoAttention, build_attention_backend,
-                                                      length_groups)
+from flexgen.models.layers.attention_backends import AutoAttention, build_attention_backend
 from flexgen.models.layers.attention_flex import (FlexAttention, document_block_mask,
                                                   flex_attention_available)
 from flexgen.structures import TokenBatch
@@ -84,9 +83,9 @@ def test_sdpa_runs_on_strided_inputs_equals_per_image_attention(dtype):
 
 
 def test_equal_length_runs_merge_consecutive_images_only():
-    runs = backends.equal_length_runs(_pack([[2, 3], [3, 2], [1, 1], [6, 1], [2, 2]])[0])
+    runs = _pack([[2, 3], [3, 2], [1, 1], [6, 1], [2, 2]])[0].geometry.runs()
     assert runs == [(0, 2, 6), (12, 1, 1), (13, 1, 6), (19, 1, 4)]
-    assert backends.equal_length_runs(_pack(PACKS['equal_lengths'])[0]) == [(0, 4, 12)]
+    assert _pack(PACKS['equal_lengths'])[0].geometry.runs() == [(0, 4, 12)]
 
 
 def test_sdpa_rejects_an_unknown_strategy():
@@ -192,22 +191,25 @@ def test_cpu_kernels_run_once_per_segment(monkeypatch):
 
 def test_length_groups_order_gathers_each_group_contiguously():
     batch = _pack(PACKS['mixed'])[0]
-    groups = length_groups(batch)
+    groups = batch.geometry.length_groups()
     assert groups.lengths == [6, 16, 1, 5] and groups.counts == [2, 2, 1, 1]
     ids = batch.image_ids[groups.order]
     assert ids.tolist() == [0] * 6 + [3] * 6 + [1] * 16 + [4] * 16 + [2] + [5] * 5
     assert sorted(groups.order.tolist()) == list(range(len(ids)))
-    assert length_groups(batch) is groups  # cached on the batch for every layer
-    sorted_groups = length_groups(_pack(PACKS['mixed_sorted'])[0])
+    assert batch.replace(batch.tokens * 2).geometry.length_groups() is groups  # shared
+    sorted_groups = _pack(PACKS['mixed_sorted'])[0].geometry.length_groups()
     assert sorted_groups.order is None
 
 
-def test_auto_picks_grouped_sdpa_on_cpu_and_for_float32():
+def test_auto_choices_by_device_dtype_and_batch():
     assert AutoAttention.choose('cpu', torch.float32) == 'sdpa'
     assert AutoAttention.choose('cpu', torch.bfloat16) == 'sdpa'
-    assert AutoAttention.choose('cuda', torch.float32) == 'sdpa'
-    expected = 'flash_varlen' if HAS_FLASH else 'xformers' if HAS_XFORMERS else 'sdpa'
+    flex = 'flex' if flex_attention_available() else 'sdpa'
+    assert AutoAttention.choose('cuda', torch.float32) == flex
+    expected = 'flash_varlen' if HAS_FLASH else 'xformers' if HAS_XFORMERS else flex
     assert AutoAttention.choose('cuda', torch.bfloat16) == expected
+    # equal lengths (DiT): one dense batched call, whatever is installed
+    assert AutoAttention.choose('cuda', torch.bfloat16, uniform=True) == 'sdpa'
 
 
 def test_registered_names_build():
@@ -305,6 +307,9 @@ def _fake_flash_attn():
         # flash-attn's contract: q/k/v [total, heads, head_dim] fp16/bf16, cu_seqlens int32
         # [batch + 1] from 0, max_seqlen the longest sequence, scale 1/sqrt(head_dim) default
         assert q.dim() == 3 and q.dtype in (torch.float16, torch.bfloat16)
+        assert k.dtype == v.dtype == q.dtype, (q.dtype, k.dtype, v.dtype)  # one dtype
+        assert all(x.stride(-1) == 1 for x in (q, k, v))  # contiguous head_dim
+        assert cu_seqlens_q.device == q.device and isinstance(max_seqlen_q, int)
         assert cu_seqlens_q.dtype == torch.int32 and torch.equal(cu_seqlens_q, cu_seqlens_k)
         lengths = cu_seqlens_q.diff()
         assert cu_seqlens_q[0] == 0 and cu_seqlens_q[-1] == q.shape[0]
@@ -365,3 +370,41 @@ def test_gpu_backends_hand_packs_over_as_the_libraries_document(name, monkeypatc
         assert out.shape == q.shape and out.dtype == torch.bfloat16
         ref = per_image_attention(*(x.float() for x in half), batch)
         torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_auto_takes_flash_varlen_under_autocast_with_a_float32_qk_norm(monkeypatch):
+    """CUDA autocast runs LayerNorm in float32, so QK-norm + RoPE return float32 q, k
+    while v comes out of the projection in bf16. Emulated on CPU (bf16 autocast for the
+    projection, the norms' outputs cast to float32 as CUDA autocast does, the CPU counted
+    as a device with the varlen kernels, flash-attn's documented call as a stand-in):
+    the layer hands the kernel one dtype and 'auto' picks flash_varlen."""
+    import sys
+
+    import flexgen.models.layers.attention_varlen as varlen
+    from flexgen.models.layers.attention import Attention
+    from flexgen.position_encodings.rope import AxialRoPE2D
+    monkeypatch.setitem(sys.modules, 'flash_attn', _fake_flash_attn())
+    monkeypatch.setattr(varlen, '_require_cuda', lambda *args: None)
+    monkeypatch.setattr(backends, '_has_varlen_kernels', lambda device: True)
+    torch.manual_seed(0)
+    layer = Attention(32, 2, qk_norm='layernorm_affine', backend='auto')
+    for norm in (layer.q_norm, layer.k_norm):
+        norm.register_forward_hook(lambda module, args, out: out.float())
+    batch = TokenBatch(torch.randn(37, 32), torch.tensor([[3, 4], [5, 5]]))
+    rope = AxialRoPE2D(16)(batch)
+    seen = []
+    real = backends.AutoAttention.__call__
+
+    def spy(self, q, k, v, batch):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return real(self, q, k, v, batch)
+
+    monkeypatch.setattr(backends.AutoAttention, '__call__', spy)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = layer(batch.tokens, batch, rope)
+    assert seen == [(torch.bfloat16,) * 3]
+    (chosen,) = layer.backend._chosen.values()
+    assert isinstance(chosen, varlen.FlashVarlenAttention)
+    with torch.no_grad():  # the same layer without autocast: float32 attention, sdpa
+        ref = layer(batch.tokens, batch, rope)
+    torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)

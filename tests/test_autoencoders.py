@@ -152,6 +152,59 @@ def test_errors(saved, tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise OSError('We couldn\'t connect to https://huggingface.co')
     monkeypatch.setattr(diffusers.AutoencoderKL, 'from_pretrained', offline)
+    unreachable = DiffusersAutoencoder('someone/some-vae', latent_channels=4, downsample=8)
     with pytest.raises(FileNotFoundError, match="'someone/some-vae' is neither a local "
                                                 'directory nor reachable'):
-        DiffusersAutoencoder('someone/some-vae')
+        unreachable.decode([torch.zeros(4, 2, 2)])
+    with pytest.raises(ValueError, match='downsample must be a positive int'):
+        DiffusersAutoencoder(path, downsample=0)
+
+
+def counting_loads(monkeypatch, kind):
+    """Record every from_pretrained call of the diffusers class ``kind``."""
+    cls = getattr(diffusers, kind)
+    load, calls = cls.from_pretrained.__func__, []
+
+    def counted(cls, path, *args, **kwargs):
+        calls.append(str(path))
+        return load(cls, path, *args, **kwargs)
+
+    monkeypatch.setattr(cls, 'from_pretrained', classmethod(counted))
+    return calls
+
+
+def test_network_loads_on_first_use_and_takes_earlier_moves(saved, monkeypatch):
+    path, model = saved['AutoencoderKL']
+    calls = counting_loads(monkeypatch, 'AutoencoderKL')
+    ae = DiffusersAutoencoder(path, latent_channels=4, downsample=2, shift_factor=0.1)
+    assert (ae.latent_channels, ae.downsample, ae.shift_factor) == (4, 2, 0.1)
+    ema = copy.deepcopy(ae)
+    ae.to(torch.float64)
+    assert calls == [] and not ae.loaded and 'loaded=False' in repr(ae)
+    latents = [torch.randn(4, 3, 2, generator=torch.Generator().manual_seed(1))]
+    decoded = ema.decode(latents)  # the copy loads the shared network, as moved before
+    assert calls == [str(path)] and ae.loaded and ema.vae is ae.vae
+    assert {p.dtype for p in ae.vae.parameters()} == {torch.float64}
+    assert not ae.vae.training and not any(p.requires_grad for p in ae.vae.parameters())
+    with torch.no_grad():
+        expected = model.double().decode(latents[0][None].double() / 0.5 + 0.1).sample
+    model.float()
+    assert decoded[0].dtype == torch.float32
+    torch.testing.assert_close(decoded[0], expected[0].float())
+    ae.encode(_images()[:1])
+    assert calls == [str(path)]  # loaded once
+    # A device move before the load applies too (the meta device stands in for a GPU).
+    later = DiffusersAutoencoder(path).to('meta')
+    assert calls == [str(path)]
+    assert {p.device.type for p in later.vae.parameters()} == {'meta'}
+    # Settings not given come from the network's config: reading them loads it.
+    assert (later.latent_channels, later.downsample, later.scaling_factor) == (4, 2, 0.5)
+
+
+@pytest.mark.parametrize('field, value', [('latent_channels', 8), ('downsample', 4)])
+def test_given_shapes_are_checked_when_the_network_loads(saved, field, value):
+    path, _ = saved['AutoencoderDC']
+    ae = DiffusersAutoencoder(path, kind='AutoencoderDC', **{field: value})
+    with pytest.raises(ValueError, match=f'{field}={value} was given, but the network at '
+                                         f"'{path}' has {field}=.*model.autoencoder.{field}"):
+        ae.vae

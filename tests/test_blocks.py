@@ -39,3 +39,40 @@ def test_adaln_lora_with_full_rank_equals_dense_product():
         dense[1].bias.copy_(up.weight @ down.bias + up.bias)
     c = torch.randn(3, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(lora(c), dense(c))
+
+
+def test_per_image_modulation_values_gradients_and_saved_memory():
+    """modulate / gate on a mixed batch equal the plain gathered formula (values and
+    gradients, float64) and keep no per-token [N, D] copy of the modulation for backward."""
+    from flexgen.models.layers import gate, modulate
+    from flexgen.structures import TokenBatch
+    g = torch.Generator().manual_seed(0)
+    batch = TokenBatch(torch.zeros(5 * 7 + 3 * 4 + 6, 1), [[5, 7], [3, 4], [2, 3]])
+    n, d = batch.tokens.shape[0], 16
+    x = torch.randn(n, d, generator=g, dtype=torch.float64, requires_grad=True)
+    shift, scale, gain = (torch.randn(3, d, generator=g, dtype=torch.float64,
+                                      requires_grad=True) for _ in range(3))
+    out = gate(modulate(x, shift, scale, batch), gain, batch)
+    plain = (x * (1 + scale[batch.image_ids]) + shift[batch.image_ids]) * gain[batch.image_ids]
+    torch.testing.assert_close(out, plain)
+    weight = torch.randn(n, d, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad((out * weight).sum(), (x, shift, scale, gain))
+    ref = torch.autograd.grad((plain * weight).sum(), (x, shift, scale, gain))
+    for a, b in zip(grads, ref):
+        torch.testing.assert_close(a, b)
+
+    def saved_bytes(fn):
+        sizes = []
+
+        def pack(t):
+            sizes.append(t.numel() * t.element_size())
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+        return sum(sizes)
+
+    token_bytes = n * d * 8
+    ours = saved_bytes(lambda: modulate(x, shift, scale, batch))
+    gathered = saved_bytes(lambda: x * (1 + scale[batch.image_ids]) + shift[batch.image_ids])
+    assert ours < token_bytes + 3 * d * 8 + n * 8 + 1   # x, 1 + scale, the image ids
+    assert gathered >= 2 * token_bytes                   # x and the gathered scale

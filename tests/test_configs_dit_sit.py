@@ -1,7 +1,6 @@
 """configs/dit and configs/sit: the papers' sizes and recipes, boundary settings that
 official checkpoints need, and every config's generator builds (tiny widths for speed)."""
 import glob
-import importlib
 import os.path as osp
 
 import pytest
@@ -11,7 +10,7 @@ from mmengine.config import Config
 import flexgen
 from flexgen.apis.official import backbone_mismatches, load_official
 from flexgen.models.converters.dit_sit import DiTConverter, SiTConverter
-from flexgen.registry import MODELS, SAMPLERS, TIME_SAMPLERS, TRANSPORTS
+from flexgen.registry import MODELS
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 DIT = sorted(glob.glob(osp.join(ROOT, 'configs', 'dit', '*.py')))
@@ -19,19 +18,12 @@ SIT = sorted(glob.glob(osp.join(ROOT, 'configs', 'sit', '*.py')))
 FIXTURES = osp.join(ROOT, 'tests', 'fixtures')
 
 flexgen.register_all_modules()
-# The DiT / SiT transports and samplers live in modules that register on import; until
-# their packages' __init__ import them, import them here (absent ones are skipped below).
-for _module in ('flexgen.schedulers.ddpm', 'flexgen.schedulers.interpolants',
-                'flexgen.samplers.ddpm', 'flexgen.samplers.ode', 'flexgen.samplers.sde'):
-    try:
-        importlib.import_module(_module)
-    except Exception:  # noqa: BLE001 - not written yet: the configs needing it are skipped
-        pass
 
 # DiT Table 1: (depth, width, heads) per size name.
 SIZES = dict(s=(12, 384, 6), b=(12, 768, 12), l=(24, 1024, 16), xl=(28, 1152, 16))
-# Trainable parameters of the reference at input size 32 (the reference's pos_embed is a
-# frozen buffer-like parameter; flexgen computes that table and stores nothing).
+# Trainable parameters measured on the built reference at input size 32 (its pos_embed is
+# a frozen parameter; flexgen computes that table and stores nothing): they check the
+# closed form official_dit_parameters, which gives every size.
 REFERENCE_TRAINABLE = {('s', 2): 32_865_056, ('b', 2): 130_315_808, ('l', 2): 457_840_672,
                        ('xl', 2): 674_834_720, ('xl', 4): 675_000_704, ('xl', 8): 675_664_640}
 DIT_XL_2_WITH_POS_EMBED = 675_129_632  # fast-DiT's "DiT Parameters" line
@@ -100,35 +92,46 @@ def test_dit_and_sit_training_and_sampling_settings():
         assert model.autoencoder.scaling_factor == 0.18215
 
 
+def official_dit_parameters(depth, width, patch, grid, in_channels=4, learn_sigma=True,
+                            num_classes=1000, mlp_ratio=4.0, frequency_size=256):
+    """Parameters of the reference DiT (its ``models.py``), frozen ``pos_embed`` included,
+    counted from the architecture: patch conv, pos_embed [T, D], timestep MLP
+    (256 -> D -> D), label table (classes + the null row), per block adaLN (D -> 6D), qkv,
+    proj, MLP (D -> rD -> D), and the final adaLN (D -> 2D) and linear (D -> p^2 C_out)."""
+    d, hidden, out = width, int(width * mlp_ratio), in_channels * (2 if learn_sigma else 1)
+
+    def linear(n_in, n_out):
+        return n_in * n_out + n_out
+
+    block = (linear(d, 6 * d) + linear(d, 3 * d) + linear(d, d) + linear(d, hidden)
+             + linear(hidden, d))
+    return (linear(in_channels * patch * patch, d) + grid * grid * d
+            + linear(frequency_size, d) + linear(d, d) + (num_classes + 1) * d
+            + depth * block + linear(d, 2 * d) + linear(d, patch * patch * out))
+
+
 @pytest.mark.parametrize('path', DIT + SIT, ids=osp.basename)
 def test_full_size_parameter_count(path):
-    """Built on the meta device (no memory, no time). DiT-XL/2: 675,129,632 in the reference
-    minus its frozen 256 x 1152 pos_embed, which flexgen computes instead of storing."""
+    """Built on the meta device (no memory, no time): the reference's count from its
+    architecture minus its frozen T x D pos_embed, which flexgen computes instead of
+    storing. The closed form itself reproduces the counts measured on the reference."""
     size, patch = name_parts(path)
-    backbone = dict(Config.fromfile(path).model.backbone)
+    cfg = Config.fromfile(path)
+    backbone = dict(cfg.model.backbone)
     with torch.device('meta'):
         model = MODELS.build(backbone)
     count = sum(p.numel() for p in model.parameters())
-    if (size, patch) in REFERENCE_TRAINABLE:
-        assert count == REFERENCE_TRAINABLE[size, patch]
-    if (size, patch) == ('xl', 2):
-        assert count == DIT_XL_2_WITH_POS_EMBED - 256 * 1152
+    grid = (512 if path.endswith('_512.py') else 256) // 8 // patch
+    official = official_dit_parameters(backbone['depth'], backbone['hidden_size'], patch, grid,
+                                       backbone['in_channels'], backbone['learn_sigma'],
+                                       backbone['num_classes'], backbone['mlp_ratio'])
+    pos_embed = grid * grid * backbone['hidden_size']
+    assert count == official - pos_embed
+    if (size, patch) in REFERENCE_TRAINABLE:  # trainable: the same at any resolution
+        assert official - pos_embed == REFERENCE_TRAINABLE[size, patch]
+    if (size, patch, grid) == ('xl', 2, 16):
+        assert official == DIT_XL_2_WITH_POS_EMBED
     assert all(p.requires_grad for p in model.parameters())
-
-
-def unregistered(path):
-    """The config's transport / time sampler / sampler types no registry knows (yet)."""
-    model = Config.fromfile(path).model
-    return [model[key].type for key, registry in (
-        ('transport', TRANSPORTS), ('time_sampler', TIME_SAMPLERS), ('sampler', SAMPLERS))
-        if model[key].type not in registry]
-
-
-def skip_unregistered(path):
-    missing = unregistered(path)
-    if missing:
-        pytest.skip(f'{osp.basename(path)}: {missing} not registered yet (written in parallel '
-                    'with these configs)')
 
 
 def tiny(path):
@@ -143,7 +146,6 @@ def tiny(path):
 
 @pytest.mark.parametrize('path', DIT + SIT, ids=osp.basename)
 def test_every_config_builds_and_trains_a_step(path):
-    skip_unregistered(path)
     model = MODELS.build(tiny(path).model)
     size, patch = name_parts(path)
     assert model.backbone.patch_size == patch
@@ -161,7 +163,6 @@ def test_official_fixture_loads_into_the_real_config(family):
     converter the config agrees with is chosen by itself, with no settings to adjust."""
     path = osp.join(ROOT, 'configs', family, f'{family}_xl_2_256.py' if family == 'dit'
                     else 'sit_xl_2.py')
-    skip_unregistered(path)
     cfg = tiny(path)
     checkpoint = osp.join(FIXTURES, family, 'model.safetensors')
     model = load_official(cfg, checkpoint)

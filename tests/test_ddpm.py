@@ -17,6 +17,7 @@ from flexgen.samplers.ddpm import DDIM, DDPMAncestral
 from flexgen.schedulers.ddpm import (DDPM, cosine_betas, discretized_gaussian_log_likelihood,
                                      linear_betas, space_timesteps)
 from flexgen.schedulers.interpolants import Interpolant
+from flexgen.structures import Geometry, unpatchify
 
 MU, S = 1.5, 0.5
 
@@ -417,8 +418,9 @@ def test_generate_with_an_exact_eps_oracle(sampler):
     if sampler['type'] == 'DDIM':
         abar = abar_table[999].item()
         a, b = math.sqrt(abar), math.sqrt(1 - abar)
-        for (h, w), seed, image in zip(sizes, [11, 12], images):
-            z = torch.randn(3, h, w, generator=gen(seed))
+        geometry = Geometry(torch.tensor(sizes) // model.patch_size)
+        noise = model.sampling_noise(torch.tensor([11, 12]), geometry, 0)
+        for z, image in zip(unpatchify(noise, geometry.sizes, model.patch_size), images):
             exact = mu + s * (z - a * mu) / math.sqrt(a * a * s * s + b * b)
             torch.testing.assert_close(image, exact, atol=0.025, rtol=0)  # O(1) if miswired
     else:

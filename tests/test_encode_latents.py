@@ -9,6 +9,7 @@ import os.path as osp
 import diffusers
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -106,11 +107,13 @@ def test_center_crop_is_adms():
 def test_encode_then_read_back(tmp_path, image_root, vae_dir):
     out = tmp_path / 'latents'
     assert run(image_root, out, vae_dir) == dict(total=5, skipped=0, written=5)
-    folders = {'from_16_to_64': ['floor', 'plain', 'thin'], 'greater_than_64_resize': ['wide'],
-               'greater_than_64_crop': ['wide'], 'less_than_16': ['small']}
+    # Files are named by the image's path under the root, '/' written '%2F'.
+    folders = {'from_16_to_64': ['a_cat%2Fplain', 'b_dog%2Fsub%2Ffloor', 'b_dog%2Fthin'],
+               'greater_than_64_resize': ['a_cat%2Fwide'],
+               'greater_than_64_crop': ['a_cat%2Fwide'], 'less_than_16': ['b_dog%2Fsmall']}
     for folder, names in folders.items():
         assert sorted(os.listdir(out / folder)) == [f'{n}.safetensors' for n in names]
-    small = load_file(out / 'less_than_16' / 'small.safetensors')
+    small = load_file(out / 'less_than_16' / 'b_dog%2Fsmall.safetensors')
     assert small['size'].tolist() == [3, 3] and small['feature'].shape == (2, 3, 3, 16)
 
     plain = FiTLatents(str(out), target_len=L, choice='resize', flip_prob=0.0)
@@ -120,10 +123,9 @@ def test_encode_then_read_back(tmp_path, image_root, vae_dir):
     by_name = {osp.basename(e[0])[:-len('.safetensors')]: i for i, e in enumerate(plain.entries)}
     labels = {'a_cat': 0, 'b_dog': 1}
     for (cls, file), ((w, h), _, (new_w, new_h)) in IMAGES.items():
-        name = osp.splitext(osp.basename(file))[0]
-        if name == 'small':
+        if file == 'small.png':
             continue
-        i = by_name[name]
+        i = by_name[tool.FiTFormat.file_name(f'{cls}/{osp.splitext(file)[0]}')]
         image = Image.open(image_root / cls / file).convert('RGB')
         resized = image if (new_w, new_h) == (w, h) else image.resize((new_w, new_h),
                                                                        Image.BICUBIC)
@@ -136,7 +138,7 @@ def test_encode_then_read_back(tmp_path, image_root, vae_dir):
                                    rtol=1e-5, atol=1e-5)
     wide = Image.open(image_root / 'a_cat' / 'wide.png')
     cropped = wide.resize((46, 32), Image.BICUBIC).crop((7, 0, 39, 32))  # 40x28 -> 32x32
-    torch.testing.assert_close(crop[by_name['wide']]['inputs'], encode(vae_dir, cropped),
+    torch.testing.assert_close(crop[by_name['a_cat%2Fwide']]['inputs'], encode(vae_dir, cropped),
                                rtol=1e-5, atol=1e-5)
 
 
@@ -150,7 +152,7 @@ def test_second_run_skips_and_interrupted_run_resumes(tmp_path, image_root, vae_
 
     # Interrupt the 3rd file write half-way (wide.png's crop, after its resize file): a
     # temporary file is left, no final file, and wide.png counts as not done.
-    out, real_save, saved = tmp_path / 'resumed', tool.save_file, []
+    out, real_save, saved = tmp_path / 'resumed', safetensors.torch.save_file, []
 
     def crashing_save(tensors, path):
         if len(saved) == 2:
@@ -160,13 +162,14 @@ def test_second_run_skips_and_interrupted_run_resumes(tmp_path, image_root, vae_
         saved.append(path)
         real_save(tensors, path)
 
-    monkeypatch.setattr(tool, 'save_file', crashing_save)
+    monkeypatch.setattr(safetensors.torch, 'save_file', crashing_save)
     with pytest.raises(KeyboardInterrupt):
         run(image_root, out, vae_dir)
     assert sorted(str(p.relative_to(out)) for p in out.rglob('*.safetensors')) == [
-        'from_16_to_64/plain.safetensors', 'greater_than_64_resize/wide.safetensors']
-    assert [p.name for p in out.rglob('*.tmp')] == ['wide.safetensors.tmp']
-    monkeypatch.setattr(tool, 'save_file', real_save)
+        'from_16_to_64/a_cat%2Fplain.safetensors',
+        'greater_than_64_resize/a_cat%2Fwide.safetensors']
+    assert [p.name for p in out.rglob('*.tmp')] == ['a_cat%2Fwide.safetensors.tmp']
+    monkeypatch.setattr(safetensors.torch, 'save_file', real_save)
     FiTLatents(str(out), target_len=L)  # the partial state is readable (the .tmp is ignored)
     stats = run(image_root, out, vae_dir)
     assert stats == dict(total=5, skipped=1, written=4)
@@ -184,15 +187,52 @@ def test_other_settings_in_the_same_folder_stop(tmp_path, image_root, vae_dir):
         run(image_root, out, vae_dir, '--dtype', 'float16')
 
 
-def test_duplicate_stems_and_missing_root(tmp_path, image_root, vae_dir):
-    root = tmp_path / 'dup'
-    for cls in ('x', 'y'):
+def test_same_file_name_in_two_class_folders(tmp_path, vae_dir):
+    """cat/0.png and dog/0.png are two images: both encoded, both read back by each format's
+    dataset with their own label and latent."""
+    root = tmp_path / 'images'
+    rng = np.random.default_rng(1)
+    images = {}
+    for cls in ('cat', 'dog'):
         os.makedirs(root / cls)
-        Image.new('RGB', (16, 16)).save(root / cls / 'same.png')
-    with pytest.raises(ValueError, match='same file stem'):
+        images[cls] = Image.fromarray(rng.integers(0, 256, (16, 24, 3), dtype=np.uint8))
+        images[cls].save(root / cls / '0.png')
+    assert run(root, tmp_path / 'fit', vae_dir) == dict(total=2, skipped=0, written=2)
+    fit = FiTLatents(str(tmp_path / 'fit'), target_len=L, choice='resize', flip_prob=0.0)
+    assert [osp.basename(e[0]) for e in fit.entries] == ['cat%2F0.safetensors',
+                                                         'dog%2F0.safetensors']
+    assert run_nit(root, tmp_path / 'nit', vae_dir, '--nit-types', 'native-resolution') == \
+        dict(total=2, skipped=0, written=2)
+    from flexgen.datasets.nit_latents import NiTLatents
+    nit = NiTLatents(str(tmp_path / 'nit' / 'data_meta' / 'native-resolution_meta.jsonl'),
+                     {'native-resolution': str(tmp_path / 'nit' / 'native-resolution')},
+                     flip_prob=0.0)
+    for dataset in (fit, nit):
+        assert len(dataset) == 2
+        for i, cls in enumerate(('cat', 'dog')):
+            assert dataset[i]['data_samples']['label'] == i == dataset.get_label(i)
+            torch.testing.assert_close(dataset[i]['inputs'], encode(vae_dir, images[cls]),
+                                       rtol=1e-5, atol=1e-5)
+
+
+def test_names_that_only_differ_in_extension_and_missing_root(tmp_path, vae_dir):
+    root = tmp_path / 'dup'
+    os.makedirs(root / 'x')
+    Image.new('RGB', (16, 16)).save(root / 'x' / 'same.png')
+    Image.new('RGB', (16, 16)).save(root / 'x' / 'same.jpg')
+    with pytest.raises(ValueError, match=r"differ only in their extension.*'x/same'"):
         run(root, tmp_path / 'out', vae_dir)
     with pytest.raises(FileNotFoundError, match='nowhere'):
         run(tmp_path / 'nowhere', tmp_path / 'out', vae_dir)
+
+
+def test_default_workers_fit_the_machine(monkeypatch):
+    """4 loader processes, or one per usable core where there are fewer (torch's DataLoader
+    warns when asked for more workers than cores)."""
+    for cores, workers in ((2, 2), (1, 1), (16, 4)):
+        monkeypatch.setattr(os, 'sched_getaffinity', lambda pid, n=cores: set(range(n)),
+                            raising=False)
+        assert tool.parse_args(['root', 'out', '--vae', 'v']).workers == workers
 
 
 # ---------------------------------------------------------------------- --format nit
@@ -273,7 +313,7 @@ def test_nit_interrupted_run_resumes_to_the_same_files(tmp_path, image_root, vae
     run_nit(image_root, clean, vae_dir)
     assert run_nit(image_root, clean, vae_dir) == dict(total=5, skipped=5, written=0)
 
-    out, real_save, saved = tmp_path / 'resumed', tool.save_file, []
+    out, real_save, saved = tmp_path / 'resumed', safetensors.torch.save_file, []
 
     def crashing_save(tensors, path, metadata=None):
         if len(saved) == 3:  # the 2nd image's 2nd type: its 1st file is already in place
@@ -281,10 +321,10 @@ def test_nit_interrupted_run_resumes_to_the_same_files(tmp_path, image_root, vae
         saved.append(path)
         real_save(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(tool, 'save_file', crashing_save)
+    monkeypatch.setattr(safetensors.torch, 'save_file', crashing_save)
     with pytest.raises(KeyboardInterrupt):
         run_nit(image_root, out, vae_dir)
-    monkeypatch.setattr(tool, 'save_file', real_save)
+    monkeypatch.setattr(safetensors.torch, 'save_file', real_save)
     assert run_nit(image_root, out, vae_dir) == dict(total=5, skipped=1, written=4)
     files = sorted(p.relative_to(clean) for p in clean.rglob('*') if p.is_file())
     assert sorted(p.relative_to(out) for p in out.rglob('*') if p.is_file()) == files

@@ -164,7 +164,7 @@ def test_checkpoint_with_pickled_code_is_refused_and_not_run(tmp_path):
     runner = Runner(**runner_cfg(tmp_path, 1))
     path = osp.join(tmp_path, 'evil.pth')
     torch.save(dict(state_dict=runner.model.state_dict(), meta=dict(x=_Payload())), path)
-    with pytest.raises(RuntimeError, match='weights_only=True'):
+    with pytest.raises(RuntimeError, match='never runs code from a checkpoint'):
         runner.load_checkpoint(path)
     assert _Payload.ran == []
 
@@ -197,7 +197,7 @@ def test_atomic_write_failure_keeps_old_file(tmp_path, monkeypatch):
         f.write(data[:1])
         raise OSError('disk full')
 
-    monkeypatch.setattr('flexgen.engine.checkpoint._write', fail)
+    monkeypatch.setattr('flexgen.fileio._write', fail)
     with pytest.raises(OSError, match='disk full'):
         atomic_write(b'new', target)
     assert target.read_bytes() == b'old' and os.listdir(tmp_path) == ['a.bin']
@@ -213,7 +213,7 @@ def test_max_keep_ckpts_prunes_after_saving(tmp_path):
 KILLER = textwrap.dedent('''
     import os, signal, sys
     sys.path[:0] = [{tests!r}, {root!r}]
-    import flexgen.engine.checkpoint as ck
+    import flexgen.fileio as ck
     import test_engine
     from mmengine.runner import Runner
 
@@ -295,3 +295,69 @@ def test_autocast_optim_wrapper_rejects_unknown_dtype():
     model = torch.nn.Linear(2, 2)
     with pytest.raises(ValueError, match="dtype='float8'"):
         AutocastOptimWrapper(dtype='float8', optimizer=torch.optim.SGD(model.parameters(), 0.1))
+
+
+# --------------------------------------------------------------------- TF32
+def backend_flags():
+    """Every process-wide numerics switch a Runner could touch."""
+    return dict(matmul_tf32=torch.backends.cuda.matmul.allow_tf32,
+                cudnn_tf32=torch.backends.cudnn.allow_tf32,
+                matmul_precision=torch.get_float32_matmul_precision(),
+                cudnn_benchmark=torch.backends.cudnn.benchmark,
+                cudnn_deterministic=torch.backends.cudnn.deterministic,
+                bf16_reduced=torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction,
+                fp16_reduced=torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction)
+
+
+@HOOKS.register_module()
+class _RecordTF32Hook(Hook):
+    """The TF32 switches as the training steps see them."""
+
+    def __init__(self):
+        self.seen = []
+
+    def before_train_iter(self, runner, batch_idx, data_batch=None):
+        self.seen.append((torch.backends.cuda.matmul.allow_tf32,
+                          torch.backends.cudnn.allow_tf32))
+
+
+@pytest.fixture()
+def restore_tf32():
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+@pytest.mark.parametrize('allow_tf32', [True, False])
+def test_tf32_switch_holds_while_the_runner_runs(tmp_path, restore_tf32, allow_tf32):
+    """default_runtime's TF32Hook sets both switches for the run (the flags exist without
+    CUDA) and leaves every switch as it found it afterwards."""
+    from mmengine.config import Config
+    cfg = Config.fromfile(osp.join(ROOT, 'configs', '_base_', 'default_runtime.py'))
+    assert cfg.default_hooks.tf32 == dict(type='TF32Hook', allow_tf32=True)
+    toy = runner_cfg(tmp_path, 2, interval=100)
+    toy['custom_hooks'].append(dict(type='_RecordTF32Hook'))
+    cfg.merge_from_dict(dict(toy, visualizer=None))
+    if not allow_tf32:  # the README's command-line override
+        cfg.merge_from_dict({'default_hooks.tf32.allow_tf32': False})
+    # Start from the opposite setting, so the run's own setting is visible.
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not allow_tf32
+    before = backend_flags()
+    runner = Runner.from_cfg(cfg)
+    assert backend_flags() == before  # building applies nothing
+    runner.train()
+    assert hook(runner, _RecordTF32Hook).seen == [(allow_tf32, allow_tf32)] * 2
+    assert backend_flags() == before
+
+
+def test_tf32_is_on_in_every_shipped_config_and_refuses_non_bools():
+    from mmengine.config import Config
+
+    from flexgen.engine import TF32Hook
+    for path in ('configs/nit/nit_xl_pack_16384.py', 'configs/dit/dit_xl_2_256.py',
+                 'configs/fit/fitv2_xl_2.py', 'configs/demo/shapes_flexdit_rf.py'):
+        hooks = Config.fromfile(osp.join(ROOT, path)).default_hooks
+        assert hooks.tf32 == dict(type='TF32Hook', allow_tf32=True), path
+    with pytest.raises(ValueError, match="allow_tf32 must be True or False, got 'no'.*"
+                                         'default_hooks.tf32.allow_tf32'):
+        TF32Hook(allow_tf32='no')

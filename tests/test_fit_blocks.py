@@ -292,7 +292,8 @@ def test_config_recipe(path):
     model = cfg.model
     assert model.class_dropout_prob == 0.1 and model.loss_reduction == 'image'
     assert model.inputs_are_latents and dict(model.autoencoder) == dict(
-        type='DiffusersAutoencoder', path='stabilityai/sd-vae-ft-ema', scaling_factor=0.18215)
+        type='DiffusersAutoencoder', path='stabilityai/sd-vae-ft-ema', latent_channels=4,
+        downsample=8, scaling_factor=0.18215)
     assert tuple(model.guidance.channels) == (0, 1, 2)
     assert model.guidance.scale == (1.65 if name == 'fitv2_hr_xl_2.py' else 1.5)
     if v1:

@@ -20,7 +20,7 @@ from flexgen.datasets.batch_samplers import TokenBudgetBatchSampler
 from flexgen.datasets.collate import jagged_collate, padded_collate
 from flexgen.datasets.fit_latents import FiTFileError, FiTLatents
 from flexgen.registry import DATASETS, FUNCTIONS
-from flexgen.structures import patchify
+from flexgen.structures import Geometry, patchify
 
 L = 64  # token budget: folders from_16_to_64, greater_than_64_resize, greater_than_64_crop
 
@@ -290,16 +290,19 @@ def _item(index, h, w, label=0):
 def test_padded_collate_mask_and_jagged_batch():
     items = [_item(0, 8, 8), _item(1, 4, 12), _item(2, 16, 16)]  # 16, 12, 64 tokens at p=2
     batch = padded_collate(items, max_length=64, patch_size=2)
-    plain = jagged_collate(items)
-    assert all(a is b for a, b in zip(batch['inputs'], plain['inputs']))
+    plain = jagged_collate(items, patch_size=2)
+    assert torch.equal(batch['inputs'].tokens, plain['inputs'].tokens)
+    assert torch.equal(batch['inputs'].tokens, patchify([x['inputs'] for x in items], 2).tokens)
     assert torch.equal(batch['data_samples']['label'], plain['data_samples']['label'])
     assert batch['data_samples']['num_tokens'].tolist() == [16, 12, 64]
     mask = batch['data_samples']['mask']
     assert mask.shape == (3, 64) and mask.dtype == torch.bool
     assert mask.sum(1).tolist() == [16, 12, 64]
     assert mask[1, :12].all() and not mask[1, 12:].any()  # FiT pads at the end
-    # What the model receives: a jagged batch whose images hold num_tokens tokens each.
-    assert patchify(batch['inputs'], 2).seqlens_list == [16, 12, 64]
+    # What the model receives: a jagged batch whose images hold num_tokens tokens each,
+    # its geometry already built (in the data workers).
+    assert batch['inputs'].seqlens_list == [16, 12, 64] and batch['inputs'].patch_size == 2
+    assert set(batch['inputs'].geometry.tensors) == set(Geometry.TENSORS)
 
 
 def test_padded_collate_overflow_policies(monkeypatch):
@@ -331,8 +334,7 @@ def test_token_budget_packs_from_fit_latents(root):
     sampler = TokenBudgetBatchSampler(dataset, max_tokens=128, patch_size=2, seed=0)
     seen = []
     for step, indices in zip(range(3), sampler):
-        batch = padded_collate([dataset[i] for i in indices], max_length=L)
-        tokens = patchify(batch['inputs'], 2)
+        tokens = padded_collate([dataset[i] for i in indices], max_length=L)['inputs']
         assert sum(tokens.seqlens_list) <= 128
         expected = [rearrange(latents[ORDER[i]][0], 'c (h p1) (w p2) -> (h w) (c p1 p2)',
                               p1=2, p2=2) for i in indices]

@@ -18,7 +18,8 @@ from flexgen.evaluation import GeneratedClassAccuracy, to_uint8
 from flexgen.evaluation import generation as generation_module
 from flexgen.models.generator import DiffusionGenerator
 from flexgen.registry import DATASETS, MODELS
-from test_train_tool import free_port, load_tool
+from helpers import load_tool
+from test_train_tool import free_port
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 SIZES = [(16, 16), (16, 32), (24, 16)]

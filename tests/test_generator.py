@@ -3,7 +3,7 @@ import torch
 from helpers import randomise
 
 from flexgen.models import DiffusionGenerator, FlexDiT
-from flexgen.structures import TokenBatch, patchify
+from flexgen.structures import Geometry, TokenBatch, patchify, unpatchify
 
 TINY = dict(type='FlexDiT', in_channels=3, patch_size=2, hidden_size=32, depth=2, num_heads=2,
             num_classes=4)
@@ -70,14 +70,18 @@ def test_generate_with_exact_velocity_reaches_the_gaussian_map():
     model.network = oracle
     sizes = [(4, 6), (8, 4)]
     images = model.generate([0, 1], sizes, seeds=[11, 12])
-    for (h, w), seed, image in zip(sizes, [11, 12], images):
-        z = torch.randn(3, h, w, generator=torch.Generator().manual_seed(seed))
+    geometry = Geometry(torch.tensor(sizes) // model.patch_size)
+    noise = model.sampling_noise(torch.tensor([11, 12]), geometry, 0)
+    for z, image in zip(unpatchify(noise, geometry.sizes, model.patch_size), images):
         torch.testing.assert_close(image, mu + s * z, atol=0.02, rtol=0)  # Euler error; miswiring is O(1)
+    # an image depends on its own seed only, not on the batch it is generated in
+    alone = model.generate([1], [sizes[1]], seeds=[12])[0]
+    torch.testing.assert_close(alone, images[1], atol=1e-6, rtol=0)
 
 
 def test_generate_rejects_sizes_not_divisible_by_patch():
-    with pytest.raises(ValueError, match='not divisible by 2'):
-        _generator().generate([0], [(5, 4)])
+    with pytest.raises(ValueError, match='5x4 is not a positive multiple of 2'):
+        _generator().generate([0], [(5, 4)], seeds=[0])
 
 
 def test_short_training_run_lowers_the_loss():

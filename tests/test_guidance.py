@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from flexgen.fileio import CheckpointError
 from flexgen.registry import GUIDANCE
 from flexgen.samplers.guidance import AutoGuidance, ClassifierFreeGuidance
 from flexgen.structures import TokenBatch
@@ -138,7 +139,7 @@ def test_autoguidance_from_config_and_checkpoints(tmp_path):
                         source.state_dict().values()):
             assert torch.equal(a, b), name
     torch.save({'state_dict': {'other.weight': torch.zeros(1)}}, tmp_path / 'bad.pth')
-    with pytest.raises(KeyError, match='bad.pth'):
+    with pytest.raises(CheckpointError, match='bad.pth'):
         AutoGuidance(TINY, checkpoint=str(tmp_path / 'bad.pth'))
     with pytest.raises(TypeError, match='weak_model'):
         AutoGuidance('FlexDiT')

@@ -6,6 +6,7 @@ import glob
 import json
 import os.path as osp
 
+import diffusers
 import numpy as np
 import pytest
 import torch
@@ -195,15 +196,15 @@ def tiny_encoder(patch=16):
                 model_kwargs=dict(embed_dim=24, depth=1, num_heads=2, patch_size=patch))
 
 
-def tiny_model_cfg(name):
+def tiny_model_cfg(name, keep_autoencoder=False):
     """The config's generator at width 32 (depth = its REPA block), a tiny random encoder
-    in place of RADIO, no DC-AE download."""
+    in place of RADIO, no DC-AE (unless ``keep_autoencoder``)."""
     cfg = Config.fromfile(path_of(name))
     model = cfg.model
     depth = model.repa.feature_block if model.get('repa') else 2
     options = {'model.backbone.hidden_size': 32, 'model.backbone.depth': depth,
                'model.backbone.num_heads': 2}
-    if model.autoencoder.type == 'DiffusersAutoencoder':
+    if model.autoencoder.type == 'DiffusersAutoencoder' and not keep_autoencoder:
         options['model.autoencoder'] = dict(_delete_=True, type='IdentityAutoencoder',
                                             channels=32)
     if model.get('repa'):
@@ -237,6 +238,65 @@ def test_every_config_builds_and_takes_a_loss_step(path):
     if model.repa is not None:
         assert model.repa.projectors[0][4].weight.grad.abs().sum() > 0
         assert not any('encoders' in k for k in model.state_dict())
+
+
+def tiny_dc_ae():
+    """A DC-AE of the f32c32 shape (32 latent channels, 32 px per latent pixel), tiny."""
+    widths = (4, 4, 4, 8, 16, 32)
+    with torch.random.fork_rng():  # diffusers initialises from the global RNG
+        torch.manual_seed(0)
+        return diffusers.AutoencoderDC(
+            latent_channels=32, attention_head_dim=8, encoder_block_types=('ResBlock',) * 6,
+            decoder_block_types=('ResBlock',) * 6, encoder_block_out_channels=widths,
+            decoder_block_out_channels=widths, encoder_layers_per_block=(1,) * 6,
+            decoder_layers_per_block=(1,) * 6, encoder_qkv_multiscales=((),) * 6,
+            decoder_qkv_multiscales=((),) * 6, scaling_factor=0.41)
+
+
+def test_the_dc_ae_loads_only_when_something_decodes(tmp_path, monkeypatch):
+    """Training on latents needs no autoencoder: the NiT generator builds, moves and trains
+    with an unreachable hub id; the first decode loads the network (a tiny local DC-AE)."""
+    load, calls = diffusers.AutoencoderDC.from_pretrained.__func__, []
+
+    def offline_hub(cls, path, *args, **kwargs):
+        calls.append(str(path))
+        if not osp.isdir(path):
+            raise OSError("We couldn't connect to 'https://huggingface.co'")
+        return load(cls, path, *args, **kwargs)
+
+    monkeypatch.setattr(diffusers.AutoencoderDC, 'from_pretrained', classmethod(offline_hub))
+    cfg = tiny_model_cfg('nit_xl_pack_16384.py', keep_autoencoder=True)
+    hub_id = 'mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers'
+    assert cfg.autoencoder.path == hub_id
+    model = MODELS.build(cfg).to('cpu')
+    sizes = [(2, 3), (1, 2)]
+    inputs = [torch.randn(32, h, w, generator=torch.Generator().manual_seed(i))
+              for i, (h, w) in enumerate(sizes)]
+    samples = dict(label=torch.tensor([1, 2]), seed=0, step=0, index=torch.arange(2),
+                   image=[np.zeros((16 * h, 16 * w, 3), np.uint8) for h, w in sizes])
+    sum(model(inputs, samples, mode='loss').values()).backward()
+    assert calls == [] and not model.autoencoder.loaded
+    euler = dict(type='EulerODE', num_steps=2)
+    with pytest.raises(FileNotFoundError, match=hub_id):
+        model.generate([3], [(64, 96)], seeds=[0], sampler=euler)
+
+    tiny_dc_ae().save_pretrained(tmp_path / 'dc-ae')
+    cfg.autoencoder.path = str(tmp_path / 'dc-ae')
+    model = MODELS.build(cfg).to('cpu')
+    # The same network with no autoencoder: its samples are the latents.
+    latent_model = MODELS.build(tiny_model_cfg('nit_xl_pack_16384.py'))
+    latent_model.load_state_dict(model.state_dict())
+    calls.clear()
+    assert not model.autoencoder.loaded
+    images = model.generate([3, 5], [(64, 96), (32, 64)], seeds=[0, 1], sampler=euler)
+    assert calls == [str(tmp_path / 'dc-ae')] and model.autoencoder.loaded
+    latents = latent_model.generate([3, 5], [(2, 3), (1, 2)], seeds=[0, 1], sampler=euler)
+    dc_ae = diffusers.AutoencoderDC.from_pretrained(tmp_path / 'dc-ae').eval()
+    assert [tuple(x.shape) for x in images] == [(3, 64, 96), (3, 32, 64)]
+    for image, z in zip(images, latents):
+        with torch.no_grad():
+            expected = dc_ae.decode(z[None] / 0.41).sample[0]
+        torch.testing.assert_close(image, expected)
 
 
 def test_missing_encoder_weights_name_the_file():
@@ -297,11 +357,15 @@ def test_the_imagenet_data_pipeline_serves_packs_with_repa_images(nit_data):
     for step, batch in zip(range(4), loader):
         index = batch['data_samples']['index'].tolist()
         seen.append(frozenset(index))
-        assert sum(x.shape[1] * x.shape[2] for x in batch['inputs']) <= 16
-        for i, latent, image in zip(index, batch['inputs'], batch['data_samples']['image']):
-            h, w = LATENT_SIZES[i]
-            assert tuple(latent.shape) == (32, h, w)
-            assert image.shape == (16 * h, 16 * w, 3) and image.dtype == np.uint8
+        tokens = batch['inputs']  # patchified in the collate (patch 1)
+        assert tokens.tokens.shape[0] <= 16 and tokens.tokens.shape[1] == 32
+        assert tokens.sizes.tolist() == [list(LATENT_SIZES[i]) for i in index]
+        groups = batch['data_samples']['image']  # REPA's images, stacked per size
+        assert sorted(i for ids in groups.index for i in ids.tolist()) == list(range(len(index)))
+        for stack, ids in zip(groups.images, groups.index):
+            for row, position in enumerate(ids.tolist()):
+                h, w = LATENT_SIZES[index[position]]
+                assert stack[row].shape == (3, 16 * h, 16 * w) and stack.dtype == torch.uint8
     assert set(seen) == packs  # one epoch of 4 steps: every pack once
     model = MODELS.build(tiny_model_cfg('nit_xl_pack_16384.py'))
     losses = model(batch['inputs'], dict(batch['data_samples'], seed=0, step=0), mode='loss')

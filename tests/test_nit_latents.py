@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from flexgen.datasets.collate import jagged_collate
 from flexgen.datasets.image_folder import center_crop_arr
 from flexgen.datasets.nit_latents import NiTFileError, NiTLatents
-from flexgen.datasets.shapes import index_uniforms
+from flexgen.rng import stream_id, uniforms
 from flexgen.registry import DATASETS
 
 C = 4
@@ -75,7 +75,7 @@ def make(root, **kwargs):
 def test_items_sizes_labels_and_flips(root):
     ds = make(root, seed=2)
     assert len(ds) == 5
-    flips = index_uniforms(2, np.arange(5), 0) < 0.5
+    flips = (uniforms(2, torch.arange(5), stream_id("flip")) < 0.5).numpy()
     assert 0 < flips.sum() < 5  # both copies occur for this seed
     for i, (_, _, data_type, (h, w), label) in enumerate(LINES):
         assert ds.get_size(i) == (h, w) and ds.get_label(i) == label
@@ -133,8 +133,11 @@ def test_repa_images_follow_the_reference(root):
         assert image.dtype == np.uint8 and image.shape == (h * 16, w * 16, 3)
         assert np.array_equal(image, np.asarray(expected))
     batch = jagged_collate([ds[i] for i in range(3)])  # images of different sizes
-    assert [x.shape for x in batch['data_samples']['image']] == [(32, 48, 3), (16, 16, 3),
-                                                                (48, 32, 3)]
+    groups = batch['data_samples']['image']  # stacked per size, [k, 3, H, W]
+    assert [tuple(x.shape) for x in groups.images] == [(1, 3, 32, 48), (1, 3, 16, 16),
+                                                      (1, 3, 48, 32)]
+    assert [ids.tolist() for ids in groups.index] == [[0], [1], [2]]
+    assert np.array_equal(groups.images[2][0].permute(1, 2, 0).numpy(), ds[2]['data_samples']['image'])
     paths = make(root, image_dir=str(root / 'images'), image_mode='path', seed=5)
     sample = paths[2]['data_samples']
     assert sample['image_path'] == str(root / 'images' / 'n02/b.png')
@@ -157,6 +160,15 @@ def test_missing_and_corrupt_files_name_file_and_line(root):
         images[4]
     with pytest.raises(FileNotFoundError, match='nowhere.jsonl'):
         NiTLatents(str(root / 'nowhere.jsonl'), dirs(root))
+
+
+def test_non_finite_latent_names_file_and_line(root):
+    latent = latent_of(2, 3, 2)
+    latent[0, 1, 2, 0] = float('inf')
+    save_file(dict(latent=latent, label=torch.tensor(1)), root / 'nr' / 'n02' / 'b.safetensors')
+    with pytest.raises(NiTFileError, match=r"nr/n02/b\.safetensors.*line 3 of .*merge_meta"
+                                           r"\.jsonl.*NaN or inf values \(1 of 24\)"):
+        make(root, flip_prob=0.0)[2]
 
 
 @pytest.mark.parametrize('line, message', [

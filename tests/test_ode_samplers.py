@@ -13,6 +13,7 @@ from flexgen.samplers.likelihood import ode_likelihood
 from flexgen.samplers.ode import (AdaptiveODE, EulerODE, HeunODE, dopri5, eps_interval,
                                   time_grid)
 from flexgen.samplers.euler import shifted_times
+from flexgen.schedulers import interpolants
 
 MU, S = 1.5, 0.5
 
@@ -182,22 +183,30 @@ def test_adaptive_error_falls_with_tolerance_and_lands_on_its_grid():
     assert torch.equal(out, seen[-1][1])
 
 
-def test_dopri5_matches_torchdiffeq_where_installed():
-    torchdiffeq = pytest.importorskip('torchdiffeq')
+def test_dopri5_matches_torchdiffeq():
+    """The same steps as torchdiffeq's dopri5 once torchdiffeq is told to land on the output
+    times (``step_t``): by default it steps past them and interpolates, flexgen lands."""
+    import torchdiffeq
     z, count = latents(500), [0]
 
     def f(t, x):
         count[0] += 1
         return GaussianLinear.exact_velocity(x, t.item())
 
-    for rtol in (1e-5, 1e-7):
-        count[0] = 0
-        ref = torchdiffeq.odeint(f, z, torch.tensor([1.0, 0.0], dtype=torch.float64),
-                                 method='dopri5', atol=rtol * 1e-3, rtol=rtol)[-1]
+    for rtol, stops in ((1e-3, ()), (1e-5, ()), (1e-7, ()), (1e-5, (0.7, 0.3, 0.05))):
+        count[0], seen = 0, []
+        times = torch.tensor([1.0, *stops, 0.0], dtype=torch.float64)
+        ref = torchdiffeq.odeint(f, z, times, method='dopri5', atol=rtol * 1e-3, rtol=rtol,
+                                 options=dict(step_t=times[1:]))
         out, info = dopri5(GaussianLinear.exact_velocity, z, 1.0, 0.0, rtol * 1e-3, rtol,
-                           return_info=True)
-        assert info['nfe'] == count[0]  # the same steps; only the landing differs
-        assert (out - ref).abs().max() < 50 * rtol
+                           stops=stops, return_info=True,
+                           callback=lambda i, x: seen.append(x))
+        assert info['nfe'] == count[0], (rtol, stops)
+        assert (out - ref[-1]).abs().max() < 1e-12, (rtol, stops)
+        if stops:  # the callback ran at each stop and at t = 0
+            assert len(seen) == len(ref) - 1
+            for x, x_ref in zip(seen, ref[1:]):
+                assert (x - x_ref).abs().max() < 1e-12, (rtol, stops)
 
 
 def test_adaptive_bad_arguments():
@@ -212,7 +221,6 @@ def test_adaptive_bad_arguments():
 def test_interpolant_paths_and_predictions(path):
     """Through the real transports, the ODE samplers follow the exact flow from the top of
     the transport's sampling interval to its bottom."""
-    interpolants = pytest.importorskip('flexgen.schedulers.interpolants')
     z = latents(200)
     for prediction in ('velocity', 'noise', 'score'):
         transport = interpolants.Interpolant(path, prediction)

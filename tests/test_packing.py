@@ -243,7 +243,7 @@ def test_choose_fill_places_every_image():
         choose_fill(np.full(100, 60), np.arange(100), 100, 1, 4, seed=0)
 
 
-def test_packing_report_meets_the_goals_on_a_small_histogram(tmp_path):
+def test_packing_report_meets_the_goals_on_a_small_histogram(tmp_path, capsys):
     histogram = load_size_histogram(HISTOGRAM)
     table = {'description': '1/20 of tools/data/imagenet_like_latent_sizes.json',
              'merged': [[1, l, c // 20] for l, c in histogram.items() if c >= 20]}
@@ -254,6 +254,15 @@ def test_packing_report_meets_the_goals_on_a_small_histogram(tmp_path):
     assert row['images'] == sum(c for _, _, c in table['merged'])
     assert row['offline'] >= 0.999 and row['online'] >= 0.995
     assert row['online_left_out'] == 0 and row['online_fullest'] <= 16384
+    # The table explains its columns, and a progress bar counted the stages while it packed.
+    out, err = capsys.readouterr()
+    header = next(line for line in out.splitlines() if line.lstrip().startswith('L |'))
+    legend = out[out.index('Columns'):].splitlines()
+    for column in ('L', 'offline LPFHP', 'online', 'stream'):
+        assert column in header and any(line.startswith(f'  {column} ') for line in legend)
+    for column in ('packs', 'fill', 'left out', 'min..max pack'):
+        assert column in header and any(f'{column}:' in line for line in legend)
+    assert 'L=16384: online epoch: 100%' in err.split('\r')[-1] and '2/2' in err
 
 
 @pytest.mark.slow

@@ -132,21 +132,49 @@ def test_bad_weight_files_are_named(tmp_path):
 
 
 # ---------------------------------------------------------------------- RADIO
-def radio_parts(grid=8, prefix=3, dim=32, p=16):
-    g = torch.Generator().manual_seed(7)
-    vit = timm.create_model('vit_small_patch16_224', pretrained=False, num_classes=0,
-                            class_token=False, pos_embed='none', global_pool='',
-                            final_norm=False, depth=2, embed_dim=dim, num_heads=2).eval()
-    randomise(vit, seed=3)
-    backbone = {f'blocks.{k[len("blocks."):]}': v for k, v in vit.state_dict().items()
-                if k.startswith('blocks.')}
-    backbone['patch_generator.embedder.weight'] = torch.randn(dim, 3 * p * p, generator=g) * .05
-    backbone['patch_generator.pos_embed'] = torch.randn(1, grid * grid, dim, generator=g)
-    backbone['patch_generator.cls_token.token'] = torch.randn(prefix, dim, generator=g)
-    return vit, backbone
+def radio_backbone(dim=32, depth=2, hidden=None, grid=8, prefix=3, p=16, seed=7):
+    """Random weights under RADIO's own key names (a timm ViT whose patch embedding, class /
+    register tokens and position embedding are RADIO's CPE patch generator)."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = hidden or 4 * dim
+
+    def rand(*shape, std=0.1):
+        return torch.randn(*shape, generator=g) * std
+
+    backbone = {}
+    for i in range(depth):
+        for name, shape in (('norm1', (dim,)), ('attn.qkv', (3 * dim, dim)),
+                            ('attn.proj', (dim, dim)), ('norm2', (dim,)),
+                            ('mlp.fc1', (hidden, dim)), ('mlp.fc2', (dim, hidden))):
+            backbone[f'blocks.{i}.{name}.weight'] = rand(*shape) + (1 if len(shape) == 1 else 0)
+            backbone[f'blocks.{i}.{name}.bias'] = rand(shape[0])
+    backbone['patch_generator.embedder.weight'] = rand(dim, 3 * p * p, std=0.05)
+    backbone['patch_generator.pos_embed'] = rand(1, grid * grid, dim, std=1.0)
+    backbone['patch_generator.cls_token.token'] = rand(prefix, dim, std=1.0)
+    return backbone
 
 
-def radio_reference(vit, backbone, image, h, w, p=16):
+def vit_blocks(backbone, x, heads):
+    """A timm-style pre-norm ViT written out (LayerNorm eps 1e-6, softmax attention with
+    ``heads`` heads, exact GELU MLP) on tokens ``[n, d]``, from the checkpoint's keys."""
+    depth = 1 + max(int(k.split('.')[1]) for k in backbone if k.startswith('blocks.'))
+    n, d = x.shape
+    for i in range(depth):
+        w = {k[len(f'blocks.{i}.'):]: v for k, v in backbone.items()
+             if k.startswith(f'blocks.{i}.')}
+        y = F.layer_norm(x, (d,), w['norm1.weight'], w['norm1.bias'], eps=1e-6)
+        qkv = y @ w['attn.qkv.weight'].T + w['attn.qkv.bias']
+        q, k, v = qkv.reshape(n, 3, heads, d // heads).unbind(1)
+        attn = (torch.einsum('nhc,mhc->hnm', q, k) / (d // heads) ** 0.5).softmax(-1)
+        x = x + torch.einsum('hnm,mhc->nhc', attn, v).reshape(n, d) @ w['attn.proj.weight'].T
+        x = x + w['attn.proj.bias']
+        y = F.layer_norm(x, (d,), w['norm2.weight'], w['norm2.bias'], eps=1e-6)
+        y = F.gelu(y @ w['mlp.fc1.weight'].T + w['mlp.fc1.bias'])
+        x = x + y @ w['mlp.fc2.weight'].T + w['mlp.fc2.bias']
+    return x
+
+
+def radio_reference(backbone, image, h, w, heads, p=16):
     """RADIO's inference forward, written out: CLIP normalisation, (c, y, x) patches times
     the embedder, CPE resized to max(h, w)^2 (align_corners) and cropped top-left, summary /
     register tokens first, the blocks, prefix dropped."""
@@ -160,35 +188,99 @@ def radio_reference(vit, backbone, image, h, w, p=16):
     pos = F.interpolate(pos, size=(m, m), mode='bilinear', align_corners=True)[0, :, :h, :w]
     tokens = tokens + pos.flatten(1).T
     prefix = backbone['patch_generator.cls_token.token']
-    with torch.no_grad():
-        out = vit.blocks(torch.cat([prefix, tokens])[None])[0]
+    out = vit_blocks(backbone, torch.cat([prefix, tokens]), heads)
     return out[len(prefix):]
 
 
-def test_radio_release_checkpoint_matches_radio_forward(tmp_path):
-    vit, backbone = radio_parts()
+def save_radio_release(path, backbone, model, **args):
+    """A checkpoint in RADIO's release layout: ``state_dict_ema`` with ``base_model.*`` and
+    ``input_conditioner.*`` keys, the training arguments as an ``argparse.Namespace``."""
     state = {f'base_model.{k}': v for k, v in backbone.items()}
     state['input_conditioner.norm_mean'] = torch.tensor(CLIP_MEAN).reshape(3, 1, 1)
     state['input_conditioner.norm_std'] = torch.tensor(CLIP_STD).reshape(3, 1, 1)
-    path = tmp_path / 'radio_v2.5-tiny.pth.tar'
-    torch.save(dict(state_dict_ema=state, args=argparse.Namespace(
-        model='vit_small_patch16_224', teachers=[dict(name='clip')])), path)
-    enc = RADIOEncoder(str(path), model_kwargs=dict(depth=2, num_heads=2))
-    assert (enc.patch_size, enc.z_dim) == (16, 32)
+    args = dict(dict(model=model, teachers=[dict(name='clip'), dict(name='dino_v2'),
+                                           dict(name='sam')], cls_token_per_teacher=True,
+                     cpe_max_size=2048, register_multiple=8, model_norm=False,
+                     spectral_reparam=False, model_kwargs={}), **args)
+    torch.save(dict(state_dict_ema=state, args=argparse.Namespace(**args)), path)
+    return path
+
+
+RADIO_GRIDS = [(2, 3), (5, 2)]  # non-square: CPE resized to 3x3 / 5x5, then cropped
+
+
+def test_radio_release_checkpoint_matches_radio_forward(tmp_path):
+    backbone = radio_backbone()
+    # A name timm registers: its definition gives the heads, overridden here for the width.
+    path = save_radio_release(tmp_path / 'radio_v2.5-tiny.pth.tar', backbone,
+                              'vit_small_patch16_224')
+    enc = RADIOEncoder(str(path), model_kwargs=dict(num_heads=2))
+    assert (enc.patch_size, enc.z_dim, len(enc.net.blocks)) == (16, 32, 2)
     x = images(sizes=((40, 60), (100, 30)))
-    grids = [(2, 3), (5, 2)]  # non-square: CPE resized to 3x3 / 5x5, then cropped
-    for got, image, (h, w) in zip(enc(x, grids), x, grids):
-        torch.testing.assert_close(got, radio_reference(vit, backbone, image, h, w),
+    for got, image, (h, w) in zip(enc(x, RADIO_GRIDS), x, RADIO_GRIDS):
+        torch.testing.assert_close(got, radio_reference(backbone, image, h, w, heads=2),
                                    rtol=1e-4, atol=1e-4)
     # The Hugging Face layout (safetensors, radio_model.* keys) gives the same encoder.
     hf = {f'radio_model.model.{k}': v.contiguous() for k, v in backbone.items()}
     save_file(hf, tmp_path / 'radio.safetensors')
     same = RADIOEncoder(str(tmp_path / 'radio.safetensors'), arch='vit_small_patch16_224',
-                        model_kwargs=dict(depth=2, num_heads=2))
-    torch.testing.assert_close(same(x, grids)[1], enc(x, grids)[1])
+                        model_kwargs=dict(num_heads=2))
+    torch.testing.assert_close(same(x, RADIO_GRIDS)[1], enc(x, RADIO_GRIDS)[1])
     torch.save(dict(state_dict=dict(hf)), tmp_path / 'no_arch.pth')
     with pytest.raises(EncoderWeightsError, match='no_arch.pth.*pass arch'):
         RADIOEncoder(str(tmp_path / 'no_arch.pth'))
+
+
+@pytest.mark.parametrize('model, dim, hidden, heads', [
+    ('vit_huge_patch16_224', 64, 256, 16),     # RADIO v2.5-H's name (1280 wide, 16 heads)
+    ('vit_so400m_patch16_224', 48, 179, 16),   # MLP not a whole multiple (4304 / 1152)
+    ('vit_giant_patch16_224', 48, 192, 24),    # RADIO's giant: 24 heads (timm's g/14: 16)
+])
+def test_radio_names_timm_does_not_know(tmp_path, model, dim, hidden, heads):
+    """RADIO's own architecture names build the ViT RADIO defines: shapes from the weights,
+    heads from RADIO's definition of the name; features equal the written-out forward."""
+    assert not timm.is_model(model)
+    backbone = radio_backbone(dim=dim, depth=3, hidden=hidden, prefix=8, seed=11)
+    path = save_radio_release(tmp_path / f'{model}.pth.tar', backbone, model)
+    enc = RADIOEncoder(str(path))
+    net = enc.net
+    assert (enc.arch, enc.patch_size, enc.z_dim, len(net.blocks)) == (model, 16, dim, 3)
+    assert net.blocks[0].attn.num_heads == heads
+    assert net.blocks[0].mlp.fc1.out_features == hidden
+    x = images(sizes=((40, 60), (100, 30)))
+    got = enc(x, RADIO_GRIDS)
+    for feats, image, (h, w) in zip(got, x, RADIO_GRIDS):
+        torch.testing.assert_close(feats, radio_reference(backbone, image, h, w, heads),
+                                   rtol=1e-4, atol=1e-4)
+    # The head count matters: another one gives other features.
+    assert not torch.allclose(got[0], radio_reference(backbone, x[0], 2, 3, heads // 2),
+                              rtol=1e-3, atol=1e-3)
+    # RADIO passes args.model_kwargs to timm: a num_heads saved there wins over the name.
+    saved = save_radio_release(tmp_path / 'saved_heads.pth.tar', backbone, model,
+                               model_kwargs=dict(num_heads=heads // 2))
+    torch.testing.assert_close(RADIOEncoder(str(saved))(x[:1], RADIO_GRIDS[:1])[0],
+                               radio_reference(backbone, x[0], 2, 3, heads // 2),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_radio_names_that_do_not_fit_are_refused(tmp_path):
+    backbone = radio_backbone()
+    unknown = save_radio_release(tmp_path / 'unknown.pth.tar', backbone,
+                                 'vit_mystery_patch16_224')
+    with pytest.raises(EncoderWeightsError, match="unknown.pth.tar.*'vit_mystery_patch16_224'"
+                                                  ".*vit_huge_patch16_224"):
+        RADIOEncoder(str(unknown))
+    patch14 = save_radio_release(tmp_path / 'patch14.pth.tar', backbone, 'vit_huge_patch14_224')
+    with pytest.raises(EncoderWeightsError, match='patch14.pth.tar.*patch 14.*16x16'):
+        RADIOEncoder(str(patch14))
+    scaled = save_radio_release(tmp_path / 'scaled.pth.tar', backbone, 'vit_giant_patch16_224',
+                                model_kwargs=dict(scaled_ln=True))
+    with pytest.raises(EncoderWeightsError, match='scaled.pth.tar.*scaled_ln=True'):
+        RADIOEncoder(str(scaled))
+    normed = dict(backbone, **{'patch_generator.patch_normalizer.weight': torch.ones(32)})
+    normed = save_radio_release(tmp_path / 'normed.pth.tar', normed, 'vit_huge_patch16_224')
+    with pytest.raises(EncoderWeightsError, match='normed.pth.tar.*patch_normalizer'):
+        RADIOEncoder(str(normed))
 
 
 # ---------------------------------------------------------------------- losses
@@ -295,7 +387,7 @@ def test_head_on_flexdit_features_trains_only_the_blocks_up_to_k():
     batch = patchify(latents, 2)
     out, hidden = model(batch, torch.tensor([0.3, 0.7]), torch.tensor([1, 2]),
                         feature_block=head.feature_block)
-    loss = head.loss(hidden, images(sizes=((48, 80), (32, 32))), batch)
+    loss = head.loss(hidden, head.targets(images(sizes=((48, 80), (32, 32))), batch), batch)
     loss.backward()
     assert -0.5 <= loss.item() <= 0.5
     assert all(p.grad is None for p in model.blocks[2].parameters())
@@ -314,7 +406,7 @@ def test_training_the_projector_aligns_it_with_a_random_encoder():
     hidden = targets @ torch.randn(32, 24, generator=g) + 0.1 * torch.randn(
         len(targets), 24, generator=g)
     optimizer = torch.optim.Adam(head.parameters(), lr=3e-3)
-    before = head.loss(hidden, pixels, batch).item()
+    before = head.loss(hidden, head.targets(pixels, batch), batch).item()
     losses = []
     for _ in range(30):  # the encoder is frozen: its features are computed once
         loss = head.criterion(head.project(hidden), [targets], batch.seqlens)
@@ -322,7 +414,25 @@ def test_training_the_projector_aligns_it_with_a_random_encoder():
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    after = head.loss(hidden, pixels, batch).item()
+    after = head.loss(hidden, head.targets(pixels, batch), batch).item()
     assert abs(before) < 0.1 and after < -0.4  # weight 0.5: -0.5 is perfect alignment
     assert losses[0] == pytest.approx(before, abs=1e-6)
     assert all(b <= a + 1e-3 for a, b in zip(losses[::10], losses[10::10]))
+
+
+def test_jagged_mean_closed_forms_and_global_normaliser():
+    from flexgen.losses.reduction import global_counts, jagged_mean
+    values = torch.tensor([1., 2., 3., 4., 5., 6.])
+    seqlens = torch.tensor([1, 2, 3])
+    assert jagged_mean(values, seqlens, 'token').item() == pytest.approx(21 / 6)
+    assert jagged_mean(values, seqlens, 'image').item() == pytest.approx((1 + 2.5 + 5) / 3)
+    # With the global count per rank as normaliser, the ranks' mean is the global mean:
+    # rank A holds 2 tokens, rank B 4; the whole batch's token mean is 21 / 6.
+    a, b = values[:2], values[2:]
+    per_rank = (6 + 0.0) / 2
+    shares = [jagged_mean(a, torch.tensor([2]), 'token', normalizer=per_rank),
+              jagged_mean(b, torch.tensor([4]), 'token', normalizer=per_rank)]
+    assert (sum(shares) / 2).item() == pytest.approx(21 / 6)
+    assert global_counts(6, 3, 'cpu', distributed=False) == dict(token=6.0, image=3.0)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        jagged_mean(values, seqlens, 'pixel')

@@ -51,9 +51,12 @@ def checkpoints(tmp_path):
     weights = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(weights, tmp_path / 'weights.safetensors')
     raw = {k: v + 0.05 for k, v in weights.items()}
-    torch.save(dict(state_dict=raw,
+    # mmengine's EMAHook layout: it swaps the two state dicts when saving, so `state_dict`
+    # holds the EMA weights and `ema_state_dict` the raw ones (test_ema_weights.py checks
+    # this against checkpoints the Runner writes).
+    torch.save(dict(state_dict=weights,
                     ema_state_dict={'steps': torch.tensor(10),
-                                    **{f'module.{k}': v for k, v in weights.items()}}),
+                                    **{f'module.{k}': v for k, v in raw.items()}}),
                tmp_path / 'train.pth')
     return str(config), model, tmp_path
 

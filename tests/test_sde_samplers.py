@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from flexgen.samplers.sde import EulerMaruyamaSDE, HeunSDE
+from flexgen.schedulers import interpolants
 from test_ode_samplers import MU, S, GaussianLinear, exact_output
 
 FORMS = ('constant', 'SBDM', 'sigma', 'linear', 'decreasing', 'increasing-decreasing')
@@ -122,9 +123,9 @@ def test_noise_comes_from_each_images_generator(cls):
     other = sampler(model_fn, GaussianLinear(), x.clone(), per_image_noise_like([7, 9], [3, 2]))
     assert torch.equal(both, again) and torch.equal(both[3:], alone)
     assert torch.equal(both[:3], other[:3]) and not torch.equal(both[3:], other[3:])
-    # without noise_like the sampler's own seed decides
-    seeded = [cls(num_steps=10, seed=s)(model_fn, GaussianLinear(), x.clone()) for s in (0, 0, 1)]
-    assert torch.equal(seeded[0], seeded[1]) and not torch.equal(seeded[0], seeded[2])
+    # the noise is an argument: no sampler-side fallback
+    with pytest.raises(ValueError, match='pass noise_like'):
+        sampler(model_fn, GaussianLinear(), x.clone())
 
 
 def test_bad_arguments_and_transports():
@@ -147,7 +148,6 @@ def test_bad_arguments_and_transports():
 # --------------------------------------------------------------- the real transports
 @pytest.mark.parametrize('path', ['linear', 'gvp', 'vp'])
 def test_interpolant_every_diffusion_form(path):
-    interpolants = pytest.importorskip('flexgen.schedulers.interpolants')
     n = 4000
     x = start(n)
     for prediction in ('velocity', 'noise'):

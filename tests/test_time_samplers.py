@@ -1,26 +1,28 @@
-"""Training-time samplers of t: moments, the shift's closed form, per-image draws."""
+"""Training-time samplers of t: moments, the shift's closed form, per-image keyed draws."""
 import math
 
 import pytest
 import torch
 
 from flexgen.registry import TIME_SAMPLERS, build
+from flexgen.rng import KeyedDraws, mix
 from flexgen.schedulers.time_samplers import (DiscreteUniformTime, LogitNormalTime,
                                               ResolutionShiftedTime, ShiftedTime, UniformTime,
                                               time_shift)
 
 
 def gens(n, offset=0):
-    return [torch.Generator().manual_seed(offset + i) for i in range(n)]
+    """Keyed draws of images offset .. offset + n - 1 (seed 0, step 0)."""
+    return KeyedDraws(mix(0, 0, torch.arange(offset, offset + n)))
 
 
-def test_old_and_new_call_signatures():
+def test_draws_depend_on_the_keys_alone():
     for sampler in (UniformTime(), LogitNormalTime(), DiscreteUniformTime(10),
                     ShiftedTime(shift=2.0)):
-        old = sampler(gens(5))
-        assert torch.equal(old, sampler(gens(5), 'cpu'))
-        assert torch.equal(old, sampler(gens(5), 'cpu', seqlens=[4, 4, 9, 16, 1]))
-        assert old.shape == (5,) and sampler(3).shape == (3,)
+        t = sampler(gens(5))
+        assert torch.equal(t, sampler(gens(5), seqlens=[4, 4, 9, 16, 1]))
+        assert torch.equal(t[2:], sampler(gens(3, offset=2)))  # not on the batch
+        assert t.shape == (5,) and not torch.equal(t, sampler(gens(5, offset=5)))
 
 
 def test_time_shift_closed_form():

@@ -7,6 +7,7 @@ x(0) = mu + s x(1).
 """
 import torch
 
+from flexgen.rng import KeyedDraws, mix
 from flexgen.samplers import ClassifierFreeGuidance, EulerODE, shifted_times
 from flexgen.schedulers import LogitNormalTime, RectifiedFlow, UniformTime
 from flexgen.structures import TokenBatch
@@ -57,15 +58,15 @@ def test_shifted_times():
     assert torch.allclose(t[2], torch.tensor(3 * 0.5 / (1 + 2 * 0.5), dtype=torch.float64))
 
 
-def test_time_samplers_moments_and_per_image_generators():
-    gens = [torch.Generator().manual_seed(i) for i in range(20000)]
-    u = UniformTime()(gens)
+def test_time_samplers_moments_and_per_image_keys():
+    draws = KeyedDraws(mix(3, 1, torch.arange(20000)))
+    u = UniformTime()(draws)
     assert abs(u.mean() - 0.5) < 0.01 and abs(u.var() - 1 / 12) < 0.005
-    ln = LogitNormalTime(mean=0.5, std=1.0)(gens)
+    ln = LogitNormalTime(mean=0.5, std=1.0)(draws)
     logit = torch.log(ln / (1 - ln))
     assert abs(logit.mean() - 0.5) < 0.03 and abs(logit.std() - 1.0) < 0.03
-    # an image's draw depends only on its own generator
-    again = UniformTime()([torch.Generator().manual_seed(7)])
+    # an image's draw depends only on its own key
+    again = UniformTime()(KeyedDraws(mix(3, 1, torch.tensor([7]))))
     assert again.item() == u[7].item()
 
 

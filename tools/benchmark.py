@@ -1,6 +1,6 @@
-"""Benchmarks that print ratios measured in one run (this machine is shared and noisy:
-compare numbers from the same run, not across runs; candidates are timed in interleaved
-rounds and compared by their median per-round ratio).
+"""Benchmarks that print ratios measured within one run. Timings on a shared machine are
+noisy: compare numbers from the same run, not across runs; candidates are timed in
+interleaved rounds and compared by their median per-round ratio.
 
     python tools/benchmark.py [--tokens 16384] [--threads 2] [--only attention packed train]
 
@@ -30,18 +30,14 @@ import statistics
 import time
 import warnings
 
-import torch
-import torch.nn.functional as F
-from torch.utils.benchmark import Timer
-
-from flexgen.registry import ATTENTION_BACKENDS
-from flexgen.structures import TokenBatch
+# torch and flexgen are imported where they are used: --help answers without loading them.
 
 HISTOGRAM = osp.join(osp.dirname(__file__), 'data', 'imagenet_like_latent_sizes.json')
 
 
 def timed(fn, min_run_time=1.0):
     """Median seconds per call of ``fn`` (torch.utils.benchmark handles warm-up)."""
+    from torch.utils.benchmark import Timer
     return Timer(stmt='fn()', globals=dict(fn=fn)).blocked_autorange(
         min_run_time=min_run_time).median
 
@@ -49,6 +45,7 @@ def timed(fn, min_run_time=1.0):
 @functools.lru_cache(maxsize=None)
 def native_histogram():
     """Sizes ``[K, 2]`` (tokens) and image counts ``[K]`` of the native histogram."""
+    import torch
     with open(HISTOGRAM) as f:
         table = json.load(f)['native']
     return (torch.tensor([[h, w] for h, w, _ in table]),
@@ -57,6 +54,7 @@ def native_histogram():
 
 def draw_sizes(total_tokens, seed=0):
     """Image sizes (h, w) in tokens drawn from the native histogram until ``total_tokens``."""
+    import torch
     sizes, counts = native_histogram()
     g = torch.Generator().manual_seed(seed)
     chosen, used = [], 0
@@ -72,6 +70,7 @@ def interleaved(candidates, rounds):
     """Seconds per call of each ``name -> fn``, measured in ``rounds`` interleaved rounds
     (one call of every candidate per round, after one warm-up call each), so that load on
     the shared machine hits all candidates alike: ``name -> [seconds per round]``."""
+    import torch
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for fn in candidates.values():
         fn()
@@ -94,7 +93,12 @@ def ratio(times, name, reference):
 def bench_attention(args):
     """Forward+backward of every attention backend on an ImageNet-like pack, over the
     per-image limit; returns the fastest backend's name."""
+    import torch
+    import torch.nn.functional as F
+
     from flexgen.models.layers.attention_backends import AutoAttention, build_attention_backend
+    from flexgen.registry import ATTENTION_BACKENDS
+    from flexgen.structures import TokenBatch
     build_attention_backend('sdpa')  # registers the optional backends' names too
     sizes = draw_sizes(args.tokens)
     n = int(sizes.prod(1).sum())
@@ -197,7 +201,11 @@ def bench_attention(args):
 
 def bench_flex_forward(args, batch, alone):
     """CPU only: is torch.compile-d flex_attention worth it for inference (no grad)?"""
+    import torch
+    import torch.nn.functional as F
+
     from flexgen.models.layers.attention_flex import FlexAttention
+    from flexgen.registry import ATTENTION_BACKENDS
     q, k, v = (torch.randn(batch.tokens.shape[0], args.heads, args.head_dim,
                            generator=torch.Generator().manual_seed(i)).to(alone[0][0].dtype)
                for i in range(3))
@@ -228,8 +236,11 @@ def bench_packed_vs_padded(args, backend):
     """Tokens/s of a FlexDiT training step on the same images, packed vs FiT-padded, on
     ``--packs`` packs drawn with seeds 0, 1, ...: one pack is not representative, since
     whether it holds an image longer than 256 tokens decides the padded length."""
+    import torch
+
     from flexgen.models.backbones.flex_dit import FlexDiT
     from flexgen.models.layers import PaddedAttention
+    from flexgen.structures import TokenBatch
     channels, device = 32, torch.device(args.device)
 
     def model(attn_backend):
@@ -309,6 +320,7 @@ def bench_packed_vs_padded(args, backend):
 
 
 def bench_train(args):
+    import torch
     from mmengine.config import Config
 
     import flexgen
@@ -368,6 +380,8 @@ def bench_sampling(args):
     import math
     import statistics
     import time
+
+    import torch
 
     from flexgen.models.generator import DiffusionGenerator
     from flexgen.samplers.ode import AdaptiveODE, dopri5
@@ -465,11 +479,14 @@ def _gaussian_nfe(rtol, velocity, z):
                   return_info=True)[1]['nfe']
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--only', nargs='+',
                         choices=['attention', 'packed', 'train', 'sampling'],
-                        default=['attention', 'packed', 'train', 'sampling'])
+                        default=['attention', 'packed', 'train', 'sampling'],
+                        metavar='SECTION', help='sections to run (default: all): attention, '
+                        'packed, train, sampling')
     parser.add_argument('--tokens', type=int, default=16384,
                         help='attention / packed: tokens in the ImageNet-like pack')
     parser.add_argument('--rounds', type=int, default=7, help='attention: interleaved rounds')
@@ -480,21 +497,33 @@ def main():
                         help='attention: also time dense masked SDPA over the whole pack once')
     parser.add_argument('--no-flex', dest='flex', action='store_false',
                         help='attention: skip the compiled flex forward on CPU (compiles ~20 s)')
-    parser.add_argument('--train-width', type=int, default=256)
-    parser.add_argument('--train-depth', type=int, default=2)
-    parser.add_argument('--train-rounds', type=int, default=5)
+    parser.add_argument('--train-width', type=int, default=256,
+                        help='packed: width of the FlexDiT')
+    parser.add_argument('--train-depth', type=int, default=2,
+                        help='packed: blocks of the FlexDiT')
+    parser.add_argument('--train-rounds', type=int, default=5,
+                        help='packed: interleaved rounds per pack')
     parser.add_argument('--packs', type=int, default=5,
                         help='packed: how many packs (seeds 0, 1, ...) to time')
-    parser.add_argument('--heads', type=int, default=4)
-    parser.add_argument('--head-dim', type=int, default=64)
+    parser.add_argument('--heads', type=int, default=4, help='attention / packed: heads')
+    parser.add_argument('--head-dim', type=int, default=64,
+                        help='attention / packed: channels per head')
     parser.add_argument('--threads', type=int, nargs='+', default=[2],
                         help='attention runs once per value; the other sections use the first')
-    parser.add_argument('--config', default='configs/demo/shapes_flexdit_rf.py')
+    parser.add_argument('--config', default='configs/demo/shapes_flexdit_rf.py',
+                        help='train: the config whose model and batch are timed')
     parser.add_argument('--nfe', type=int, default=32, help='sampling: evaluations per sampler')
-    parser.add_argument('--sampling-images', type=int, default=8)
+    parser.add_argument('--sampling-images', type=int, default=8,
+                        help='sampling: images generated together')
     parser.add_argument('--sampling-size', type=int, default=16, help='latent side (pixels/8)')
-    parser.add_argument('--sampling-rounds', type=int, default=5)
-    args = parser.parse_args()
+    parser.add_argument('--sampling-rounds', type=int, default=5,
+                        help='sampling: interleaved rounds')
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import torch
     best = 'auto'
     if 'attention' in args.only:
         for threads in args.threads[::-1]:

@@ -18,15 +18,12 @@ import os.path as osp
 import sys
 import uuid
 
-from safetensors.torch import save_file
-
-from flexgen.apis.official import build_converter, converter_names, read_checkpoint
-
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Convert an official checkpoint to flexgen')
     parser.add_argument('--from', dest='source_kind', required=True, metavar='NAME',
-                        help='converter: ' + ', '.join(n.lower() for n in converter_names()))
+                        help='a registered checkpoint converter, any case: dit, sit, fitv1, '
+                        'fitv2, nit, or your own (a wrong name lists the registered ones)')
     parser.add_argument('src', help='reference checkpoint (.pt, .pth, .bin, .safetensors)')
     parser.add_argument('dst', help='output .safetensors file')
     parser.add_argument('--no-ema', action='store_true',
@@ -38,6 +35,7 @@ def parse_args(argv=None):
 
 def write_safetensors(tensors: dict, path: str, metadata: dict) -> None:
     """``save_file`` to a temporary name in the same folder, then ``os.replace``."""
+    from safetensors.torch import save_file
     directory = osp.dirname(osp.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp = osp.join(directory, f'.{osp.basename(path)}.{uuid.uuid4().hex[:8]}.tmp')
@@ -53,6 +51,7 @@ def convert(source_kind: str, src: str, dst: str, use_ema: bool = True,
             num_heads: int = None):
     """Convert ``src`` with the converter ``source_kind`` and write ``dst``; returns the
     ``ConvertedCheckpoint``."""
+    from flexgen.apis.official import build_converter, converter_names, read_checkpoint
     if not dst.endswith('.safetensors'):
         raise ValueError(f'output {dst!r} must end in .safetensors')
     cfg = dict(type=source_kind)

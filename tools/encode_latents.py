@@ -21,7 +21,10 @@ directory written by diffusers' ``save_pretrained`` (e.g. sd-vae-ft-ema), loaded
   to ``S x S`` (ADM's crop, as FiT's ``center_crop_arr``), to ``greater_than_L_crop``; an
   image of fewer than 16 tokens goes to ``less_than_16``; the others to ``from_16_to_L``
   (the reference's encoding script is not released: this split is read off the folder names);
-- one ``<image file stem>.safetensors`` per image and folder holding ``feature``
+- one ``<name>.safetensors`` per image and folder, where ``<name>`` is the image's path under
+  IMAGE_ROOT without its extension, ``%`` written ``%25`` and ``/`` written ``%2F``
+  (``cat/0.jpg`` -> ``cat%2F0``: images of the same file name in different class folders
+  stay apart, and the folders stay flat as FiT's are), holding ``feature``
   ``[2, h, w, C*p*p]`` (the image's and its horizontal mirror's latent, each encoded, in
   patches of ``(c, p1, p2)`` order), ``grid`` ``[2, h*w]`` (column index, row index),
   ``size`` ``[2]`` = ``(h, w)`` tokens, ``label`` ``[1]``.
@@ -55,26 +58,23 @@ Adding a format: a class listed in ``FORMATS`` with ``from_args(args, downsample
 (called once with every image), ``info(path, image) -> dict`` (run in the workers; handed
 to ``write``) and ``finish(items)`` (called at the end of the run).
 """
+from __future__ import annotations  # annotations name torch types; torch loads after --help
+
 import argparse
 import json
 import math
 import os
 import os.path as osp
-import posixpath
 import sys
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 from PIL import Image
-from safetensors import safe_open
-from safetensors.torch import save_file
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
-from flexgen.datasets.fit_latents import IGNORED_FOLDER, fit_folders, raster_grid
-from flexgen.models.autoencoders import DiffusersAutoencoder
-from flexgen.structures import patchify
+from flexgen.cli import usable_cpus
+
+if TYPE_CHECKING:
+    import torch
 
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp')
 
@@ -109,6 +109,7 @@ def center_crop(image: Image.Image, size: int) -> Image.Image:
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """An RGB PIL image -> ``[3, H, W]`` float32 in [-1, 1] (ToTensor, Normalize(0.5, 0.5))."""
+    import torch
     array = np.asarray(image.convert('RGB'), dtype=np.float32)
     return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1
 
@@ -116,11 +117,13 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 def save_atomic(tensors: Dict[str, torch.Tensor], path: str,
                 metadata: Optional[Dict[str, str]] = None) -> None:
     """``safetensors.torch.save_file`` to ``path + '.tmp'``, then rename into place."""
+    import safetensors.torch
     tmp = path + '.tmp'
     if metadata is None:  # the two-argument call (what a monkeypatched save_file may take)
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+        safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
     else:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
+                                    metadata=metadata)
     os.replace(tmp, path)
 
 
@@ -141,21 +144,25 @@ class FiTFormat:
         downsample: the autoencoder's pixels per latent cell (d).
         target_len: the token budget L (a square number: S = d * p * sqrt(L)).
         patch_size: p.
-        dtype: the dtype ``feature`` is stored in.
+        dtype: the dtype ``feature`` is stored in (a torch dtype name).
     """
 
     name = 'fit'
 
     def __init__(self, out_dir: str, downsample: int, target_len: int = 256,
-                 patch_size: int = 2, dtype: torch.dtype = torch.float32):
+                 patch_size: int = 2, dtype: str = 'float32'):
+        import torch
+
+        from flexgen.datasets.fit_latents import IGNORED_FOLDER, fit_folders
         side = math.isqrt(target_len)
         if side * side != target_len or target_len < 16:
             raise ValueError(f'--target-len must be a square number >= 16 (FiT: 256 or 1024), '
                              f'got {target_len}')
-        self.out_dir, self.patch_size, self.dtype = out_dir, patch_size, dtype
+        self.out_dir, self.patch_size, self.dtype = out_dir, patch_size, getattr(torch, dtype)
         self.target_len, self.multiple = target_len, downsample * patch_size
         self.image_size = self.multiple * side
         self.single, self.resize, self.crop = fit_folders(target_len)
+        self.ignored = IGNORED_FOLDER
         self.folders = (self.single, self.resize, self.crop, IGNORED_FOLDER)
         for folder in self.folders:
             os.makedirs(osp.join(out_dir, folder), exist_ok=True)
@@ -164,19 +171,28 @@ class FiTFormat:
     def from_args(cls, args, downsample: int) -> 'FiTFormat':
         return cls(args.out_dir, downsample=downsample, target_len=args.target_len,
                    patch_size=2 if args.patch_size is None else args.patch_size,
-                   dtype=getattr(torch, args.dtype))
+                   dtype=args.dtype)
 
     def settings(self) -> dict:
         return dict(format=self.name, target_len=self.target_len, patch_size=self.patch_size,
-                    image_size=self.image_size, dtype=str(self.dtype).replace('torch.', ''))
+                    image_size=self.image_size, dtype=str(self.dtype).replace('torch.', ''),
+                    file_names=self.FILE_NAMES)
+
+    FILE_NAMES = 'path under the image root, % as %25, / as %2F'
+
+    @staticmethod
+    def file_name(name: str) -> str:
+        """The flat file name (without ``.safetensors``) of image ``name`` (its path under
+        the image root, without extension): one-to-one, so no two images share a file."""
+        return name.replace('%', '%25').replace('/', '%2F')
 
     def _path(self, folder: str, name: str) -> str:
-        return osp.join(self.out_dir, folder, name + '.safetensors')
+        return osp.join(self.out_dir, folder, self.file_name(name) + '.safetensors')
 
     def pending(self, name: str) -> bool:
         """Whether image ``name`` still needs encoding (its last file is written last)."""
         done = (osp.exists(self._path(self.single, name))
-                or osp.exists(self._path(IGNORED_FOLDER, name))
+                or osp.exists(self._path(self.ignored, name))
                 or osp.exists(self._path(self.crop, name)))
         return not done
 
@@ -194,7 +210,7 @@ class FiTFormat:
             views[self.resize] = resized
             views[self.crop] = center_crop(image, self.image_size)
         elif (new_w // self.multiple) * (new_h // self.multiple) < 16:
-            views[IGNORED_FOLDER] = resized
+            views[self.ignored] = resized
         else:
             views[self.single] = resized
         out = {}
@@ -205,6 +221,10 @@ class FiTFormat:
 
     def write(self, name: str, label: int, latents: Dict[str, torch.Tensor],
               info: Optional[dict] = None) -> None:
+        import torch
+
+        from flexgen.datasets.fit_latents import raster_grid
+        from flexgen.structures import patchify
         # The crop file last: pending() takes it as the sign that the image is complete.
         for folder in sorted((k for k in latents if '/' not in k), key=lambda k: k == self.crop):
             pair = patchify([latents[folder], latents[folder + '/flipped']], self.patch_size)
@@ -238,7 +258,7 @@ class NiTFormat:
         types: ``'native-resolution'`` and / or ``'fixed-SxS'`` types.
         patch_size: p (NiT: 1); sizes are multiples of ``d * p``.
         min_image_size, max_image_size: a and S of the native rule (default ``d * p``, 2048).
-        dtype: the dtype ``latent`` is stored in.
+        dtype: the dtype ``latent`` is stored in (a torch dtype name).
     """
 
     name = 'nit'
@@ -246,8 +266,9 @@ class NiTFormat:
 
     def __init__(self, out_dir: str, downsample: int, types: Sequence[str] = (NATIVE,),
                  patch_size: int = 1, min_image_size: Optional[int] = None,
-                 max_image_size: int = 2048, dtype: torch.dtype = torch.float32):
-        self.out_dir, self.patch_size, self.dtype = out_dir, patch_size, dtype
+                 max_image_size: int = 2048, dtype: str = 'float32'):
+        import torch
+        self.out_dir, self.patch_size, self.dtype = out_dir, patch_size, getattr(torch, dtype)
         self.downsample, self.multiple = downsample, downsample * patch_size
         self.min_image_size = self.multiple if min_image_size is None else min_image_size
         self.max_image_size = max_image_size
@@ -276,7 +297,7 @@ class NiTFormat:
         return cls(args.out_dir, downsample=downsample, types=args.nit_types.split(','),
                    patch_size=1 if args.patch_size is None else args.patch_size,
                    min_image_size=args.min_image_size, max_image_size=args.max_image_size,
-                   dtype=getattr(torch, args.dtype))
+                   dtype=args.dtype)
 
     def settings(self) -> dict:
         return dict(format=self.name, types=list(self.types), patch_size=self.patch_size,
@@ -288,8 +309,9 @@ class NiTFormat:
                     for path, _, name in items}
 
     def latent_file(self, name: str) -> str:
-        """``<class folder>/<stem>.safetensors`` (the image's folder under the root)."""
-        return posixpath.join(posixpath.dirname(self.rel[name]), name + '.safetensors')
+        """``<class folder>/<stem>.safetensors``: image ``name`` (its path under the root,
+        without extension) with the extension of a latent file."""
+        return name + '.safetensors'
 
     def _path(self, data_type: str, name: str) -> str:
         return osp.join(self.out_dir, data_type, *self.latent_file(name).split('/'))
@@ -320,6 +342,7 @@ class NiTFormat:
 
     def write(self, name: str, label: int, latents: Dict[str, torch.Tensor],
               info: Optional[dict] = None) -> None:
+        import torch
         for t in self.types:  # pending() needs every type's file: order does not matter
             latent = torch.stack([latents[t], latents[t + '/flipped']]).to(self.dtype)
             h, w = latent.shape[-2:]
@@ -333,6 +356,7 @@ class NiTFormat:
                         metadata={'nit_meta': json.dumps(line)})
 
     def _line(self, data_type: str, name: str) -> dict:
+        from safetensors import safe_open
         path = self._path(data_type, name)
         with safe_open(path, framework='pt') as handle:
             meta = handle.metadata() or {}
@@ -360,8 +384,9 @@ FORMATS = {FiTFormat.name: FiTFormat, NiTFormat.name: NiTFormat}
 
 # ---------------------------------------------------------------------- the job
 def list_images(root: str) -> Tuple[List[str], List[Tuple[str, int, str]]]:
-    """``(classes, [(path, label, name)])`` of an ImageNet-style folder; ``name`` is the file
-    stem, which must be unique over the whole tree (it names the output files)."""
+    """``(classes, [(path, label, name)])`` of an ImageNet-style folder; ``name`` is the
+    image's path under ``root`` without its extension, ``/``-separated (it names the output
+    files), so two images in one folder that differ only in extension are refused."""
     if not osp.isdir(root):
         raise FileNotFoundError(f'image root {root!r} is not a directory')
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
@@ -373,17 +398,20 @@ def list_images(root: str) -> Tuple[List[str], List[Tuple[str, int, str]]]:
             for file in sorted(files):
                 if not file.lower().endswith(IMG_EXTENSIONS):
                     continue
-                path, name = osp.join(folder, file), osp.splitext(file)[0]
+                path = osp.join(folder, file)
+                name = osp.splitext(osp.relpath(path, root))[0].replace(os.sep, '/')
                 if name in seen:
-                    raise ValueError(f'{path!r} and {seen[name]!r} have the same file stem '
-                                     f'{name!r}, which names the output file; rename one')
+                    raise ValueError(f'{path!r} and {seen[name]!r} differ only in their '
+                                     f'extension; the output files are named by the path '
+                                     f'without it ({name!r}): rename one')
                 seen[name] = path
                 items.append((path, label, name))
     return classes, items
 
 
-class _Images(Dataset):
-    """Loads and prepares the images to encode (in DataLoader workers)."""
+class _Images:
+    """Loads and prepares the images to encode (a map-style dataset for the DataLoader's
+    workers)."""
 
     def __init__(self, items, fmt):
         self.items, self.fmt = items, fmt
@@ -423,12 +451,15 @@ def _check_meta(out_dir: str, meta: dict) -> None:
 def parse_args(argv: Optional[Sequence[str]] = None):
     parser = argparse.ArgumentParser(description='Encode an image folder into latents')
     parser.add_argument('image_root', help='IMAGE_ROOT/<class>/<images>')
-    parser.add_argument('out_dir')
+    parser.add_argument('out_dir', help='where the latents go (a rerun resumes there)')
     parser.add_argument('--vae', required=True, help='a local diffusers autoencoder directory')
-    parser.add_argument('--vae-kind', default='AutoencoderKL', choices=DiffusersAutoencoder.KINDS)
+    parser.add_argument('--vae-kind', default='AutoencoderKL',
+                        help='the diffusers class of the autoencoder: AutoencoderKL (SD-VAE, '
+                        'default) or AutoencoderDC (DC-AE)')
     parser.add_argument('--vae-subfolder', help="e.g. 'vae' inside a pipeline directory")
     parser.add_argument('--vae-dtype', default='float32', help='dtype the autoencoder runs in')
-    parser.add_argument('--format', default='fit', choices=sorted(FORMATS))
+    parser.add_argument('--format', default='fit', choices=sorted(FORMATS),
+                        help="the dataset layout: FiT's latent folders or NiT's (default: fit)")
     parser.add_argument('--target-len', type=int, default=256, help='FiT: tokens L (256, 1024)')
     parser.add_argument('--patch-size', type=int, help='the model patch size (FiT 2, NiT 1)')
     parser.add_argument('--nit-types', default=NiTFormat.NATIVE,
@@ -440,8 +471,10 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     parser.add_argument('--dtype', default='float32', choices=('float32', 'float16', 'bfloat16'),
                         help='dtype of the stored latents')
     parser.add_argument('--batch-size', type=int, default=16, help='images per encoder call')
-    parser.add_argument('--workers', type=int, default=4, help='image loading processes')
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--workers', type=int, default=min(4, usable_cpus()),
+                        help='image loading processes (default: 4, or fewer on a machine with '
+                        'fewer cores; 0 loads in the main process)')
+    parser.add_argument('--device', help='torch device (default: cuda if available, else cpu)')
     return parser.parse_args(argv)
 
 
@@ -449,6 +482,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Run the job; returns ``dict(total, skipped, written)`` (images)."""
     args = parse_args(argv)
     classes, items = list_images(args.image_root)
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    from flexgen.models.autoencoders import DiffusersAutoencoder
+    if args.device is None:
+        args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
     autoencoder = DiffusersAutoencoder(args.vae, kind=args.vae_kind,
                                        subfolder=args.vae_subfolder, dtype=args.vae_dtype)
     autoencoder.to(args.device)

@@ -25,15 +25,13 @@ import time
 
 import numpy as np
 
-from flexgen.datasets.packing import (length_histogram, load_sampler_meta, pack_offline,
-                                      packing_report, save_sampler_meta, token_counts)
-
 HISTOGRAM = osp.join(osp.dirname(osp.abspath(__file__)), 'data',
                      'imagenet_like_latent_sizes.json')
 
 
 def read_data_meta(path: str, patch_size: int = 1) -> np.ndarray:
     """Tokens of every line of a NiT data-meta jsonl: ``(latent_h // p) * (latent_w // p)``."""
+    from flexgen.datasets.packing import token_counts
     if not osp.isfile(path):
         raise FileNotFoundError(f'data-meta file not found: {path}')
     sizes = []
@@ -59,6 +57,7 @@ def lengths_from_config(path: str, key: str, patch_size: int) -> np.ndarray:
     """Tokens of every index of the dataset at ``key`` of a flexgen config (``get_size``)."""
     from mmengine.config import Config
 
+    from flexgen.datasets.packing import token_counts
     from flexgen.registry import DATASETS
     cfg = Config.fromfile(path)
     node = cfg
@@ -101,6 +100,7 @@ def handle_oversize(lengths: np.ndarray, max_len: int, policy: str, source: str)
 
 def pack(lengths: np.ndarray, max_len: int, max_per_pack=None, seed=0, split: int = 1):
     """LPFHP packs of indices, leaving out images of length 0 (dropped as oversize)."""
+    from flexgen.datasets.packing import pack_offline
     kept = np.flatnonzero(lengths > 0)
     if len(kept) == len(lengths):
         return pack_offline(lengths, max_len, max_per_pack, seed, split)
@@ -110,6 +110,7 @@ def pack(lengths: np.ndarray, max_len: int, max_per_pack=None, seed=0, split: in
 
 def check(meta_file: str, lengths: np.ndarray, max_len) -> dict:
     """Coverage, duplicates, budget and fill of a sampler-meta file against ``lengths``."""
+    from flexgen.datasets.packing import load_sampler_meta
     packs = load_sampler_meta(meta_file)
     flat = np.fromiter((i for p in packs for i in p), np.int64)
     if flat.max() >= len(lengths):
@@ -128,7 +129,8 @@ def parse_args(argv=None):
     source = parser.add_mutually_exclusive_group()
     source.add_argument('--data-meta', help='NiT data-meta jsonl (latent_h, latent_w per line)')
     source.add_argument('--config', help='flexgen config; the dataset at --dataset-key is built')
-    parser.add_argument('--dataset-key', default='train_dataloader.dataset')
+    parser.add_argument('--dataset-key', default='train_dataloader.dataset',
+                        help='with --config: where the dataset is in the config')
     parser.add_argument('--patch-size', type=int, default=1,
                         help='tokens = (h // p) * (w // p) of the latent size')
     parser.add_argument('--max-seq-len', type=int, default=16384, help='token budget L')
@@ -140,12 +142,16 @@ def parse_args(argv=None):
                         help='draws which images of each length fill the packs')
     parser.add_argument('--nit-order', action='store_true',
                         help="NiT's assignment (last unused line per length) instead of --seed")
-    parser.add_argument('--oversize', choices=['error', 'drop'], default='error')
+    parser.add_argument('--oversize', choices=['error', 'drop'], default='error',
+                        help='images longer than --max-seq-len: stop (error, default) or '
+                        'leave them out (drop)')
     parser.add_argument('--out', help='output JSON (default: NiT naming next to the data-meta)')
     parser.add_argument('--check', metavar='SAMPLER_META',
                         help='check this sampler-meta file instead of packing')
     parser.add_argument('--report', action='store_true',
-                        help='print offline / online packing efficiency on --histogram')
+                        help='print the packing efficiency of the offline, online and stream '
+                        'packers on --histogram, per budget of --lengths (about a minute on '
+                        'the default histogram; the table ends with a legend of its columns)')
     parser.add_argument('--histogram', default=HISTOGRAM, help='size histogram for --report')
     parser.add_argument('--kinds', nargs='+', help='histogram kinds to merge (default: all)')
     parser.add_argument('--lengths', nargs='+', type=int, default=[8192, 16384, 65536],
@@ -158,6 +164,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    from flexgen.datasets.packing import length_histogram, packing_report, save_sampler_meta
     if args.report:
         packing_report(args.histogram, args.lengths, args.kinds,
                        packs_per_step=args.packs_per_step)

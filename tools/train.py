@@ -13,10 +13,10 @@ import importlib.util
 import os
 import os.path as osp
 
-import torch
-from mmengine.config import Config, DictAction
+from mmengine.config import Config
 from mmengine.config.lazy import LazyAttr, LazyObject
-from mmengine.runner import Runner
+
+from flexgen.cli import add_cfg_options
 
 # Top-level keys that mmengine's Runner reads (Runner.from_cfg and Runner methods) ...
 RUNNER_KEYS = {
@@ -43,11 +43,13 @@ def parse_args(argv=None):
     parser.add_argument('--amp', action='store_true',
                         help='bfloat16 autocast (AutocastOptimWrapper; CPU and GPU)')
     parser.add_argument('--seed', type=int, help='overrides randomness.seed')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
-                        help='override config entries, e.g. train_cfg.max_iters=100')
-    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm'], default='none')
+    add_cfg_options(parser, 'train_cfg.max_iters=100')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm'], default='none',
+                        help='how processes were started: none (one process), pytorch '
+                        '(torchrun), slurm (srun)')
     # torch.distributed.launch passes --local_rank (older) or --local-rank (newer).
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0,
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
     return args
@@ -102,7 +104,8 @@ def merge_args(cfg: Config, args) -> Config:
         if optim_wrapper is None:
             raise ValueError(f'{cfg.filename}: --amp needs an optim_wrapper in the config')
         kind = optim_wrapper.get('type', 'OptimWrapper')
-        if kind not in ('OptimWrapper', 'AmpOptimWrapper', 'AutocastOptimWrapper'):
+        if kind not in ('OptimWrapper', 'FlexOptimWrapper', 'AmpOptimWrapper',
+                        'AutocastOptimWrapper'):
             raise ValueError(f'{cfg.filename}: --amp works with OptimWrapper, not '
                              f"optim_wrapper.type='{kind}'")
         optim_wrapper.pop('loss_scale', None)  # AmpOptimWrapper's; bf16 needs no scaling
@@ -118,6 +121,7 @@ def merge_args(cfg: Config, args) -> Config:
 
 def use_cpu_ddp(cfg: Config) -> None:
     """``--launcher pytorch`` without CUDA: gloo, and DDP without device ids."""
+    import torch
     if cfg.get('launcher') != 'pytorch' or torch.cuda.is_available():
         return
     cfg.env_cfg = cfg.get('env_cfg') or {}
@@ -134,6 +138,7 @@ def init_cpu_distributed(launcher: str) -> None:
     mmengine's own set-up calls ``torch.cuda.set_device`` and uses nccl; it skips both
     when a process group already exists, so the group is created here first.
     """
+    import torch
     if launcher == 'pytorch' and not torch.cuda.is_available() \
             and not torch.distributed.is_initialized():
         torch.distributed.init_process_group('gloo')
@@ -147,10 +152,16 @@ def build_runner(argv=None):
     check_config_keys(cfg, args.config)
     use_cpu_ddp(cfg)
     init_cpu_distributed(args.launcher)
+    return runner_from_cfg(cfg)
+
+
+def runner_from_cfg(cfg: Config):
+    """The config's ``runner_type``, else flexgen's Runner (a readable console)."""
+    from flexgen.registry import RUNNERS
     if 'runner_type' in cfg:
-        from flexgen.registry import RUNNERS
         return RUNNERS.build(cfg)
-    return Runner.from_cfg(cfg)
+    from flexgen.engine import FlexRunner
+    return FlexRunner.from_cfg(cfg)
 
 
 def main(argv=None):

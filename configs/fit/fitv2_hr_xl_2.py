@@ -16,8 +16,9 @@
 # - trained: exactly those parameters (FlexDiT trainable=...: requires_grad only there, so
 #   attention / MLP weights, the timestep MLP weights and the class table stay frozen at
 #   their pre-trained values, get no gradient and count in no clipping norm).
-# The start checkpoint is the FiTv2-XL/2 EMA converted without those tensors, loaded
-# non-strictly (mmengine's load_from), e.g. in Python:
+# The start checkpoint is the FiTv2-XL/2 EMA converted without those tensors, loaded by
+# load_from with exactly those allowed to be missing (the checkpoint hook's allow_missing;
+# any other missing, unexpected or misshapen tensor is refused), e.g. in Python:
 #   from safetensors.torch import load_file; import torch
 #   from flexgen.apis.official import build_converter
 #   conv = build_converter(dict(type='FiTv2', exclude=('x_embedder', 'bias', 'LN', 'final_layer')))
@@ -49,6 +50,7 @@ test_dataloader = dict(dataset=dict(sizes=[(512, 512)]))
 test_evaluator = dict(reference='data/adm_reference/VIRTUAL_imagenet512.npz')
 
 load_from = 'checkpoints/fitv2_xl_hr_init.pth'
+default_hooks = dict(checkpoint=dict(allow_missing=_reinitialised))
 param_scheduler = []
 train_cfg = dict(max_iters=400_000, val_interval=400_000)
 # The reference also keeps the steps 40K, 80K, 100K and 200K.

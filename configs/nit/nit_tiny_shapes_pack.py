@@ -29,7 +29,7 @@ model = dict(
 
 _iters = 3000
 optim_wrapper = dict(
-    _delete_=True, type='OptimWrapper',  # float32: bf16 autocast is slower on most CPUs
+    _delete_=True, type='FlexOptimWrapper',  # float32: bf16 autocast is slower on most CPUs
     optimizer=dict(type='AdamW', lr=1e-3, betas=(0.9, 0.95), weight_decay=0.01, eps=1e-6),
     clip_grad=dict(max_norm=1.0))
 param_scheduler = [

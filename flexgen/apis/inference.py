@@ -1,33 +1,30 @@
 """A small inference API: build a generator from a config and weights, save image grids."""
-import os
-import os.path as osp
+import logging
 from typing import Optional, Sequence
 
 import torch
 from mmengine.config import Config
 
+from flexgen.fileio import atomic_path, load_checked, read_checkpoint, select_weights
 from flexgen.registry import MODELS
+
+logger = logging.getLogger(__name__)
 
 
 def load_weights(path: str, use_ema: bool = True) -> dict:
-    """A flexgen state dict from a training checkpoint (``.pth``, EMA weights by default)
+    """A flexgen state dict from a training checkpoint (``.pth``: EMA weights by default,
+    read as mmengine's ``EMAHook`` stores them, see :func:`flexgen.fileio.select_weights`)
     or a weights file (``.safetensors``). Never executes pickled code."""
-    if not osp.isfile(path):
-        raise FileNotFoundError(f'checkpoint {path!r} does not exist')
-    if path.endswith('.safetensors'):
-        from safetensors.torch import load_file
-        return load_file(path)
-    checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    if use_ema and 'ema_state_dict' in checkpoint:
-        # mmengine's EMA wrapper stores the averaged model under 'module.' plus a step count.
-        return {k[len('module.'):]: v for k, v in checkpoint['ema_state_dict'].items()
-                if k.startswith('module.')}
-    return checkpoint.get('state_dict', checkpoint)
+    state, kind = select_weights(read_checkpoint(path), use_ema, where=path)
+    logger.info('%s: %s weights', path, kind)
+    return state
 
 
 def init_generator(config, checkpoint: Optional[str] = None, device: str = 'cpu',
                    use_ema: bool = True, cfg_options: Optional[dict] = None):
-    """Build the config's ``model`` (a ``DiffusionGenerator``) and load ``checkpoint``."""
+    """Build the config's ``model`` (a ``DiffusionGenerator``) and load ``checkpoint``
+    (EMA weights unless ``use_ema=False``); a checkpoint that does not fit the model
+    (keys, shapes, dtypes, non-finite values) is refused with every problem named."""
     import flexgen
     flexgen.register_all_modules()
     cfg = Config.fromfile(config) if isinstance(config, str) else config
@@ -35,11 +32,7 @@ def init_generator(config, checkpoint: Optional[str] = None, device: str = 'cpu'
         cfg.merge_from_dict(cfg_options)
     model = MODELS.build(cfg.model)
     if checkpoint is not None:
-        missing, unexpected = model.load_state_dict(load_weights(checkpoint, use_ema),
-                                                    strict=False)
-        if missing or unexpected:
-            raise KeyError(f'checkpoint {checkpoint!r} does not fit the config model: '
-                           f'missing {missing[:5]}, unexpected {unexpected[:5]}')
+        load_checked(model, load_weights(checkpoint, use_ema), f'checkpoint {checkpoint}')
     return model.to(device).eval()
 
 
@@ -58,10 +51,8 @@ def image_grid(images: Sequence[torch.Tensor], ncols: int, pad: int = 2) -> torc
 
 
 def save_png(image: torch.Tensor, path: str) -> None:
-    """Write ``[3, H, W]`` in [0, 1] as an 8-bit PNG (atomically: temp file + rename)."""
+    """Write ``[3, H, W]`` in [0, 1] as an 8-bit PNG (atomically)."""
     from PIL import Image
-    os.makedirs(osp.dirname(osp.abspath(path)), exist_ok=True)
     array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    tmp = f'{path}.tmp'
-    Image.fromarray(array).save(tmp, format='PNG')
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format='PNG')

@@ -15,17 +15,15 @@ with those weights, in eval mode. ``tools/sample.py`` and ``tools/test.py`` take
 by themselves when their checkpoint is a reference state dict;
 ``tools/convert_checkpoint.py`` writes the converted weights once, as safetensors.
 """
-import argparse
 import importlib
 import inspect
-import os.path as osp
-import pickle
 import pkgutil
 from typing import List, Optional, Union
 
 import torch
 from mmengine.config import Config
 
+from flexgen.fileio import load_checked, read_checkpoint
 from flexgen.registry import CHECKPOINT_CONVERTERS, MODELS
 
 # Backbone settings that choose how a number is computed, not which number: never checked.
@@ -55,36 +53,6 @@ def build_converter(converter):
     if isinstance(cfg.get('type'), str) and cfg['type'].lower() in by_lower:
         cfg['type'] = by_lower[cfg['type'].lower()]
     return CHECKPOINT_CONVERTERS.build(cfg)
-
-
-# ----------------------------------------------------------------------- reading files
-def read_checkpoint(path: str, lazy: bool = False) -> dict:
-    """The contents of a checkpoint file, loaded without running pickled code.
-
-    ``.safetensors`` through safetensors; anything else through
-    ``torch.load(weights_only=True)``, with ``argparse.Namespace`` allowed (the references'
-    training checkpoints store their command line as ``args``: plain values, no code).
-    ``lazy=True`` memory-maps the tensors (cheap, to look at keys and shapes).
-    """
-    if not osp.isfile(path):
-        raise FileNotFoundError(f'checkpoint {path!r} does not exist')
-    if path.endswith('.safetensors'):
-        from safetensors.torch import load_file
-        return load_file(path)
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        try:
-            return torch.load(path, map_location='cpu', weights_only=True, mmap=lazy)
-        except (RuntimeError, pickle.UnpicklingError) as error:
-            if lazy and 'mmap' in str(error):  # legacy (non-zip) files cannot be mapped
-                return torch.load(path, map_location='cpu', weights_only=True)
-            if 'weights_only' not in str(error).lower() and \
-                    'weights only' not in str(error).lower():
-                raise
-            raise RuntimeError(
-                f'{path} holds pickled Python objects beyond tensors, plain containers and '
-                'argparse.Namespace, so it was not loaded (flexgen never runs code from a '
-                'checkpoint). Re-save its state dict (e.g. torch.save(ckpt["ema"], ...)) '
-                f'from a trusted session. torch said: {str(error).splitlines()[0]}') from error
 
 
 def matching_converters(checkpoint: dict) -> list:
@@ -202,6 +170,7 @@ def load_official(config, checkpoint: Union[str, dict], converter=None,
         cfg.merge_from_dict(cfg_options)
     converted = convert_for_config(cfg, checkpoint, converter, use_ema)
     model = MODELS.build(cfg.model)
-    model.backbone.load_state_dict(converted.state_dict, strict=True)
+    load_checked(model.backbone, converted.state_dict, f'checkpoint {checkpoint}'
+                 if isinstance(checkpoint, str) else 'the converted checkpoint')
     model.official_info = dict(converted.info)
     return model.to(device).eval()

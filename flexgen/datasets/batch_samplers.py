@@ -23,6 +23,7 @@ from mmengine.dist import get_dist_info, sync_random_seed
 from torch.utils.data import Sampler
 
 from flexgen.registry import DATA_SAMPLERS
+from flexgen.rng import keyed_generator
 
 from .packing import best_fit_stream
 
@@ -63,9 +64,7 @@ class _GlobalBatchSampler(Sampler):
         n = len(self._hw)
         if not self.shuffle:
             return torch.arange(n)
-        state = np.random.SeedSequence((self.seed, epoch)).generate_state(1, np.uint64)[0]
-        generator = torch.Generator().manual_seed(int(state) >> 1)
-        return torch.randperm(n, generator=generator)
+        return torch.randperm(n, generator=keyed_generator(self.seed, epoch))
 
     def _epoch_length(self, epoch: int) -> int:
         raise NotImplementedError

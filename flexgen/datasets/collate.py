@@ -1,12 +1,14 @@
 """Collate dataset items into the model's input: images stay a list (their sizes differ)."""
 import logging
 from numbers import Integral, Number
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
+import numpy as np
 import torch
 from mmengine.logging import print_log
 
 from flexgen.registry import FUNCTIONS
+from flexgen.structures import ImageGroups, patchify
 
 
 def _collate_values(key: str, values: list):
@@ -14,11 +16,19 @@ def _collate_values(key: str, values: list):
     first = values[0]
     if all(v is None for v in values):
         return None
+    if all(isinstance(v, np.ndarray) for v in values) or (
+            all(isinstance(v, torch.Tensor) for v in values)
+            and len({tuple(v.shape) for v in values}) > 1):
+        shapes = {tuple(v.shape) for v in values}
+        if len({len(shape) for shape in shapes}) != 1 or len(first.shape) != 3:
+            raise ValueError(f"jagged_collate: data_samples['{key}'] holds arrays of shapes "
+                             f'{sorted(shapes)}; only images (3-D) of several sizes are '
+                             'grouped, other tensors must share one shape to be stacked')
+        return ImageGroups.from_items(values)  # e.g. REPA's clean images
     if isinstance(first, torch.Tensor):
-        shapes = {tuple(v.shape) for v in values if isinstance(v, torch.Tensor)}
-        if len(shapes) != 1 or not all(isinstance(v, torch.Tensor) for v in values):
-            raise ValueError(f"jagged_collate: data_samples['{key}'] must be tensors of one "
-                             f'shape to be stacked, got shapes {sorted(shapes)}')
+        if not all(isinstance(v, torch.Tensor) for v in values):
+            raise ValueError(f"jagged_collate: data_samples['{key}'] mixes tensors and "
+                             f'{sorted({type(v).__name__ for v in values})}')
         return torch.stack(values)
     if all(isinstance(v, bool) for v in values):
         return torch.tensor(values, dtype=torch.bool)
@@ -37,17 +47,24 @@ def _collate_values(key: str, values: list):
 
 
 @FUNCTIONS.register_module()
-def jagged_collate(items: Sequence[dict]) -> dict:
+def jagged_collate(items: Sequence[dict], patch_size: Optional[int] = None) -> dict:
     """Items ``dict(inputs, data_samples=dict(...))`` -> one batch for the model.
 
-    - ``inputs``: the list of the items' tensors, NOT stacked (a jagged batch: sizes may
-      differ), or ``None`` when every item has ``inputs=None`` (generation requests).
+    - ``inputs``: with ``patch_size``, a :class:`~flexgen.structures.TokenBatch` of the
+      items' tensors patchified, its geometry (positions, ``cu_seqlens``, segment plans)
+      built here, in the data workers, so the training step only moves it to the device
+      (set the dataloader's ``pin_memory=True`` on GPUs: the copies then never block).
+      Without ``patch_size``, the list of the items' tensors, NOT stacked (a jagged batch:
+      sizes may differ); ``None`` when every item has ``inputs=None`` (generation requests).
     - ``data_samples``: a dict; each key collated over the items: ints -> ``LongTensor [B]``,
-      floats -> ``float32 [B]``, bools -> ``bool [B]``, tensors -> ``torch.stack``, tuples /
+      floats -> ``float32 [B]``, bools -> ``bool [B]``, tensors of one shape ->
+      ``torch.stack``, images (tensors ``[C, H, W]`` of several sizes, or uint8 arrays
+      ``[H, W, C]``) -> :class:`~flexgen.structures.ImageGroups` (stacked per size), tuples /
       lists of numbers -> ``[B, k]`` (long if all ints), anything else -> a list.
 
-    Configs name it ``collate_fn=dict(type='flexgen.jagged_collate')`` (mmengine looks
-    collate functions up in its root FUNCTIONS registry; the prefix selects flexgen's).
+    Configs name it ``collate_fn=dict(type='flexgen.jagged_collate', patch_size=2)``
+    (mmengine looks collate functions up in its root FUNCTIONS registry; the prefix
+    selects flexgen's); ``patch_size`` must be the model's.
     """
     if len(items) == 0:
         raise ValueError('jagged_collate: got an empty batch')
@@ -57,6 +74,9 @@ def jagged_collate(items: Sequence[dict]) -> dict:
     elif not all(isinstance(x, torch.Tensor) for x in inputs):
         kinds = sorted({type(x).__name__ for x in inputs})
         raise ValueError(f'jagged_collate: inputs must be all tensors or all None, got {kinds}')
+    elif patch_size is not None:
+        inputs = patchify(inputs, patch_size)
+        inputs.geometry.build()
     samples = [item['data_samples'] for item in items]
     keys = list(samples[0])
     for j, sample in enumerate(samples):
@@ -97,7 +117,8 @@ def padded_collate(items: Sequence[dict], max_length: int = 256, patch_size: int
             batch left empty still raises).
 
     Returns:
-        :func:`jagged_collate`'s dict, whose ``data_samples`` also holds ``mask``
+        :func:`jagged_collate`'s dict (``inputs`` patchified with ``patch_size``, a
+        :class:`~flexgen.structures.TokenBatch`), whose ``data_samples`` also holds ``mask``
         ``bool [B, max_length]`` (the first ``n_b`` positions True, FiT's layout) and
         ``num_tokens`` ``long [B]`` (``n_b``).
     """
@@ -133,7 +154,7 @@ def padded_collate(items: Sequence[dict], max_length: int = 256, patch_size: int
         print_log(f'padded_collate: dropped {len(too_long)} of {len(items)} images longer than '
                   f'max_length={max_length} tokens ({"; ".join(too_long[:4])})',
                   logger='current', level=logging.WARNING)
-    batch = jagged_collate(kept)
+    batch = jagged_collate(kept, patch_size)
     num_tokens = torch.tensor(counts, dtype=torch.long)
     batch['data_samples']['num_tokens'] = num_tokens
     batch['data_samples']['mask'] = torch.arange(max_length)[None, :] < num_tokens[:, None]

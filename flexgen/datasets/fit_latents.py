@@ -38,14 +38,14 @@ from safetensors import SafetensorError, safe_open
 from torch.utils.data import Dataset
 
 from flexgen.registry import DATASETS
+from flexgen.rng import stream_id, uniforms
 from flexgen.structures import unpatchify
 
-from .shapes import index_uniforms
 
 CHOICES = ('random', 'resize', 'crop')
 KEYS = ('feature', 'grid', 'size', 'label')
 IGNORED_FOLDER = 'less_than_16'
-_CHOICE_STREAM, _FLIP_STREAM = 0, 1  # index_uniforms streams of the two draws
+_CHOICE_STREAM, _FLIP_STREAM = stream_id('fit_choice'), stream_id('flip')
 
 
 def fit_folders(target_len: int) -> Tuple[str, str, str]:
@@ -85,7 +85,7 @@ class FiTLatents(Dataset):
     - the mirrored copy (``feature[1]``) with probability ``flip_prob`` (the reference: 1/2),
       else the original (``feature[0]``).
 
-    Both draws are hashes of ``(seed, i)`` (:func:`flexgen.datasets.shapes.index_uniforms`),
+    Both draws are hashes of ``(seed, i)`` (:func:`flexgen.rng.uniforms`),
     not of a global RNG: item ``i`` is the same every epoch and in every worker, and
     :meth:`get_size` knows the size of the file ``__getitem__`` will read without reading it.
     (The reference redraws both on every access; here a different ``seed`` draws anew.)
@@ -135,8 +135,8 @@ class FiTLatents(Dataset):
         self.patch_size, self.latent_channels = patch_size, latent_channels
         self.entries = self._list_entries()
         # Per-index draws: the file of the entry (its position in the entry) and the copy.
-        u = index_uniforms(seed, np.arange(len(self.entries))[:, None],
-                           np.array([_CHOICE_STREAM, _FLIP_STREAM]))
+        u = uniforms(seed, torch.arange(len(self.entries))[:, None],
+                     torch.tensor([_CHOICE_STREAM, _FLIP_STREAM])).numpy()
         self._flip = u[:, 1] < self.flip_prob
         pick_random = (u[:, 0] * 2).astype(np.int64)  # the reference's random.choice of 2
         self._paths: List[str] = []
@@ -284,6 +284,10 @@ class FiTLatents(Dataset):
             raise FiTFileError(f"FiTLatents: {path!r}: 'grid' (shape {list(grid.shape)}) is "
                                f'not the raster grid of {h} x {w} tokens (row 0 column index, '
                                'row 1 row index)')
+        if not torch.isfinite(tokens).all():
+            raise FiTFileError(f"FiTLatents: {path!r}: 'feature' holds NaN or inf values "
+                               f'({int((~torch.isfinite(tokens)).sum())} of {tokens.numel()}); '
+                               're-encode the image or remove the file')
         self._labels[index] = label
         tokens = tokens.reshape(h * w, -1)
         if self.dtype is not None:

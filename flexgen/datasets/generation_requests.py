@@ -1,10 +1,10 @@
 """What a generator is asked to generate at validation and test time."""
 from typing import Optional, Sequence, Tuple
 
-import numpy as np
 from torch.utils.data import Dataset
 
 from flexgen.registry import DATASETS
+from flexgen.rng import mix
 
 from .shapes import _check_sizes
 
@@ -19,8 +19,8 @@ class GenerationRequests(Dataset):
     ``N // C + 1`` images of each size and any run of consecutive requests is balanced too:
     ADM's Inception Score, computed over consecutive splits of 5,000 images of an .npz in
     request order, sees every class in every split (as with DiT's random labels). ``seed``
-    is numpy's ``SeedSequence((seed, i))`` hash (63 bits), so a request's image depends only
-    on the request, never on the batch it lands in or the process count.
+    is ``flexgen.rng.mix(seed, i)`` (62 bits), so a request's image depends only on the
+    request, never on the batch it lands in or the process count.
 
     Args:
         sizes: (H, W) pixel sizes to generate.
@@ -81,9 +81,8 @@ class GenerationRequests(Dataset):
         return self._check(index) % self.num_samples % len(self.classes)
 
     def request_seed(self, index: int) -> int:
-        """The 63-bit seed of request ``index`` (a pure function of ``(seed, index)``)."""
-        sequence = np.random.SeedSequence((self.seed, self._check(index)))
-        return int(sequence.generate_state(1, np.uint64)[0]) >> 1
+        """The 62-bit seed of request ``index`` (a pure function of ``(seed, index)``)."""
+        return int(mix(self.seed, self._check(index)))
 
     def __getitem__(self, index: int) -> dict:
         index = self._check(index)

@@ -10,11 +10,11 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from flexgen.registry import DATASETS
+from flexgen.rng import stream_id, uniforms
 
-from .shapes import index_uniforms
 
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp')
-_FLIP_STREAM = 0  # index_uniforms stream of the flip draw
+_FLIP_STREAM = stream_id('flip')
 
 
 def center_crop_arr(image: Image.Image, resolution: int) -> Image.Image:
@@ -205,7 +205,7 @@ class ImageFolder(Dataset):
 
     def flipped(self, index: int) -> bool:
         """Whether item ``index`` is mirrored."""
-        return self.hflip and bool(index_uniforms(self.seed, index, _FLIP_STREAM)[0] < 0.5)
+        return self.hflip and bool(uniforms(self.seed, index, _FLIP_STREAM) < 0.5)
 
     def __getitem__(self, index: int) -> dict:
         image = self.load(index)

@@ -31,7 +31,7 @@ between loader workers); :func:`flexgen.models.vision_encoders.as_pixels` reads 
 ``image_mode='path'`` gives ``image_path`` (str) and ``flip`` (bool) instead.
 
 The flip choice (``latent[1]`` and the mirrored image) is a hash of ``(seed, index)``
-(:func:`flexgen.datasets.shapes.index_uniforms`): the same every epoch and in every
+(:func:`flexgen.rng.uniforms`): the same every epoch and in every
 worker. (The reference redraws it on every access with the global RNG.)
 """
 import json
@@ -48,14 +48,14 @@ from safetensors import SafetensorError, safe_open
 from torch.utils.data import Dataset
 
 from flexgen.registry import DATASETS
+from flexgen.rng import stream_id, uniforms
 
 from .image_folder import center_crop_arr
-from .shapes import index_uniforms
 
 NIT_TYPES = ('native-resolution', 'fixed-256x256', 'fixed-512x512')
 IMAGE_MODES = (None, 'path', 'image')
 REQUIRED = ('latent_file', 'latent_h', 'latent_w', 'type')
-_FLIP_STREAM = 0  # index_uniforms stream of the flip draw
+_FLIP_STREAM = stream_id('flip')
 
 
 class NiTFileError(ValueError):
@@ -164,7 +164,7 @@ class NiTLatents(Dataset):
         self.image_dir, self.image_mode, self.image_scale = image_dir, image_mode, image_scale
         self.flip_prob, self.seed, self.latent_channels = float(flip_prob), seed, latent_channels
         self._index()
-        self._flip = index_uniforms(seed, np.arange(len(self)), _FLIP_STREAM) < self.flip_prob
+        self._flip = (uniforms(seed, torch.arange(len(self)), _FLIP_STREAM) < self.flip_prob).numpy()
 
     # ------------------------------------------------------------------ the jsonl index
     def _index(self) -> None:
@@ -326,10 +326,15 @@ class NiTLatents(Dataset):
                                f'{self._where(index)} says [2, {channels or "C"}, {h}, {w}] '
                                '(the latent and its mirror)')
         try:
-            return handle.get_slice('latent')[int(self._flip[index])]
+            latent = handle.get_slice('latent')[int(self._flip[index])]
         except (SafetensorError, OSError, ValueError, RuntimeError) as error:
             raise NiTFileError(f'NiTLatents: cannot read {path!r} ({self._where(index)}): '
                                f'{error}') from error
+        if not torch.isfinite(latent).all():
+            raise NiTFileError(f"NiTLatents: {path!r} ({self._where(index)}): 'latent' holds "
+                               f'NaN or inf values ({int((~torch.isfinite(latent)).sum())} of '
+                               f'{latent.numel()}); re-encode the image or remove the file')
+        return latent
 
     # ------------------------------------------------------------------ items
     def __getitem__(self, index: int) -> dict:

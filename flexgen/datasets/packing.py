@@ -25,11 +25,15 @@ import json
 import math
 import os
 import os.path as osp
+import sys
 from collections import deque
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+from tqdm import tqdm
+
+from flexgen.rng import keyed_generator
 
 Strategy = Tuple[int, Tuple[int, ...]]  # (how many packs, the lengths in each of them)
 
@@ -159,12 +163,11 @@ def assign_indices(lengths: Sequence[int], strategies: Sequence[Strategy],
     histogram does not always put the same images together.
     """
     lengths = np.asarray(lengths, dtype=np.int64)
-    rng = None if seed is None else np.random.default_rng(np.random.SeedSequence(seed))
     pools = {}
     for length in np.unique(lengths).tolist():
         pool = np.flatnonzero(lengths == length)
-        if rng is not None:
-            pool = rng.permutation(pool)
+        if seed is not None:
+            pool = pool[torch.randperm(len(pool), generator=keyed_generator(seed, length)).numpy()]
         pools[length] = pool.tolist()
     packs = []
     for count, pack in strategies:
@@ -294,11 +297,6 @@ def fill_packs(indices: Sequence[int], lengths: Sequence[int], num_packs: int, m
     return packs, left_out
 
 
-def _generator(*key: int) -> torch.Generator:
-    state = np.random.SeedSequence(key).generate_state(1, np.uint64)[0]
-    return torch.Generator().manual_seed(int(state) >> 1)
-
-
 class OnlinePlan:
     """Where every pack of an online-packed, infinite stream of epochs comes from, found by
     arithmetic: no earlier pack is ever computed, so resuming at any step packs one chunk.
@@ -387,7 +385,7 @@ class OnlinePlan:
         if self._shared['order'][0] != epoch:
             order = self.indices
             if self.shuffle:
-                generator = _generator(self.seed, epoch)
+                generator = keyed_generator(self.seed, epoch)
                 order = order[torch.randperm(len(order), generator=generator).numpy()]
             offsets = np.cumsum(self.lengths[order]) - self.lengths[order]
             self._shared['order'] = (epoch, (order, offsets))
@@ -404,7 +402,7 @@ class OnlinePlan:
                                          self.max_per_pack)
             # Level packs are interchangeable: shuffle them, so that pack 0 (which took the
             # largest image) does not always go to the same rank.
-            shuffled = torch.randperm(len(packs), generator=_generator(self.seed, epoch, chunk))
+            shuffled = torch.randperm(len(packs), generator=keyed_generator(self.seed, epoch, chunk))
             self._chunk_cache = ((epoch, chunk), ([packs[k] for k in shuffled.tolist()],
                                                   left_out))
         return self._chunk_cache[1]
@@ -491,10 +489,13 @@ def choose_fill(lengths: Sequence[int], indices: Sequence[int], max_len: int,
     failed_steps = None
     for k, slack in enumerate(FILL_SLACKS):
         plan = plan_at(slack)
-        # Lower fills mean more packs for the same images: once a pack may stay empty, it
-        # may at every lower fill too.
-        if plan is None or plan.may_leave_a_pack_empty():
+        if plan is None:
             break
+        # Whether a pack may stay empty depends on how the steps fall into chunks, not
+        # monotonically on the fill (800 images, 16-pack chunks: possible at 81 to 83
+        # steps, not at 80 or 85), so a lower fill may still be safe.
+        if plan.may_leave_a_pack_empty():
+            continue
         if plan.steps_per_epoch == failed_steps:
             continue  # the packs depend on the fill only through the number of steps
         spread = np.linspace(0, plan.num_chunks - 1, trial_chunks).round().astype(int)
@@ -564,17 +565,25 @@ def packing_report(histogram_path: str, lengths: Sequence[int] = (8192, 16384, 6
     - stream: :func:`best_fit_stream` with a ``stream_buffer``-image buffer (the packer of
       ``TokenBudgetBatchSampler``), over the same shuffled images.
 
-    Returns one dict per budget; prints a table when ``verbose``.
+    Returns one dict per budget; with ``verbose``, shows a progress bar (stderr) while it
+    packs (a minute on the 3.8M-image default histogram) and prints the table and a legend
+    of its columns.
     """
     histogram = load_size_histogram(histogram_path, kinds)
     all_lengths = lengths_from_histogram(histogram)
     rows = []
+    bar = tqdm(total=len(lengths) * (3 if stream else 2), unit='stage', file=sys.stderr,
+               disable=not verbose, dynamic_ncols=True)
     for max_len in lengths:
+        bar.set_description(f'L={max_len}: offline LPFHP, online fill')
         strategies = lpfhp(histogram, max_len)
         chunk_steps = max(1, (chunk_packs or default_chunk_packs(max_len)) // packs_per_step)
         plan = choose_fill(all_lengths, np.arange(len(all_lengths)), max_len, packs_per_step,
                            chunk_steps, seed)
+        bar.update(1)
+        bar.set_description(f'L={max_len}: online epoch')
         online = online_epoch(plan)
+        bar.update(1)
         row = dict(max_len=max_len, images=len(all_lengths),
                    offline=strategies_efficiency(strategies, max_len),
                    offline_packs=sum(c for c, _ in strategies), online=online['efficiency'],
@@ -582,11 +591,14 @@ def packing_report(histogram_path: str, lengths: Sequence[int] = (8192, 16384, 6
                    online_packs=plan.packs_per_epoch, online_fullest=online['fullest'],
                    online_emptiest=online['emptiest'])
         if stream:
+            bar.set_description(f'L={max_len}: stream')
             order, _ = plan.epoch_order(0)
             packs = best_fit_stream(order.tolist(), all_lengths.tolist(), max_len,
                                     stream_buffer)
             row['stream'] = float(all_lengths.sum()) / (len(packs) * max_len)
+            bar.update(1)
         rows.append(row)
+    bar.close()
     if verbose:
         print(f'Packing efficiency (real tokens / budgeted tokens) on {histogram_path}, '
               f'kinds {", ".join(kinds) if kinds else "all"}: {len(all_lengths)} images')
@@ -597,4 +609,15 @@ def packing_report(histogram_path: str, lengths: Sequence[int] = (8192, 16384, 6
                   f'{r["online"]:>8.3%} {r["online_fill"]:>7.4f} {r["online_left_out"]:>8} '
                   f'{r["online_emptiest"]:>6}..{r["online_fullest"]:<6} | '
                   f'{r.get("stream", float("nan")):>8.3%}')
+        chunk = f'{chunk_packs} packs' if chunk_packs else 'default_chunk_packs(L)'
+        print(f"""Columns (efficiency = real tokens / (packs x L)):
+  L              the token budget of a pack
+  offline LPFHP  efficiency of LPFHP over the whole histogram (the packs pack_dataset.py writes
+                 for OfflinePackSampler); packs: how many it makes
+  online         efficiency of OnlinePackSampler's chunk packer over one shuffled epoch
+                 ({packs_per_step} pack(s) per step, chunks of {chunk}); fill: the highest
+                 average share of L its packs aim for; left out: images it could not place in
+                 that epoch; min..max pack: tokens in its emptiest and fullest pack
+  stream         efficiency of TokenBudgetBatchSampler's best-fit packer ({stream_buffer}-image
+                 buffer) over the same shuffled images""")
     return rows

@@ -7,31 +7,12 @@ import torch
 from torch.utils.data import Dataset
 
 from flexgen.registry import DATASETS
+from flexgen.rng import uniforms
 
 _GRAIN_SIZE = 32768  # at::internal::GRAIN_SIZE: ops on fewer elements run on one thread
 
 SHAPES = ('disc', 'square', 'triangle', 'cross', 'ring', 'bars')
 DEFAULT_SIZES = ((16, 16), (24, 24), (16, 24), (24, 16), (32, 16), (16, 32))
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64's output function (Steele et al., 2014) on uint64 arrays (wrapping)."""
-    x = x + np.uint64(0x9E3779B97F4A7C15)
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
-def index_uniforms(seed: int, index, streams) -> np.ndarray:
-    """Uniforms in [0, 1) that depend only on ``(seed, index, stream)``: a SplitMix64 hash
-    chain, so item i never depends on the dataset length or on other items.
-    ``index`` and ``streams`` broadcast against each other."""
-    index = np.asarray(index, dtype=np.uint64)
-    streams = np.asarray(streams, dtype=np.uint64)
-    with np.errstate(over='ignore'):
-        h = _splitmix64(np.atleast_1d(np.asarray(seed, dtype=np.uint64)))
-        h = _splitmix64(_splitmix64(h ^ index) ^ streams)
-    return (h >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
 
 
 def shape_mask(kind: str, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -75,7 +56,7 @@ class ProceduralShapes(Dataset):
     (area coverage), so every pixel is ``bg + coverage * (fg - bg)``.
 
     Item ``i`` is a pure function of ``(seed, i)`` (SplitMix64 hashes, see
-    :func:`index_uniforms`): its label is ``i % num_classes`` (balanced), its size one
+    :func:`flexgen.rng.uniforms`): its label is ``i % num_classes`` (balanced), its size one
     of ``sizes`` drawn by hash. Nothing is downloaded or stored.
 
     Args:
@@ -119,10 +100,9 @@ class ProceduralShapes(Dataset):
         self.scale, self.margin, self.supersample = (float(lo), float(hi)), margin, supersample
         # Every item's draws, hashed at once into tables: batch samplers ask for every
         # index's size each epoch, and rendering only reads them.
-        u = index_uniforms(seed, np.arange(num_samples)[:, None], np.arange(10))
-        self._size_ids = torch.from_numpy((u[:, 0] * len(self.sizes)).astype(np.int64))
+        u = uniforms(seed, torch.arange(num_samples)[:, None], torch.arange(10))
+        self._size_ids = (u[:, 0] * len(self.sizes)).long()
         hw = torch.tensor(self.sizes, dtype=torch.float64)[self._size_ids]
-        u = torch.from_numpy(u)
         radius = (lo + (hi - lo) * u[:, 1]) * hw.min(1).values / 2
         reach = radius + margin
         self._radius = radius.float()

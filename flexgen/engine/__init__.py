@@ -1,16 +1,22 @@
 """What the mmengine Runner needs beyond mmengine: the training loop, the sharded
-generation (test) loop, crash-safe weights_only checkpoints, autocast mixed precision on
-any device and sample previews."""
+generation (test) loop and the extrapolation sweep, crash-safe weights_only checkpoints,
+autocast mixed precision on any device, TF32 for the run, sample previews, and a console
+and logs a user can read (progress bars, the train step's own time)."""
 from .checkpoint import (AtomicLocalBackend, FlexCheckpointHook, atomic_write,
                          restore_message_hub, to_plain)
 from .extrapolation_sweep import ExtrapolationSweep, sweep_variants
 from .generation_loop import GenerationLoop, apply_generation_options
-from .hooks import SamplePreviewHook
+from .hooks import (FlexRuntimeInfoHook, ProgressBarHook, SamplePreviewHook, TF32Hook,
+                    TrainStepTimerHook)
+from .log_processor import FlexLogProcessor
 from .loops import FlexTrainLoop
-from .optim_wrappers import AutocastOptimWrapper
+from .optim_wrappers import AutocastOptimWrapper, FlexOptimWrapper
+from .runner import FlexRunner
 
 __all__ = [
     'AtomicLocalBackend', 'AutocastOptimWrapper', 'ExtrapolationSweep', 'FlexCheckpointHook',
-    'FlexTrainLoop', 'GenerationLoop', 'SamplePreviewHook', 'apply_generation_options', 'atomic_write',
-    'restore_message_hub', 'sweep_variants', 'to_plain'
+    'FlexLogProcessor', 'FlexOptimWrapper', 'FlexRunner', 'FlexRuntimeInfoHook',
+    'FlexTrainLoop', 'GenerationLoop', 'ProgressBarHook', 'SamplePreviewHook', 'TF32Hook',
+    'TrainStepTimerHook', 'apply_generation_options', 'atomic_write', 'restore_message_hub',
+    'sweep_variants', 'to_plain'
 ]

@@ -14,11 +14,15 @@ Two guarantees on top of mmengine's ``CheckpointHook``:
   (``HistoryBuffer`` objects holding numpy arrays) in every checkpoint; they are saved as
   plain dicts of tensors and rebuilt on load, so smoothed logs continue exactly on resume.
 """
+import difflib
+import inspect
 import logging
 import os
 import os.path as osp
-import uuid
+import re
+import zipfile
 from collections import OrderedDict
+from typing import Optional
 
 import numpy as np
 import torch
@@ -26,58 +30,18 @@ from mmengine.dist import is_main_process
 from mmengine.fileio import LocalBackend, register_backend
 from mmengine.hooks import CheckpointHook
 from mmengine.logging import HistoryBuffer, print_log
+from mmengine.model import is_model_wrapper
 from mmengine.runner import CheckpointLoader
 
+from flexgen.fileio import (CheckpointError, all_finite, atomic_write, is_temporary,
+                            read_checkpoint, weights_problems)
 from flexgen.registry import HOOKS
-
-TMP_SUFFIX = '.tmp'
 _HISTORY_BUFFER = 'HistoryBuffer'
 _PLAIN_SCALARS = (bool, int, float, complex, str, bytes, type(None), torch.dtype,
                   torch.device, torch.Size)
 
 
 # --------------------------------------------------------------------- atomic files
-def _write(f, data: bytes) -> None:
-    """The one place bytes reach a checkpoint file (tests interrupt it to simulate a kill)."""
-    f.write(data)
-
-
-def atomic_write(data, filepath) -> None:
-    """Write ``data`` to ``filepath`` so that it holds either its old content or all of
-    ``data``, whatever happens (kill, power loss) during the write.
-
-    ``data`` is bytes, or a function that writes the content into the binary file object it
-    is given (for files too large to assemble in memory first).
-    """
-    filepath = osp.abspath(os.fspath(filepath))
-    directory = osp.dirname(filepath)
-    os.makedirs(directory, exist_ok=True)
-    tmp = osp.join(directory,
-                   f'.{osp.basename(filepath)}.{os.getpid()}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}')
-    try:
-        with open(tmp, 'xb') as f:
-            if callable(data):
-                data(f)
-            else:
-                _write(f, data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, filepath)
-    except BaseException:
-        if osp.exists(tmp):
-            os.remove(tmp)
-        raise
-    # Make the rename itself durable: the directory entry must reach the disk too.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # platforms that cannot open a directory (Windows)
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @register_backend('atomic_local', force=True)
 class AtomicLocalBackend(LocalBackend):
     """mmengine's local file backend with atomic ``put`` / ``put_text`` (:func:`atomic_write`).
@@ -162,43 +126,102 @@ def restore_message_hub(checkpoint: dict) -> None:
 # --------------------------------------------------------------------- loading
 @CheckpointLoader.register_scheme(prefixes='', force=True)
 def load_from_local(filename, map_location):
-    """mmengine's loader for local files, with ``weights_only=True`` stated explicitly (so
-    no environment variable or torch default can turn it off) and an error that says why
-    an old-style checkpoint is refused."""
-    filename = osp.expanduser(filename)
-    if not osp.isfile(filename):
-        raise FileNotFoundError(f'{filename} can not be found.')
+    """mmengine's loader for local files, through :func:`flexgen.fileio.read_checkpoint`
+    (``weights_only=True`` stated explicitly, so no environment variable or torch default
+    can turn it off; errors name the file and never advise turning the safety off)."""
+    return read_checkpoint(filename, map_location=map_location)
+
+
+# --------------------------------------------------------------------- the hook
+def _iteration(name: str) -> int:
+    match = re.fullmatch(r'iter_(\d+)\.pth', name)
+    return int(match.group(1)) if match else -1
+
+
+def newest_checkpoint(work_dir: str) -> Optional[str]:
+    """The ``iter_<N>.pth`` of ``work_dir`` with the largest ``N`` that is a whole file
+    (a complete zip archive, as ``torch.save`` writes), or ``None``."""
+    names = sorted((n for n in os.listdir(work_dir) if _iteration(n) >= 0),
+                   key=_iteration, reverse=True) if osp.isdir(work_dir) else []
+    for name in names:
+        if zipfile.is_zipfile(osp.join(work_dir, name)):
+            return osp.join(work_dir, name)
+    return None
+
+
+def resolve_last_checkpoint(work_dir: str) -> Optional[str]:
+    """The checkpoint auto-resume should read: the one ``work_dir/last_checkpoint`` names;
+    if that pointer is empty, unreadable or names a missing file, the newest whole
+    checkpoint in ``work_dir`` (with a warning naming the pointer); ``None`` if there is
+    neither."""
+    pointer = osp.join(work_dir, 'last_checkpoint')
+    if not osp.exists(pointer):
+        return newest_checkpoint(work_dir)
     try:
-        return torch.load(filename, map_location=map_location, weights_only=True)
-    except Exception as error:
-        if 'weights_only' not in str(error).lower() and 'weights only' not in str(error).lower():
-            raise
-        raise RuntimeError(
-            f'{filename} holds pickled Python objects beyond tensors and plain containers, '
-            'so it was not loaded: flexgen loads checkpoints with weights_only=True and '
-            'never runs code from a file. Checkpoints written by FlexCheckpointHook load; '
-            'for another file, re-save its tensors (e.g. its state_dict) from a trusted '
-            f'session. torch said: {str(error).splitlines()[0]}') from error
+        with open(pointer, encoding='utf-8') as f:
+            named = f.read().strip()
+    except (OSError, UnicodeDecodeError) as error:
+        named, problem = '', f'cannot be read ({error})'
+    else:
+        problem = ('is empty' if not named else
+                   f'names {named!r}, which does not exist' if not osp.isfile(named) else '')
+    if not problem:
+        return named
+    fallback = newest_checkpoint(work_dir)
+    print_log(f'{pointer} {problem}; resuming from the newest whole checkpoint in '
+              f'{work_dir}: {fallback}' if fallback else
+              f'{pointer} {problem}, and {work_dir} holds no checkpoint: training starts '
+              'from scratch', logger='current', level=logging.WARNING)
+    return fallback
 
 
 # --------------------------------------------------------------------- the hook
 @HOOKS.register_module()
 class FlexCheckpointHook(CheckpointHook):
-    """mmengine's ``CheckpointHook`` with crash-safe writes and weights_only files.
+    """mmengine's ``CheckpointHook`` with crash-safe writes, weights_only files and
+    checks on what is saved and loaded.
 
-    Arguments are those of ``CheckpointHook``; ``by_epoch`` defaults to False (flexgen
-    trains by iteration) and local ``out_dir`` s are written through
-    :class:`AtomicLocalBackend`. Outdated checkpoints are removed after the new one is
-    complete, not before as in mmengine.
+    Arguments are those of ``CheckpointHook`` (a misspelled one is an error when the hook
+    is built, not at the first save); ``by_epoch`` defaults to False (flexgen trains by
+    iteration) and local ``out_dir`` s are written through :class:`AtomicLocalBackend`.
+
+    - Outdated checkpoints are removed after the new one is complete, not before as in
+      mmengine; a model with NaN or inf weights is never saved (training stops).
+    - Auto-resume reads ``last_checkpoint``; a pointer that is empty or names a missing
+      file falls back to the newest whole checkpoint, with a warning.
+    - A loaded checkpoint (``load_from``, resume, ``tools/test.py``) must fit the model:
+      missing or unexpected keys, other shapes or dtypes, non-finite values are refused,
+      all named. ``allow_missing`` (name substrings) lets a ``load_from`` checkpoint lack
+      the parameters a fine-tuning re-initialises (FiTv2's high-resolution stage).
     """
 
     def __init__(self, interval: int = -1, by_epoch: bool = False, *args,
-                 backend_args: dict = None, **kwargs):
+                 backend_args: dict = None, allow_missing=None, **kwargs):
+        # CheckpointHook forwards unknown keywords to Runner.save_checkpoint, where they
+        # fail only at the first save: refuse them now.
+        accepted = [p for p in inspect.signature(CheckpointHook).parameters
+                    if p not in ('self', 'args', 'kwargs')] + ['allow_missing']
+        unknown = [k for k in kwargs if k not in accepted]
+        if unknown:
+            hints = [f"'{k}'" + (f" (did you mean '{close[0]}'?)" if close else '')
+                     for k in unknown
+                     for close in [difflib.get_close_matches(k, accepted, n=1, cutoff=0.6)]]
+            raise TypeError(f'FlexCheckpointHook got unknown arguments {", ".join(hints)}; '
+                            f'it accepts: {", ".join(accepted)}')
         out_dir = kwargs.get('out_dir')
         local = out_dir is None or '://' not in str(out_dir)
         if backend_args is None and kwargs.get('file_client_args') is None and local:
             backend_args = dict(backend='atomic_local')
         super().__init__(interval, by_epoch, *args, backend_args=backend_args, **kwargs)
+        self.allow_missing = (allow_missing,) if isinstance(allow_missing, str) else \
+            tuple(allow_missing or ())
+
+    def before_run(self, runner) -> None:
+        super().before_run(runner)
+        if runner._resume and runner._load_from is None:
+            runner._load_from = resolve_last_checkpoint(runner.work_dir)
+            if runner._load_from is None:
+                runner._resume = False
 
     def before_train(self, runner) -> None:
         super().before_train(runner)
@@ -206,10 +229,17 @@ class FlexCheckpointHook(CheckpointHook):
             # Leftovers of a write that was killed; the file they were meant to become
             # is whole or absent.
             for name in os.listdir(self.out_dir):
-                if name.startswith('.') and name.endswith(TMP_SUFFIX):
+                if is_temporary(name):
                     os.remove(osp.join(self.out_dir, name))
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        weights = [v for key in ('state_dict', 'ema_state_dict')
+                   for v in (checkpoint.get(key) or {}).values() if isinstance(v, torch.Tensor)]
+        if not all_finite(weights):
+            raise FloatingPointError(
+                f'Iteration {runner.iter}: the model weights hold NaN or inf values, so no '
+                'checkpoint was saved and none was pruned; the previous ones are whole. '
+                'Training diverged: lower the learning rate or clip gradients, then resume.')
         dropped = []
         plain = to_plain(checkpoint, dropped=dropped)
         checkpoint.clear()
@@ -221,6 +251,19 @@ class FlexCheckpointHook(CheckpointHook):
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         restore_message_hub(checkpoint)
+        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        state = checkpoint.get('state_dict', checkpoint)
+        if state and all(k.startswith('module.') for k in state):
+            state = {k[len('module.'):]: v for k, v in state.items()}
+        expected = model.state_dict()
+        if not runner._resume and self.allow_missing:
+            expected = {k: v for k, v in expected.items()
+                        if k in state or not any(p in k for p in self.allow_missing)}
+        problems = weights_problems(expected, state)
+        if problems:
+            raise CheckpointError(f'{runner._load_from or "the checkpoint"} does not fit the '
+                                  f'config\'s model ({type(model).__name__}): '
+                                  + '; '.join(problems))
 
     def _save_checkpoint_with_step(self, runner, step, meta):
         stale = []

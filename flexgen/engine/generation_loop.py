@@ -9,7 +9,8 @@ from mmengine.dist import broadcast_object_list, get_dist_info
 from mmengine.model import is_model_wrapper
 from mmengine.runner import BaseLoop
 
-from flexgen.evaluation.generation import PRECISIONS, run_generation, tokens_per_image
+from flexgen.evaluation.generation import (PRECISIONS, resolve_precision, run_generation,
+                                           tokens_per_image)
 from flexgen.evaluation.utils import state_dict_digest
 from flexgen.registry import LOOPS
 
@@ -53,18 +54,19 @@ class GenerationLoop(BaseLoop):
             (a rerun with the same settings resumes there). A folder made with other
             settings is refused.
         shard_size: requests per shard (the unit of resumption).
-        precision: ``'fp32'``, ``'tf32'``, ``'bf16'`` or ``'fp16'`` (autocast).
+        precision: ``'fp32'`` (TF32 off), ``'tf32'``, ``'bf16'`` or ``'fp16'`` (autocast);
+            ``None``: as the run is set (TF32 on CUDA under flexgen's default TF32Hook).
         npz: write ``samples_{H}x{W}.npz`` per size.
         progress: a tqdm bar with ETA on rank 0.
     """
 
     def __init__(self, runner, dataloader, evaluator, out_dir: Optional[str] = None,
-                 shard_size: int = 256, precision: str = 'fp32', npz: bool = True,
+                 shard_size: int = 256, precision: Optional[str] = None, npz: bool = True,
                  progress: bool = True):
         super().__init__(runner, dataloader)
         self.evaluator = runner.build_evaluator(evaluator) \
             if isinstance(evaluator, (dict, list)) else evaluator
-        if precision not in PRECISIONS:
+        if precision is not None and precision not in PRECISIONS:
             raise ValueError(f'GenerationLoop: precision must be one of {PRECISIONS}, '
                              f'got {precision!r}')
         dataset = self.dataloader.dataset
@@ -96,11 +98,13 @@ class GenerationLoop(BaseLoop):
         runner = self.runner
         model = _unwrap(runner.model)
         _, world = get_dist_info()
+        device = next(model.parameters()).device
+        precision = resolve_precision(self.precision, device)
         # Every rank digests the weights (gathering sharded ones is a collective); rank 0's
         # folder is everyone's.
         manifest = generation_manifest(model_cfg, requests_cfg, runner.model)
         holder = [out_dir or default_out_dir(osp.join(runner.work_dir, root), dict(
-            manifest, shard_size=self.shard_size, precision=self.precision))]
+            manifest, shard_size=self.shard_size, precision=precision))]
         if world > 1:
             broadcast_object_list(holder)
         out_dir = holder[0]
@@ -114,9 +118,9 @@ class GenerationLoop(BaseLoop):
         return run_generation(
             runner.model, requests, out_dir, manifest, collate_fn=self.dataloader.collate_fn,
             batch_size=self.dataloader.batch_size, shard_size=self.shard_size,
-            precision=self.precision, evaluator=self.evaluator, npz=self.npz,
-            tokens=lambda size: tokens_per_image(model, size),
-            device=next(model.parameters()).device, progress=self.progress)
+            precision=precision, evaluator=self.evaluator, npz=self.npz,
+            tokens=lambda size: tokens_per_image(model, size), device=device,
+            progress=self.progress)
 
 
 def apply_generation_options(cfg, *, sizes: Optional[Sequence] = None,
@@ -130,6 +134,8 @@ def apply_generation_options(cfg, *, sizes: Optional[Sequence] = None,
     sizes ``(H, W)`` and images per size of the requests, per-process batch, output
     folder, guidance scale / interval, sampler type and steps, precision, shard size.
     Returns ``cfg``."""
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f'--precision must be one of {PRECISIONS}, got {precision!r}')
     loop_options = dict(out_dir=out_dir, precision=precision, shard_size=shard_size)
     if any(v is not None for v in loop_options.values()):
         test_cfg = cfg.get('test_cfg') or {}

@@ -1,4 +1,4 @@
-"""Mixed-precision training on any device through ``torch.autocast``."""
+"""Optimiser wrappers: no host sync per step, mixed precision on any device."""
 from contextlib import contextmanager
 
 import torch
@@ -11,7 +11,24 @@ _DTYPES = {'bfloat16': torch.bfloat16, 'bf16': torch.bfloat16,
 
 
 @OPTIM_WRAPPERS.register_module()
-class AutocastOptimWrapper(OptimWrapper):
+class FlexOptimWrapper(OptimWrapper):
+    """mmengine's ``OptimWrapper`` that keeps the clipped gradient norm on the device
+    (``last_grad_norm``) instead of reading it to the host at every step (mmengine's
+    ``float(grad)``, a device sync per step); ``FlexTrainLoop`` logs it with the other
+    scalars of the step at its next flush. Arguments are ``OptimWrapper``'s."""
+
+    last_grad_norm = None
+
+    def _clip_grad(self) -> None:
+        params = [p for group in self.optimizer.param_groups for p in group['params']
+                  if p.requires_grad and p.grad is not None]
+        if params:
+            norm = self.clip_func(params, **self.clip_grad_kwargs)
+            self.last_grad_norm = None if norm is None else norm.detach()
+
+
+@OPTIM_WRAPPERS.register_module()
+class AutocastOptimWrapper(FlexOptimWrapper):
     """``OptimWrapper`` that runs the forward pass under ``torch.autocast``.
 
     mmengine's ``AmpOptimWrapper`` requires CUDA (or NPU/MLU/MUSA) and always builds a

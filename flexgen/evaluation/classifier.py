@@ -10,18 +10,21 @@ import hashlib
 import json
 import math
 import os
+import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from mmengine.dist import is_main_process
 from mmengine.logging import print_log
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 from torch import Tensor, nn
+from tqdm import tqdm
 
-from flexgen.engine.checkpoint import atomic_write
+from flexgen.fileio import atomic_write
 
 from .utils import user_cache_dir
 
@@ -136,6 +139,8 @@ def _fit(model: SmallConvClassifier, images: List[Tensor], labels: Tensor, epoch
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     plan = [size_batches(images, batch_size, generator) for _ in range(epochs)]
     total, step = sum(len(batches) for batches in plan), 0
+    bar = tqdm(total=total, desc='training the judge classifier', unit='step',
+               file=sys.stderr, dynamic_ncols=True, disable=not is_main_process())
     for batches in plan:
         for batch in batches:
             for group in optimizer.param_groups:
@@ -149,6 +154,8 @@ def _fit(model: SmallConvClassifier, images: List[Tensor], labels: Tensor, epoch
             loss.backward()
             optimizer.step()
             step += 1
+            bar.update(1)
+    bar.close()
     model.eval()
 
 

@@ -30,7 +30,7 @@ import os
 import os.path as osp
 import time
 import zipfile
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -41,7 +41,7 @@ from mmengine.dist import barrier, broadcast_object_list, get_dist_info
 from mmengine.logging import print_log
 from tqdm import tqdm
 
-from flexgen.engine.checkpoint import TMP_SUFFIX, atomic_write
+from flexgen.fileio import atomic_path, atomic_write, is_temporary
 
 from .utils import hwc_uint8, size_key
 
@@ -99,23 +99,34 @@ def aspect_ratio(size) -> str:
     return f'{ratio.numerator}:{ratio.denominator}'
 
 
-@contextmanager
-def precision_context(precision: str, device: torch.device):
-    """fp32; tf32 (TensorFloat-32 matmuls and convolutions on CUDA, as DiT's sample_ddp.py);
-    bf16 / fp16 autocast."""
+def resolve_precision(precision: Optional[str], device: torch.device) -> str:
+    """``precision``, or for ``None`` what the run is set to: ``'tf32'`` on CUDA with
+    TF32 matmuls allowed (flexgen's TF32Hook, on by default), ``'fp32'`` otherwise."""
+    if precision is None:
+        tf32 = device.type == 'cuda' and torch.backends.cuda.matmul.allow_tf32
+        return 'tf32' if tf32 else 'fp32'
     if precision not in PRECISIONS:
         raise ValueError(f'precision must be one of {PRECISIONS}, got {precision!r}')
-    if precision == 'tf32':
-        saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        try:
-            yield
-        finally:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-        return
+    return precision
+
+
+@contextmanager
+def precision_context(precision: str, device: torch.device):
+    """fp32 (TF32 off); tf32 (TensorFloat-32 matmuls and convolutions on CUDA, as DiT's
+    sample_ddp.py); bf16 / fp16 autocast (TF32 as the run set it)."""
+    precision = resolve_precision(precision, device)
     dtype = dict(bf16=torch.bfloat16, fp16=torch.float16).get(precision)
-    with torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext():
+    if dtype is not None:
+        with torch.autocast(device.type, dtype=dtype):
+            yield
+        return
+    from flexgen.engine.hooks import set_tf32_flags, tf32_flags
+    saved = tf32_flags()
+    set_tf32_flags(precision == 'tf32', precision == 'tf32')
+    try:
         yield
+    finally:
+        set_tf32_flags(*saved)
 
 
 # --------------------------------------------------------------------- shard files
@@ -212,7 +223,7 @@ def write_size_npz(out_dir: str, size, shards: Sequence[Shard]) -> str:
     path = osp.join(out_dir, f'samples_{size_key(size)}.npz')
     count = sum(len(s) for s in shards)
 
-    def write(f):
+    with atomic_path(path) as tmp, open(tmp, 'xb') as f:
         labels = []
         with zipfile.ZipFile(f, 'w', zipfile.ZIP_STORED, allowZip64=True) as archive:
             with archive.open('arr_0.npy', 'w', force_zip64=True) as member:
@@ -225,8 +236,6 @@ def write_size_npz(out_dir: str, size, shards: Sequence[Shard]) -> str:
                     labels.append(data['labels'])
             with archive.open('arr_1.npy', 'w') as member:
                 np.lib.format.write_array(member, np.concatenate(labels))
-
-    atomic_write(write, path)
     return path
 
 
@@ -313,7 +322,7 @@ def _prepare(out_dir: str, manifest: Dict, shards: List[Shard]):
         atomic_write(json.dumps(manifest, indent=1, sort_keys=True).encode(), path)
     shard_dir = osp.join(out_dir, SHARDS)
     for name in os.listdir(shard_dir):
-        if name.startswith('.') and name.endswith(TMP_SUFFIX):
+        if is_temporary(name):
             os.remove(osp.join(shard_dir, name))
     return None, [i for i, s in enumerate(shards) if not osp.isfile(osp.join(shard_dir, s.name))]
 
@@ -353,7 +362,7 @@ def _evaluate(evaluator, out_dir: str, shards: List[Shard], batch_size: int):
 
 
 def run_generation(model, requests, out_dir: str, manifest: Dict, *, collate_fn: Callable,
-                   batch_size: int, shard_size: int = 256, precision: str = 'fp32',
+                   batch_size: int, shard_size: int = 256, precision: Optional[str] = None,
                    evaluator=None, npz: bool = True, tokens: Optional[Callable] = None,
                    device: Optional[torch.device] = None, progress: bool = True) -> Dict:
     """Generate ``requests`` into ``out_dir`` (resuming), write the per-size .npz, evaluate
@@ -371,6 +380,8 @@ def run_generation(model, requests, out_dir: str, manifest: Dict, *, collate_fn:
     Returns ``dict(metrics, rows, out_dir)``.
     """
     rank, world = get_dist_info()
+    device = device or torch.device('cpu')
+    precision = resolve_precision(precision, device)
     shards = plan_shards(requests, shard_size)
     manifest = _plain(dict(manifest, shard_size=shard_size, precision=precision))
     message = [None, []]
@@ -382,7 +393,6 @@ def run_generation(model, requests, out_dir: str, manifest: Dict, *, collate_fn:
     if error is not None:
         raise ValueError(error)
     mine = missing[rank::world]
-    device = device or torch.device('cpu')
     done = len(shards) - len(missing)
     print_log(f'Generation in {out_dir}: {len(shards)} shards of <= {shard_size} requests, '
               f'{done} on disk, {len(missing)} to generate on {world} process(es)',

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from mmengine.logging import print_log
 
+from flexgen.fileio import atomic_write
+
 from .frechet import feature_statistics
 from .utils import user_cache_dir
 
@@ -143,7 +145,6 @@ class ReferenceReader:
         features = extract_features(self.inception, batches())
         buffer = io.BytesIO()
         np.savez(buffer, **features)
-        from flexgen.engine.checkpoint import atomic_write
         atomic_write(buffer.getvalue(), path)
         print_log(f'Inception features of {len(features["pool"])} images of {source} '
                   f'cached in {path}', logger='current')

@@ -16,7 +16,7 @@ from mmengine.dist import get_dist_info
 from mmengine.evaluator import BaseMetric
 from mmengine.logging import print_log
 
-from flexgen.engine.checkpoint import atomic_write
+from flexgen.fileio import atomic_write
 from flexgen.registry import METRICS
 
 from .utils import to_uint8

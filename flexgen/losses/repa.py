@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flexgen.registry import MODELS
+from .reduction import REDUCTIONS, jagged_mean
 
 FORMS = ('neg_cos', 'one_minus_cos')
-REDUCTIONS = ('image', 'token')
 
 
 def token_cosine(projected: Tensor, target: Tensor) -> Tensor:
@@ -35,7 +35,8 @@ def token_cosine(projected: Tensor, target: Tensor) -> Tensor:
 
 
 def repa_alignment_loss(projected: Tensor, target: Tensor, seqlens: Optional[Tensor] = None,
-                        reduction: str = 'image', form: str = 'neg_cos') -> Tensor:
+                        reduction: str = 'image', form: str = 'neg_cos',
+                        normalizer=None) -> Tensor:
     """The unweighted alignment loss of one encoder (a scalar, float32).
 
     Args:
@@ -45,6 +46,8 @@ def repa_alignment_loss(projected: Tensor, target: Tensor, seqlens: Optional[Ten
         reduction: ``'image'`` (mean over each image's tokens, then over images: REPA) or
             ``'token'`` (mean over all N tokens: NiT's packs).
         form: ``'neg_cos'`` (``-cos``: REPA) or ``'one_minus_cos'`` (``1 - cos``: NiT).
+        normalizer: divides the summed cosines instead of the local count (the global
+            count per rank under data parallelism, see :mod:`flexgen.losses.reduction`).
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f'repa_alignment_loss: reduction must be one of {REDUCTIONS}, '
@@ -52,18 +55,14 @@ def repa_alignment_loss(projected: Tensor, target: Tensor, seqlens: Optional[Ten
     if form not in FORMS:
         raise ValueError(f'repa_alignment_loss: form must be one of {FORMS}, got {form!r}')
     cos = token_cosine(projected, target)
-    if reduction == 'token':
-        mean_cos = cos.mean()
-    else:
+    if reduction == 'image':
         if seqlens is None:
             raise ValueError("repa_alignment_loss: reduction='image' needs seqlens")
-        seqlens = torch.as_tensor(seqlens, device=cos.device)
-        if int(seqlens.sum()) != cos.shape[0]:
-            raise ValueError(f'repa_alignment_loss: seqlens sum to {int(seqlens.sum())} but '
-                             f'there are {cos.shape[0]} tokens')
-        ids = torch.repeat_interleave(torch.arange(len(seqlens), device=cos.device), seqlens)
-        per_image = torch.zeros(len(seqlens), device=cos.device).index_add_(0, ids, cos)
-        mean_cos = (per_image / seqlens).mean()
+        if int(torch.as_tensor(seqlens).sum()) != cos.shape[0]:
+            raise ValueError(f'repa_alignment_loss: seqlens sum to '
+                             f'{int(torch.as_tensor(seqlens).sum())} but there are '
+                             f'{cos.shape[0]} tokens')
+    mean_cos = jagged_mean(cos, seqlens, reduction, normalizer=normalizer)
     return -mean_cos if form == 'neg_cos' else 1 - mean_cos
 
 
@@ -88,14 +87,17 @@ class REPALoss(nn.Module):
             raise ValueError(f'REPALoss: form must be one of {FORMS}, got {form!r}')
         self.weight, self.reduction, self.form = float(weight), reduction, form
 
-    def forward(self, projected, targets, seqlens=None) -> Tensor:
-        """``projected`` / ``targets``: a ``[N, z]`` tensor or one per encoder (lists)."""
+    def forward(self, projected, targets, seqlens=None, normalizers=None) -> Tensor:
+        """``projected`` / ``targets``: a ``[N, z]`` tensor or one per encoder (lists);
+        ``normalizers``: ``{'token': ..., 'image': ...}`` counts to divide by (the global
+        batch's, see :func:`flexgen.losses.reduction.global_counts`), default local."""
         if isinstance(projected, Tensor):
             projected, targets = [projected], [targets]
         if len(projected) != len(targets) or not projected:
             raise ValueError(f'REPALoss: {len(projected)} projections for {len(targets)} '
                              'encoder feature sets')
-        losses = [repa_alignment_loss(p, t, seqlens, self.reduction, self.form)
+        normalizer = None if normalizers is None else normalizers[self.reduction]
+        losses = [repa_alignment_loss(p, t, seqlens, self.reduction, self.form, normalizer)
                   for p, t in zip(projected, targets)]
         return self.weight * torch.stack(losses).mean()
 

@@ -14,6 +14,7 @@ Every autoencoder here has one interface, per image (images may differ in size):
 Images of the same size go through the network together, different sizes separately.
 """
 import copy
+import functools
 import os
 import re
 from collections import defaultdict
@@ -77,6 +78,20 @@ class IdentityAutoencoder(nn.Module):
 _HUB_ID = re.compile(r'[A-Za-z0-9][\w.-]*(/[\w.-]+)?')
 
 
+def _where(path: str, subfolder: Optional[str]) -> str:
+    return f'{path!r}' + (f' (subfolder {subfolder!r})' if subfolder else '')
+
+
+def _check_model_path(path: str, subfolder: Optional[str]) -> None:
+    """Refuse, without reading anything, a path that can be neither a local directory nor a
+    Hub id."""
+    if not os.path.isdir(path) and (not _HUB_ID.fullmatch(path) or os.path.exists(path)):
+        raise FileNotFoundError(
+            f'DiffusersAutoencoder: path {_where(path, subfolder)} is neither a local directory '
+            'nor a Hugging Face Hub id (owner/name); pass the directory written by '
+            'save_pretrained.')
+
+
 def _load_diffusers_model(kind: str, path, subfolder: Optional[str], torch_dtype):
     """``diffusers.<kind>.from_pretrained`` from a local directory, the local Hugging Face
     cache, or the Hub, with an error that names the path when none of them has it."""
@@ -86,11 +101,8 @@ def _load_diffusers_model(kind: str, path, subfolder: Optional[str], torch_dtype
     kwargs = dict(subfolder=subfolder, torch_dtype=torch_dtype)
     if os.path.isdir(path):
         return cls.from_pretrained(path, **kwargs)
-    where = f'{path!r}' + (f' (subfolder {subfolder!r})' if subfolder else '')
-    if not _HUB_ID.fullmatch(path) or os.path.exists(path):
-        raise FileNotFoundError(
-            f'DiffusersAutoencoder: path {where} is neither a local directory nor a '
-            'Hugging Face Hub id (owner/name); pass the directory written by save_pretrained.')
+    where = _where(path, subfolder)
+    _check_model_path(path, subfolder)
     try:
         # The cache first: a downloaded model then loads offline without retrying the network.
         return cls.from_pretrained(path, local_files_only=True, **kwargs)
@@ -107,15 +119,72 @@ def _load_diffusers_model(kind: str, path, subfolder: Optional[str], torch_dtype
             'directory.') from error
 
 
+def _read_config(kind: str, vae) -> dict:
+    """The settings a diffusers autoencoder's config holds."""
+    config = vae.config
+    shift = getattr(config, 'shift_factor', None)
+    downsample = (2 ** (len(config.block_out_channels) - 1) if kind == 'AutoencoderKL'
+                  else int(vae.spatial_compression_ratio))
+    return dict(latent_channels=int(config.latent_channels), in_channels=int(config.in_channels),
+                downsample=downsample, scaling_factor=float(config.scaling_factor),
+                shift_factor=0.0 if shift is None else float(shift))
+
+
+def _load_checked(kind: str, path: str, subfolder: Optional[str], torch_dtype, given: dict):
+    """Load the network; the shapes a config gave must be the network's."""
+    vae = _load_diffusers_model(kind, path, subfolder, torch_dtype)
+    found = _read_config(kind, vae)
+    for name in ('latent_channels', 'downsample'):
+        if given.get(name) is not None and given[name] != found[name]:
+            raise ValueError(f'DiffusersAutoencoder: {name}={given[name]} was given, but the '
+                             f'network at {_where(path, subfolder)} has {name}={found[name]}; '
+                             f'fix model.autoencoder.{name}')
+    return vae
+
+
+class _LazyModel:
+    """A frozen network loaded on first use. Moves made before (``Module._apply``: ``.to()``,
+    ``.cuda()``, ``.half()``, ...) are applied to an empty probe tensor, and the network is
+    brought to the probe's device and dtype when it loads, as if it had been moved itself.
+    Shared, not copied, by the deepcopies of its owner: one load serves them all."""
+
+    def __init__(self, load, dtype: torch.dtype):
+        self._load, self.model, self.dtype = load, None, dtype
+        self.probe = torch.empty(0, dtype=dtype)
+
+    def apply(self, fn) -> None:
+        if self.model is not None:
+            self.model._apply(fn)
+        self.probe = fn(self.probe)
+
+    def get(self) -> nn.Module:
+        if self.model is None:
+            model = self._load().eval().requires_grad_(False).to(self.probe.device)
+            if self.probe.dtype != self.dtype:  # cast only when a move asked for it
+                model.to(self.probe.dtype)
+            self.model = model
+        return self.model
+
+
 @MODELS.register_module()
 class DiffusersAutoencoder(nn.Module):
     """A frozen diffusers autoencoder with latent normalisation ``z = (E(x) - shift) * scale``.
+
+    The network is loaded when something first encodes or decodes (or reads a property that
+    only its config knows), not when the module is built: training on latents
+    (``inputs_are_latents=True``) never loads it, so a hub id needs no network there and the
+    GPUs hold no unused weights (NiT's DC-AE: 353M parameters). Moves (``.to(device)``,
+    dtype casts) made before the load apply to the network when it loads.
 
     Args:
         path: a local directory written by ``save_pretrained``, or a Hub id (needs the
             network unless it is already in the local Hugging Face cache).
         kind: the diffusers class: ``'AutoencoderKL'`` (SD-VAE: DiT, SiT, FiT) or
             ``'AutoencoderDC'`` (DC-AE, Chen et al. 2024: NiT).
+        latent_channels, downsample: the latents' channels and pixels per latent pixel
+            (SD-VAE: 4, 8; DC-AE f32c32: 32, 32). Given, they are known without loading
+            (``generate``'s size checks) and checked against the network when it loads;
+            omitted, reading them loads the network.
         scaling_factor, shift_factor: override the model config's values (its
             ``scaling_factor``; its ``shift_factor`` if it has one, else 0).
         sample_posterior: KL only: sample ``z ~ N(mean, std)`` (with the generator passed to
@@ -132,7 +201,8 @@ class DiffusersAutoencoder(nn.Module):
 
     KINDS = ('AutoencoderKL', 'AutoencoderDC')
 
-    def __init__(self, path, kind: str = 'AutoencoderKL', scaling_factor: Optional[float] = None,
+    def __init__(self, path, kind: str = 'AutoencoderKL', latent_channels: Optional[int] = None,
+                 downsample: Optional[int] = None, scaling_factor: Optional[float] = None,
                  shift_factor: Optional[float] = None, sample_posterior: bool = False,
                  subfolder: Optional[str] = None, dtype: str = 'float32'):
         super().__init__()
@@ -145,31 +215,48 @@ class DiffusersAutoencoder(nn.Module):
         torch_dtype = getattr(torch, str(dtype), None)
         if not isinstance(torch_dtype, torch.dtype):
             raise ValueError(f'DiffusersAutoencoder: dtype {dtype!r} is not a torch dtype name')
-        vae = _load_diffusers_model(kind, path, subfolder, torch_dtype)
-        vae.eval().requires_grad_(False)
-        object.__setattr__(self, 'vae', vae)  # not a sub-module: see the class docstring
+        for name, value in (('latent_channels', latent_channels), ('downsample', downsample)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise ValueError(f'DiffusersAutoencoder: {name} must be a positive int, '
+                                 f'got {value!r}')
+        path = os.fspath(path)
+        _check_model_path(path, subfolder)
+        self.kind, self.path, self.sample_posterior = kind, path, sample_posterior
+        self._given = dict(latent_channels=latent_channels, downsample=downsample,
+                           scaling_factor=None if scaling_factor is None else float(scaling_factor),
+                           shift_factor=None if shift_factor is None else float(shift_factor))
+        self._vae = _LazyModel(functools.partial(_load_checked, kind, path, subfolder,
+                                                 torch_dtype, dict(self._given)), torch_dtype)
 
-        config = vae.config
-        self.kind, self.path, self.sample_posterior = kind, os.fspath(path), sample_posterior
-        self.scaling_factor = float(config.scaling_factor if scaling_factor is None
-                                    else scaling_factor)
-        config_shift = getattr(config, 'shift_factor', None)
-        self.shift_factor = float(shift_factor if shift_factor is not None
-                                  else (config_shift if config_shift is not None else 0.0))
-        self.latent_channels = int(config.latent_channels)
-        self.in_channels = int(config.in_channels)
-        if kind == 'AutoencoderKL':
-            self.downsample = 2 ** (len(config.block_out_channels) - 1)
-        else:
-            self.downsample = int(vae.spatial_compression_ratio)
+    def _setting(self, name: str):
+        """A given value, or the loaded network's (this loads it)."""
+        given = self._given.get(name)
+        return given if given is not None else _read_config(self.kind, self.vae)[name]
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def vae(self) -> nn.Module:
+        """The diffusers network (loaded on first access)."""
+        return self._vae.get()
+
+    @property
+    def loaded(self) -> bool:
+        return self._vae.model is not None
+
+    latent_channels = property(lambda self: self._setting('latent_channels'))
+    downsample = property(lambda self: self._setting('downsample'))
+    in_channels = property(lambda self: self._setting('in_channels'))
+    scaling_factor = property(lambda self: self._setting('scaling_factor'))
+    shift_factor = property(lambda self: self._setting('shift_factor'))
 
     # ------------------------------------------------------------------ module plumbing
     def _apply(self, fn, recurse=True):
-        self.vae._apply(fn, recurse)
+        self._vae.apply(fn)
         return super()._apply(fn, recurse)
 
     def __deepcopy__(self, memo):
-        memo[id(self.vae)] = self.vae  # frozen: a copy (EMA) shares the weights
+        memo[id(self._vae)] = self._vae  # frozen: a copy (EMA) shares the (lazy) weights
         new = self.__class__.__new__(self.__class__)
         memo[id(self)] = new
         for key, value in self.__dict__.items():
@@ -177,10 +264,9 @@ class DiffusersAutoencoder(nn.Module):
         return new
 
     def extra_repr(self) -> str:
-        return (f'kind={self.kind}, path={self.path!r}, scaling_factor={self.scaling_factor}, '
-                f'shift_factor={self.shift_factor}, downsample={self.downsample}, '
-                f'latent_channels={self.latent_channels}, '
-                f'sample_posterior={self.sample_posterior}')
+        given = [f'{k}={v}' for k, v in self._given.items() if v is not None]
+        return ', '.join([f'kind={self.kind}', f'path={self.path!r}', *given,
+                          f'sample_posterior={self.sample_posterior}', f'loaded={self.loaded}'])
 
     def _to_vae(self, x: Tensor) -> Tensor:
         weight = next(self.vae.parameters())

@@ -1,24 +1,19 @@
 """The class-conditional generator: backbone + transport + sampler + autoencoder."""
+import itertools
 from collections import OrderedDict
-from typing import List, Optional, Sequence
+from typing import List
 
 import torch
+import torch.distributed as dist
 from mmengine.model import BaseModel
 
+from flexgen.losses.reduction import global_counts, jagged_mean
 from flexgen.registry import (GUIDANCE, MODELS, SAMPLERS, TIME_SAMPLERS, TRANSPORTS,
                               build)
-from flexgen.structures import TokenBatch, patchify, unpatchify
+from flexgen.rng import KeyedDraws, mix
+from flexgen.structures import Geometry, TokenBatch, patchify, unpatchify
 
-_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, step, index) over 64 bits
-
-
-def image_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (splitmix-style), the same in every process."""
-    value = 0
-    for part in parts:
-        value = (value ^ (int(part) & 0xFFFFFFFFFFFFFFFF)) * _MIX & 0xFFFFFFFFFFFFFFFF
-        value ^= value >> 31
-    return value & 0x7FFFFFFFFFFFFFFF
+TRAINING_KEYS = ('seed', 'step', 'index')
 
 
 @MODELS.register_module()
@@ -27,17 +22,20 @@ class DiffusionGenerator(BaseModel):
 
     ``forward(inputs, data_samples, mode)``:
 
-    - ``mode='loss'``: ``inputs`` is a list of images / latents ``[C, H, W]`` of any sizes,
-      ``data_samples`` a dict with ``label`` ``[B]`` (and, from flexgen's train loop,
-      ``seed``, ``step`` and the dataset ``index`` ``[B]``). Returns ``dict(loss=...)``.
+    - ``mode='loss'``: ``inputs`` is a :class:`~flexgen.structures.TokenBatch` (what
+      ``jagged_collate(patch_size=p)`` makes of latents / pixels: patchified, its geometry
+      built in the data workers) or a list of images / latents ``[C, H, W]`` of any sizes;
+      ``data_samples`` a dict with ``label`` ``[B]``, the dataset ``index`` ``[B]`` and,
+      from flexgen's train loop, ``seed`` and ``step``. Returns ``dict(loss=...)``.
     - ``mode='predict'``: ``data_samples`` holds the requests: ``label`` ``[B]``, ``size``
       ``[B, 2]`` (image pixels) and ``seed`` ``[B]``. Returns one dict per image with
       ``image`` (``[3, H, W]`` in [0, 1]), ``label``, ``index``.
 
-    Randomness: every image's draws (time, noise, label drop) come from its own
-    ``torch.Generator`` seeded by ``(seed, step, dataset index)`` in training and by its
-    request seed in generation, so the numbers do not depend on batching, process count
-    or resumption.
+    Randomness: every image's draws (time, label drop, noise) are keyed draws
+    (:mod:`flexgen.rng`) of ``(seed, step, dataset index)`` in training and of its request
+    seed in generation, computed on the model's device: they do not depend on batching,
+    process count, resumption or device. A missing key is an error, never a fallback to
+    a global RNG.
 
     Args:
         backbone: the network, e.g. ``FlexDiT``.
@@ -71,7 +69,11 @@ class DiffusionGenerator(BaseModel):
                  sampler=dict(type='EulerODE'), guidance=None,
                  autoencoder=dict(type='IdentityAutoencoder'), inputs_are_latents=False,
                  class_dropout_prob=0.1, loss_reduction='image', direction_loss=None,
-                 repa=None, data_preprocessor=None, init_cfg=None):
+                 repa=None, data_preprocessor=dict(type='FlexDataPreprocessor'),
+                 init_cfg=None):
+        # built here, from flexgen's registry, whatever the default scope
+        if isinstance(data_preprocessor, dict):
+            data_preprocessor = MODELS.build(data_preprocessor)
         super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
         self.backbone = MODELS.build(backbone)
         self.autoencoder = MODELS.build(autoencoder)
@@ -101,24 +103,45 @@ class DiffusionGenerator(BaseModel):
                                  f'of the backbone (1..{depth})')
 
     # ------------------------------------------------------------------ helpers
-    def _generators(self, seeds: Optional[Sequence[int]], count: int):
-        if seeds is None:
-            return [None] * count
-        return [torch.Generator().manual_seed(int(s)) for s in seeds]
-
     @staticmethod
-    def _training_seeds(data_samples):
-        """Per-image seeds from the train loop's (seed, step) and the dataset index."""
-        if not all(k in data_samples for k in ('seed', 'step', 'index')):
-            return None  # called outside flexgen's loop: global RNG
-        seed, step = int(data_samples['seed']), int(data_samples['step'])
-        return [image_seed(seed, step, i) for i in data_samples['index'].tolist()]
+    def training_draws(data_samples: dict, device) -> KeyedDraws:
+        """The keyed draws of a training batch: keys ``(seed, step, dataset index)``."""
+        missing = [k for k in TRAINING_KEYS if k not in data_samples]
+        if missing:
+            raise KeyError(f'DiffusionGenerator.loss: data_samples has no {missing}. Every '
+                           "draw of a training image is keyed by (seed, step, index): flexgen's "
+                           'FlexTrainLoop adds seed and step, every flexgen dataset item has '
+                           'its index; outside the loop pass all three.')
+        index = torch.as_tensor(data_samples['index']).to(device, non_blocking=True)
+        return KeyedDraws(mix(int(data_samples['seed']), int(data_samples['step']), index))
 
-    @staticmethod
-    def _noise_like(batch: TokenBatch, generators):
-        parts = [torch.randn(part.shape, generator=g, dtype=torch.float32)
-                 for part, g in zip(batch.split(batch.tokens), generators)]
-        return torch.cat(parts).to(batch.device, batch.tokens.dtype)
+    def token_batch(self, inputs) -> TokenBatch:
+        """The model's tokens of a training batch: a collated :class:`TokenBatch` as it is,
+        or images / latents patchified here (encoded first unless ``inputs_are_latents``)."""
+        if isinstance(inputs, TokenBatch):
+            if inputs.patch_size not in (None, self.patch_size):
+                raise ValueError(f'the batch was patchified with patch_size '
+                                 f'{inputs.patch_size} (collate_fn.patch_size) but '
+                                 f'model.backbone.patch_size is {self.patch_size}')
+            if not self.inputs_are_latents and self.autoencoder.downsample != 1:
+                raise ValueError('the collate patchified the images, but the model encodes '
+                                 'them first (inputs_are_latents=False with an autoencoder): '
+                                 'drop collate_fn.patch_size')
+            batch = inputs
+        elif self.inputs_are_latents:
+            batch = patchify(list(inputs), self.patch_size)
+        else:
+            with torch.no_grad():
+                batch = patchify(self.autoencoder.encode(inputs), self.patch_size)
+        width = self.backbone.in_channels * self.patch_size ** 2
+        if batch.tokens.shape[1] != width:
+            raise ValueError(f'training tokens have {batch.tokens.shape[1]} values '
+                             f'({batch.tokens.shape[1] // self.patch_size ** 2} channels x '
+                             f'{self.patch_size}^2), but model.backbone.in_channels is '
+                             f'{self.backbone.in_channels}: the data were encoded by another '
+                             "autoencoder (the latent datasets' latent_channels option checks "
+                             'files as they are read)')
+        return batch
 
     def network(self, batch: TokenBatch, t, y, feature_block=None):
         """The backbone's raw output tokens for model inputs in flexgen's convention
@@ -127,16 +150,13 @@ class DiffusionGenerator(BaseModel):
             return self.backbone(batch, t, y)
         return self.backbone(batch, t, y, feature_block=feature_block)
 
-    def _reduce(self, per_token, batch: TokenBatch):
-        """Per-token losses ``[N]`` -> a scalar, as ``loss_reduction`` says."""
-        if self.loss_reduction == 'token':
-            return per_token.mean()
-        per_image = torch.zeros(batch.num_images, device=per_token.device,
-                                dtype=per_token.dtype)
-        per_image.index_add_(0, batch.image_ids, per_token)
-        return (per_image / batch.seqlens).mean()
+    def _reduce(self, per_token, batch: TokenBatch, normalizers):
+        """Per-token losses ``[N]`` -> a scalar, as ``loss_reduction`` says, divided by
+        the global batch's count (:mod:`flexgen.losses.reduction`)."""
+        return jagged_mean(per_token, batch.seqlens, self.loss_reduction, batch.image_ids,
+                           normalizers[self.loss_reduction])
 
-    def _repa_images(self, inputs, data_samples):
+    def _repa_images(self, batch: TokenBatch, data_samples):
         """The clean images REPA's encoder sees, one per training image."""
         images = data_samples.get('image')
         if images is not None:
@@ -145,16 +165,24 @@ class DiffusionGenerator(BaseModel):
             raise ValueError("repa: the batch has no data_samples['image'] (the clean images "
                              'for the vision encoder); latent datasets must provide them, '
                              "e.g. NiTLatents(image_mode='image', image_dir=...)")
-        return list(inputs)
+        return self.autoencoder.decode(unpatchify(batch.tokens, batch.sizes, self.patch_size))
 
     def parse_losses(self, losses):
         """mmengine's sum of every ``loss*`` term; the log's ``loss`` is that sum and the
-        denoising term is logged as ``loss_denoise``."""
+        denoising term is logged as ``loss_denoise``. Under data parallelism the logged
+        values are the global batch's (the mean over ranks of terms normalised by the
+        global counts), the returned total stays this rank's share for backward."""
         total, log_vars = super().parse_losses(losses)
         if len(losses) > 1 and 'loss' in losses:
             items = [('loss', total), ('loss_denoise', losses['loss'].detach().mean())]
             items += [(k, v) for k, v in log_vars.items() if k != 'loss']
             log_vars = OrderedDict(items)
+        if self.training and dist.is_available() and dist.is_initialized() and \
+                dist.get_world_size() > 1:
+            values = torch.stack([v.detach().float() for v in log_vars.values()])
+            dist.all_reduce(values)
+            values /= dist.get_world_size()
+            log_vars = OrderedDict(zip(log_vars, values))
         return total, log_vars
 
     # ------------------------------------------------------------------ modes
@@ -164,28 +192,57 @@ class DiffusionGenerator(BaseModel):
         if mode == 'predict':
             return self.predict(data_samples)
         if mode == 'tensor':
-            batch = patchify(inputs, self.patch_size)
+            batch = inputs if isinstance(inputs, TokenBatch) else patchify(inputs,
+                                                                           self.patch_size)
             return self.network(batch, data_samples['t'], data_samples['label'])
         raise ValueError(f"mode must be 'loss', 'predict' or 'tensor', got {mode!r}")
 
-    def loss(self, inputs: List[torch.Tensor], data_samples: dict) -> dict:
-        if self.inputs_are_latents:
-            latents = list(inputs)
-        else:
-            with torch.no_grad():
-                latents = self.autoencoder.encode(inputs)
-        batch = patchify(latents, self.patch_size)
-        labels = data_samples['label'].to(batch.device)
-        generators = self._generators(self._training_seeds(data_samples), batch.num_images)
-        # Draw order per image: time, label drop, noise (a fixed order keeps runs comparable).
-        t = self.transport.train_time(
-            self.time_sampler(generators, batch.device, seqlens=batch.seqlens_list))
-        drop = torch.cat([torch.rand(1, generator=g) for g in generators]).to(batch.device)
-        labels = torch.where(drop < self.class_dropout_prob,
-                             torch.full_like(labels, self.num_classes), labels)
-        noise = self._noise_like(batch, generators)
+    def check_labels(self, labels, where: str, indices=None) -> None:
+        """Class ids must lie in ``[0, num_classes)``: ``num_classes`` itself is the
+        model's "no class" (the label CFG drops to), and larger ids do not exist."""
+        labels = torch.as_tensor(labels)
+        bad = (labels < 0) | (labels >= self.num_classes)
+        if labels.numel() and bad.any():
+            items = ('' if indices is None else
+                     f' (dataset items {torch.as_tensor(indices)[bad.cpu()].tolist()[:8]})')
+            raise ValueError(f'{where}: class ids {sorted(set(labels[bad].tolist()))[:8]}'
+                             f'{items} are outside [0, {self.num_classes}) '
+                             f'(model.backbone.num_classes = {self.num_classes}; id '
+                             f'{self.num_classes} is reserved for "no class"). Check the '
+                             "dataset's classes against the model.")
 
+    _labels_checked = False
+
+    def train_step(self, data, optim_wrapper):
+        # Labels are checked while they are on the host: after the data preprocessor
+        # moved them, a check would cost a device sync every step.
+        samples = data.get('data_samples') if isinstance(data, dict) else None
+        if isinstance(samples, dict) and isinstance(samples.get('label'), torch.Tensor):
+            self.check_labels(samples['label'], 'training batch', samples.get('index'))
+        self._labels_checked = True
+        try:
+            return super().train_step(data, optim_wrapper)
+        finally:
+            self._labels_checked = False
+
+    def loss(self, inputs, data_samples: dict) -> dict:
+        labels = torch.as_tensor(data_samples['label'])
+        if not self._labels_checked:  # called directly, not by train_step
+            self.check_labels(labels, 'training batch', data_samples.get('index'))
+        batch = self.token_batch(inputs)
+        device = batch.device
+        labels = labels.to(device, non_blocking=True)
+        draws = self.training_draws(data_samples, device)
+        # REPA's targets first: the frozen encoder's work is queued before the backbone's.
+        targets = (self.repa.targets(self._repa_images(batch, data_samples), batch)
+                   if self.repa is not None else None)
+        t = self.transport.train_time(self.time_sampler(draws, seqlens=batch.seqlens))
+        drop = draws.uniform('label_drop') < self.class_dropout_prob
+        labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
         x0 = batch.tokens
+        noise = draws.normal_tokens('noise', batch.image_ids, batch.local_index,
+                                    x0.shape[1]).to(x0.dtype)
+
         t_tok = batch.per_token(t.float())[:, None]  # float32 even for bf16 latents: DDPM steps
         xt = self.transport.interpolate(x0, noise, t_tok)
         if self.repa is None:
@@ -193,42 +250,55 @@ class DiffusionGenerator(BaseModel):
         else:
             output, hidden = self.network(batch.replace(xt), t, labels,
                                           feature_block=self.repa.feature_block)
-        losses = dict(loss=self._reduce(self.transport.loss(output, x0, noise, t_tok), batch))
+        # An eval-mode loss (on one rank, say) must not wait for the other ranks.
+        normalizers = global_counts(batch.tokens.shape[0], batch.num_images, device,
+                                    distributed=None if self.training else False)
+        losses = dict(loss=self._reduce(self.transport.loss(output, x0, noise, t_tok), batch,
+                                        normalizers))
         if self.direction_loss is not None:
             target = self.transport.training_target(x0, noise, t_tok)
-            losses['loss_direction'] = self._reduce(self.direction_loss(output, target), batch)
+            losses['loss_direction'] = self._reduce(self.direction_loss(output, target), batch,
+                                                    normalizers)
         if self.repa is not None:
-            losses['loss_repa'] = self.repa.loss(
-                hidden, self._repa_images(inputs, data_samples), batch)
+            losses['loss_repa'] = self.repa.loss(hidden, targets, batch, normalizers)
         return losses
 
     @torch.no_grad()
-    def generate(self, labels, sizes, seeds=None, sampler=None, guidance='default',
+    def generate(self, labels, sizes, seeds, sampler=None, guidance='default',
                  callback=None) -> List[torch.Tensor]:
         """Generate one image per label at its ``(H, W)`` size (pixels), in [-1, 1].
 
-        Images of different sizes are generated together in one jagged batch.
-        ``sampler`` / ``guidance`` override the configured ones for this call.
+        Image ``i`` depends only on ``(labels[i], sizes[i], seeds[i])``: its starting noise
+        and every noise a stochastic sampler adds are keyed draws of its seed
+        (:mod:`flexgen.rng`). Images of different sizes are generated together in one
+        jagged batch. ``sampler`` / ``guidance`` override the configured ones for this call.
         """
         sampler = build(SAMPLERS, sampler) if sampler is not None else self.sampler
         guidance = self.guidance if guidance == 'default' else build(GUIDANCE, guidance)
         device = next(self.backbone.parameters()).device
-        labels = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1)
+        labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+        self.check_labels(labels, 'generate')
+        labels = labels.to(device)
         sizes = torch.as_tensor(sizes, dtype=torch.long).reshape(-1, 2)
         if len(sizes) == 1 and len(labels) > 1:
             sizes = sizes.repeat(len(labels), 1)
-        seeds = list(range(len(labels))) if seeds is None else [int(s) for s in seeds]
+        if len(sizes) != len(labels):
+            raise ValueError(f'generate: {len(labels)} labels but {len(sizes)} sizes (give '
+                             'one size per label, or one size for all)')
+        seeds = torch.as_tensor(seeds, dtype=torch.long).reshape(-1)
+        if len(seeds) != len(labels):
+            raise ValueError(f'generate: {len(labels)} labels but {len(seeds)} seeds (one '
+                             'seed per image)')
         step = self.autoencoder.downsample * self.patch_size
         for h, w in sizes.tolist():
-            if h % step or w % step:
-                raise ValueError(f'generate: size {h}x{w} is not divisible by {step} '
-                                 f'(autoencoder downsampling x patch size)')
-        channels = self.backbone.in_channels
-        noise_images = [torch.randn(channels, h // self.autoencoder.downsample,
-                                    w // self.autoencoder.downsample, generator=g)
-                        for (h, w), g in zip(sizes.tolist(), self._generators(seeds, len(seeds)))]
-        batch = patchify([n.to(device) for n in noise_images], self.patch_size)
-        width = channels * self.patch_size ** 2
+            if h <= 0 or w <= 0 or h % step or w % step:
+                raise ValueError(f'generate: size {h}x{w} is not a positive multiple of '
+                                 f'{step} (autoencoder downsampling x patch size)')
+        geometry = Geometry(sizes // step, device)
+        width = self.backbone.in_channels * self.patch_size ** 2
+        seeds = seeds.to(device)
+        batch = TokenBatch(self.sampling_noise(seeds, geometry, 0), geometry=geometry,
+                           patch_size=self.patch_size)
         if guidance is None:
             def model_fn(x, t):
                 # float64: the backbone's time map (e.g. DiT's 1000 t) then hits k / 1000
@@ -240,19 +310,31 @@ class DiffusionGenerator(BaseModel):
             model_fn = guidance.wrap(self.network, batch, labels, self.num_classes, width,
                                      self.patch_size ** 2)
 
-        sample_generators = self._generators([image_seed(s, 1) for s in seeds], len(seeds))
+        calls = itertools.count(1)
 
         def noise_like(x):
-            return self._noise_like(batch.replace(x), sample_generators)
+            return self.sampling_noise(seeds, geometry, next(calls)).to(x.dtype)
 
         x0 = sampler(model_fn, self.transport, batch.tokens, noise_like=noise_like,
                      callback=callback)
         latents = unpatchify(x0, batch.sizes, self.patch_size)
         return self.autoencoder.decode(latents)
 
+    def sampling_noise(self, seeds: torch.Tensor, geometry: Geometry, call: int):
+        """Standard normal tokens ``[N, C*p*p]`` of images of ``seeds`` ``[B]`` laid out as
+        ``geometry``: ``call`` 0 is the starting noise of :meth:`generate`, calls 1, 2, ...
+        what a stochastic sampler adds, in order. A pure function of (seed, call)."""
+        draws = KeyedDraws(mix(seeds, call))
+        return draws.normal_tokens('sampling_noise', geometry.tensor('image_ids'),
+                                   geometry.tensor('local_index'),
+                                   self.backbone.in_channels * self.patch_size ** 2)
+
     def predict(self, data_samples: dict) -> List[dict]:
         labels = data_samples['label']
-        images = self.generate(labels, data_samples['size'], data_samples.get('seed'))
+        if 'seed' not in data_samples:
+            raise KeyError("DiffusionGenerator.predict: data_samples has no 'seed' (one per "
+                           'request; GenerationRequests provides them)')
+        images = self.generate(labels, data_samples['size'], data_samples['seed'])
         indices = data_samples.get('index', torch.arange(len(images)))
         return [dict(image=((img.float().cpu() + 1) / 2).clamp(0, 1), label=int(y),
                      index=int(i))

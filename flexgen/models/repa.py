@@ -36,15 +36,17 @@ class REPAProjector(nn.Sequential):
 class REPAHead(nn.Module):
     """Encoder(s) + projector(s) + alignment loss, for one backbone block.
 
-    ``loss(hidden_tokens, images, batch)``:
-      - ``hidden_tokens`` ``[N, D]``: the backbone's tokens after block ``feature_block``
-        (``FlexDiT(batch, t, y, feature_block=head.feature_block)`` returns them second);
-      - ``images``: the clean images of the batch, one per image of ``batch`` in its order,
-        ``[3, H, W]`` in [-1, 1] (or uint8 ``[H, W, 3]`` arrays as ``NiTLatents`` returns;
-        any size: the encoder resizes them so its patch grid is the token grid);
-      - ``batch``: the :class:`~flexgen.structures.TokenBatch` (its ``sizes`` are the token
-        grids; the features are concatenated in its token order);
-      returns ``weight * L_REPA`` (a scalar).
+    ``targets(images, batch)``: every encoder's features ``[N, z_k]`` of the clean images
+    of the batch, one per image of ``batch`` in its order (``[3, H, W]`` in [-1, 1], uint8
+    ``[H, W, 3]`` arrays as ``NiTLatents`` returns, or the collate's
+    :class:`~flexgen.structures.ImageGroups`; any size: the encoder resizes them so its
+    patch grid is the token grid), on the token grids of ``batch`` (its ``sizes``),
+    concatenated in its token order.
+
+    ``loss(hidden_tokens, targets, batch, normalizers=None)``: ``weight * L_REPA`` (a scalar)
+    of the backbone's tokens after block ``feature_block`` ``[N, D]``
+    (``FlexDiT(batch, t, y, feature_block=head.feature_block)`` returns them second) against
+    those targets.
 
     Args:
         encoder: a vision-encoder config (``DINOv2Encoder``, ``RADIOEncoder``,
@@ -62,12 +64,13 @@ class REPAHead(nn.Module):
     are not part of it). A converter maps NiT's ``projector.*`` and REPA's
     ``projectors.{k}.*`` onto it.
 
-    In the generator's training loss (``DiffusionGenerator(repa=dict(type='REPAHead', ...))``)::
+    In the generator's training loss (``DiffusionGenerator(repa=dict(type='REPAHead', ...))``),
+    the frozen encoder runs first, then the backbone::
 
+        targets = self.repa.targets(images, batch)
         output, hidden = self.backbone(batch.replace(xt), t, labels,
                                        feature_block=self.repa.feature_block)
-        images = data_samples['image'] if 'image' in data_samples else inputs
-        losses['loss_repa'] = self.repa.loss(hidden, images, batch)
+        losses['loss_repa'] = self.repa.loss(hidden, targets, batch, normalizers)
 
     ``images`` are the clean images of the batch: a latent dataset's ``image`` field
     (``NiTLatents(image_mode='image')``, mirrored with the latent), or the inputs themselves
@@ -112,22 +115,22 @@ class REPAHead(nn.Module):
     @torch.no_grad()
     def targets(self, images: Sequence, batch) -> List[Tensor]:
         """Every encoder's features ``[N, z_k]`` of ``images`` on ``batch``'s token grids."""
+        if images is None:
+            raise ValueError("REPAHead: REPA needs the batch's clean images (e.g. "
+                             "NiTLatents(image_mode='image', image_dir=...)), got None")
         if len(images) != batch.num_images:
             raise ValueError(f'REPAHead: {len(images)} images for a batch of '
                              f'{batch.num_images}')
         return [torch.cat(encoder(images, batch.sizes)).to(batch.device)
                 for encoder in self.encoders]
 
-    def loss(self, hidden_tokens: Tensor, images: Sequence, batch) -> Tensor:
-        if images is None:
-            raise ValueError("REPAHead.loss: REPA needs the batch's clean images (e.g. "
-                             "NiTLatents(image_mode='image', image_dir=...)), got None")
+    def loss(self, hidden_tokens: Tensor, targets: List[Tensor], batch,
+             normalizers=None) -> Tensor:
         projected = self.project(hidden_tokens)
-        targets = self.targets(images, batch)
         if targets[0].shape[0] != hidden_tokens.shape[0]:
             raise ValueError(f'REPAHead: {hidden_tokens.shape[0]} hidden tokens but the '
                              f'encoder gave {targets[0].shape[0]} features')
-        return self.criterion(projected, targets, batch.seqlens)
+        return self.criterion(projected, targets, batch.seqlens, normalizers)
 
     def extra_repr(self) -> str:
         return f'feature_block={self.feature_block}, hidden_size={self.hidden_size}'

@@ -35,6 +35,7 @@ import copy
 import math
 import os
 import os.path as osp
+import re
 from collections import defaultdict
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -42,9 +43,11 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from flexgen.registry import MODELS
+from flexgen.structures import ImageGroups
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -58,6 +61,20 @@ DINOV2_ARCHS = {  # REPA's enc-type names -> timm architectures
     'dinov2reg-vit-l': 'vit_large_patch14_reg4_dinov2',
     'dinov2reg-vit-g': 'vit_giant_patch14_reg4_dinov2',
 }
+# The ViTs RADIO registers with timm itself (NVlabs/RADIO radio/extra_timm_models.py), which
+# timm does not know: name -> attention heads, the one fact their weights do not tell. RADIO's
+# widths for reference: tiny 192, small 384, base 768, so400m 1152, huge 1280 (depth 32,
+# MLP 5120: RADIO v2.5-H), giant 1536 (depth 40), bigG 1664; so400m's MLP is 4304 (v2: 4320).
+# Left out: *_mlpnorm (a torch LayerNorm, eps 1e-5, inside the MLP) and the DyT variant.
+RADIO_VIT_HEADS = {
+    'vit_tiny_patch14_224': 3, 'vit_small_patch14_224': 6, 'vit_base_patch14_224': 12,
+    'vit_base_patch16_v2_224': 12, 'vit_large_patch16_v2_224': 16,
+    'vit_so400m_patch16_224': 16, 'vit_so400m_v2_patch16_224': 16,
+    'vit_huge_patch16_224': 16, 'vit_giant_patch16_224': 24, 'vit_bigG_patch14_224': 16,
+}
+# RADIO's patch generator: the keys read here; any other one would change the features.
+RADIO_PATCH_KEYS = ('patch_generator.embedder.weight', 'patch_generator.embedder.bias',
+                    'patch_generator.pos_embed', 'patch_generator.cls_token.token')
 
 
 class EncoderWeightsError(ValueError):
@@ -189,47 +206,51 @@ class FrozenVisionEncoder(nn.Module):
         h, w = (max(p, s - s % p) for s in image_size)
         return h, w
 
-    def preprocess(self, image, size: Tuple[int, int]) -> Tensor:
-        """``[3, H, W]`` in [-1, 1] -> normalised ``[3, *size]`` (normalised first, then
-        resized, as REPA; the two commute)."""
-        x = (as_pixels(image).to(self.mean.device) + 1) / 2
-        x = (x - self.mean) / self.std
+    def preprocess(self, images: Tensor, size: Tuple[int, int]) -> Tensor:
+        """``[k, 3, H, W]`` (float in [-1, 1], or uint8) -> normalised ``[k, 3, *size]``
+        (normalised first, then resized, as REPA; the two commute)."""
+        x = images.to(self.mean.device, non_blocking=True)
+        x = x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x.float()
+        x = ((x + 1) / 2 - self.mean) / self.std
         if tuple(x.shape[-2:]) != tuple(size):
             align_corners = False if self.interpolation in ('bilinear', 'bicubic') else None
-            x = F.interpolate(x[None], size=tuple(size), mode=self.interpolation,
-                              align_corners=align_corners, antialias=self.antialias)[0]
+            x = F.interpolate(x, size=tuple(size), mode=self.interpolation,
+                              align_corners=align_corners, antialias=self.antialias)
         return x
 
     def encode(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
     @torch.no_grad()
-    def forward(self, images: Sequence, grids) -> List[Tensor]:
+    def forward(self, images, grids) -> List[Tensor]:
         """Patch features ``[h*w, z_dim]`` (float32, row-major) of every image on its token
-        grid ``(h, w)``."""
-        grids = _check_grids(images, grids)
-        pixels = [as_pixels(image) for image in images]
-        inputs = [self.preprocess(x, self.input_size_for(grid, tuple(x.shape[-2:])))
-                  for x, grid in zip(pixels, grids)]
-        groups = defaultdict(list)
-        for i, x in enumerate(inputs):
-            groups[tuple(x.shape)].append(i)
-        outputs: List[Optional[Tensor]] = [None] * len(inputs)
+        grid ``(h, w)``. ``images``: a list (tensors ``[3, H, W]``, uint8 arrays
+        ``[H, W, 3]``) or :class:`~flexgen.structures.ImageGroups`; one network call per
+        image size and grid."""
+        if not isinstance(images, ImageGroups):
+            images = ImageGroups.from_items([as_pixels(image) for image in images])
+        grids = _check_grids(range(len(images)), grids)
+        outputs: List[Optional[Tensor]] = [None] * len(grids)
         p = self.patch_size
-        for (_, height, width), indices in groups.items():
-            x = torch.stack([inputs[i] for i in indices]).to(self.run_dtype)
-            tokens = self.encode(x).float()
-            gh, gw = height // p, width // p
-            if tokens.shape[1] != gh * gw:
-                raise RuntimeError(f'{type(self).__name__}: {tokens.shape[1]} patch tokens for '
-                                   f'a {gh}x{gw} patch grid')
-            for i, feats in zip(indices, tokens):
-                h, w = grids[i]
-                if (gh, gw) != (h, w):
-                    fmap = feats.T.reshape(1, -1, gh, gw)
-                    fmap = F.interpolate(fmap, size=(h, w), mode='bilinear', align_corners=False)
-                    feats = fmap[0].flatten(1).T
-                outputs[i] = feats.contiguous()
+        for stack, index in zip(images.images, images.index):
+            ids = index.tolist()  # host-side
+            by_grid = defaultdict(list)
+            for row, i in enumerate(ids):
+                by_grid[grids[i]].append(row)
+            for grid, rows in by_grid.items():
+                part = stack if len(rows) == len(stack) else stack[rows]
+                size = self.input_size_for(grid, tuple(part.shape[-2:]))
+                tokens = self.encode(self.preprocess(part, size).to(self.run_dtype)).float()
+                gh, gw = size[0] // p, size[1] // p
+                if tokens.shape[1] != gh * gw:
+                    raise RuntimeError(f'{type(self).__name__}: {tokens.shape[1]} patch tokens '
+                                       f'for a {gh}x{gw} patch grid')
+                if (gh, gw) != grid:
+                    fmap = tokens.transpose(1, 2).reshape(len(rows), -1, gh, gw)
+                    fmap = F.interpolate(fmap, size=grid, mode='bilinear', align_corners=False)
+                    tokens = fmap.flatten(2).transpose(1, 2)
+                for row, feats in zip(rows, tokens):
+                    outputs[ids[row]] = feats.contiguous()
         return outputs
 
     def extra_repr(self) -> str:
@@ -337,18 +358,32 @@ class RADIOEncoder(FrozenVisionEncoder):
     run, the final norm applies if the checkpoint has one, and the prefix tokens are dropped.
     Normalisation: the checkpoint's input conditioner (OpenAI CLIP's mean / std).
 
+    Architecture names: RADIO's checkpoints name a timm architecture in ``args.model``, and
+    RADIO registers some of them with timm itself (``radio/extra_timm_models.py``), e.g.
+    v2.5-H's ``'vit_huge_patch16_224'`` (ViT-H/16: width 1280, depth 32, 16 heads, MLP 5120),
+    which timm does not know. The ViT is built from the weights: patch size and width from
+    the embedder, depth from the ``blocks.<i>`` keys, MLP width from ``fc1``, LayerScale
+    (RADIO's ``grandma`` = timm's ``gamma``), qkv bias, QK norm, MLP norm and final norm from
+    the keys present. The head count, which weights do not tell, comes from timm's own
+    definition for a name timm registers (``vit_base_patch16_224``, ``vit_large_patch16_224``,
+    ...) and from :data:`RADIO_VIT_HEADS` (RADIO's definitions) for RADIO's own names
+    (``vit_huge_patch16_224`` 16, ``vit_giant_patch16_224`` 24, ``vit_so400m_patch16_224``
+    16, ...), unless the checkpoint's ``args.model_kwargs`` (which RADIO passes to timm) sets
+    ``num_heads``; ``model_kwargs`` overrides all of them. A name known to neither, or whose
+    ``patch<N>`` contradicts the weights, is refused.
+
     Checkpoint layouts read: RADIO's release ``.pth.tar`` (``state_dict_ema`` or
     ``state_dict`` with ``base_model.*`` and ``input_conditioner.*`` keys, ``args.model``
-    naming the timm architecture) and the Hugging Face layout (``radio_model.model.*``,
-    ``radio_model.input_conditioner.*``; safetensors). Not verified against the real v2.5
-    weights (not downloadable here): the key layout follows RADIO's loader; spectral
-    reparametrisation (non-EMA training states), ViTDet windows, adaptors and the
-    training-time random CPE crops are not supported.
+    naming the architecture) and the Hugging Face layout (``radio_model.model.*``,
+    ``radio_model.input_conditioner.*``; safetensors; ``arch`` passed). Not verified against
+    the real v2.5 weights (not downloadable here): the key layout follows RADIO's loader;
+    spectral reparametrisation (non-EMA training states), patch normalisers, ViTDet windows,
+    adaptors and the training-time random CPE crops are not supported.
 
     Args:
         checkpoint: the local file.
-        arch: the timm architecture (default: ``args.model`` of the checkpoint, e.g.
-            ``'vit_huge_patch16_224'``); ``model_kwargs`` adds timm arguments.
+        arch: the architecture name (default: ``args.model`` of the checkpoint, e.g.
+            ``'vit_huge_patch16_224'``); ``model_kwargs`` adds / overrides timm arguments.
         align_corners: of the CPE resize. RADIO's code used True up to the C-RADIOv3
             releases (v2.5 included) and False since mid-2025 (timm notes the same); which
             one NiT's vendored copy uses was not checked here: True by default.
@@ -379,23 +414,30 @@ class RADIOEncoder(FrozenVisionEncoder):
         if missing:
             raise EncoderWeightsError(f'RADIOEncoder: {checkpoint!r} has no {missing} (not a '
                                       'RADIO checkpoint?)')
+        unsupported = [k for k in backbone
+                       if k.startswith('patch_generator.') and k not in RADIO_PATCH_KEYS]
+        if unsupported:
+            raise EncoderWeightsError(f'RADIOEncoder: {checkpoint!r} has patch-generator '
+                                      f'weights this encoder does not apply: {unsupported[:4]}')
         embed = backbone['patch_generator.embedder.weight']
         dim, p = embed.shape[0], math.isqrt(embed.shape[1] // 3)
-        has_norm = 'norm.weight' in backbone
-        has_ls = any('.ls1.' in k for k in backbone)
-        with _seeded(0):
-            net = timm.create_model(arch, pretrained=False, num_classes=0, global_pool='',
-                                    class_token=False, reg_tokens=0, pos_embed='none',
-                                    no_embed_class=True, final_norm=has_norm,
-                                    dynamic_img_size=True, patch_size=p, embed_dim=dim,
-                                    init_values=1e-5 if has_ls else None,
-                                    **(model_kwargs or {}))
+        saved_kwargs = getattr(args, 'model_kwargs', None) or {}
+        if saved_kwargs.get('scaled_ln'):  # a norm scale held by no weight
+            raise EncoderWeightsError(f'RADIOEncoder: {checkpoint!r} was trained with '
+                                      'scaled_ln=True, which this encoder does not apply')
+        saved_heads = saved_kwargs.get('num_heads')
+        net = self._build_vit(arch, backbone, checkpoint, dim, p, model_kwargs or {},
+                              saved_heads)
         timm_state = {k.replace('.grandma', '.gamma'): v for k, v in backbone.items()
                       if k.startswith(('blocks.', 'norm.'))}
         timm_state['patch_embed.proj.weight'] = embed.reshape(dim, 3, p, p)
         timm_state['patch_embed.proj.bias'] = backbone.get('patch_generator.embedder.bias',
                                                            embed.new_zeros(dim))
-        missing, unexpected = net.load_state_dict(timm_state, strict=False)
+        try:
+            missing, unexpected = net.load_state_dict(timm_state, strict=False)
+        except RuntimeError as error:  # shape mismatches
+            raise EncoderWeightsError(f'RADIOEncoder: {checkpoint!r} does not fit {arch!r}: '
+                                      f'{error}') from error
         if missing or unexpected:
             raise EncoderWeightsError(f'RADIOEncoder: {checkpoint!r} does not fit timm {arch!r}:'
                                       f' missing {missing[:8]}, unexpected {unexpected[:8]}')
@@ -413,6 +455,49 @@ class RADIOEncoder(FrozenVisionEncoder):
         mean = cond.get('norm_mean', torch.tensor(CLIP_MEAN)).reshape(-1).tolist()
         std = cond.get('norm_std', torch.tensor(CLIP_STD)).reshape(-1).tolist()
         self._set_net(net, mean, std)
+
+    @staticmethod
+    def _build_vit(arch: str, backbone: dict, path: str, dim: int, p: int,
+                   model_kwargs: dict, saved_heads: Optional[int]) -> VisionTransformer:
+        """The timm ViT of ``arch`` with the shapes of the checkpoint (class docstring);
+        ``saved_heads``: ``args.model_kwargs['num_heads']`` where the checkpoint has it."""
+        named_patch = re.search(r'_patch(\d+)', arch)
+        if named_patch and int(named_patch[1]) != p:
+            raise EncoderWeightsError(f'RADIOEncoder: {path!r} names {arch!r} (patch '
+                                      f'{named_patch[1]}) but its embedder has {p}x{p} patches')
+        registered = timm.is_model(arch)
+        if not registered and arch not in RADIO_VIT_HEADS:
+            raise EncoderWeightsError(
+                f'RADIOEncoder: {path!r} names {arch!r}, which neither timm nor RADIO_VIT_HEADS '
+                f'(RADIO\'s own ViTs: {sorted(RADIO_VIT_HEADS)}) knows; pass arch=<a timm '
+                'name> and model_kwargs=dict(num_heads=...)')
+        blocks = {int(k.split('.')[1]) for k in backbone if k.startswith('blocks.')}
+        if 'blocks.0.mlp.fc1.weight' not in backbone:
+            raise EncoderWeightsError(f'RADIOEncoder: {path!r} has no blocks.0.mlp.fc1.weight '
+                                      '(not a timm ViT checkpoint?)')
+        hidden = backbone['blocks.0.mlp.fc1.weight'].shape[0]
+        mlp_ratio = hidden / dim
+        if int(dim * mlp_ratio) < hidden:  # timm's Block takes int(dim * mlp_ratio)
+            mlp_ratio = math.nextafter(mlp_ratio, math.inf)
+        shapes = dict(
+            patch_size=p, embed_dim=dim, depth=max(blocks) + 1, mlp_ratio=mlp_ratio,
+            qkv_bias='blocks.0.attn.qkv.bias' in backbone,
+            qk_norm='blocks.0.attn.q_norm.weight' in backbone,
+            scale_mlp_norm='blocks.0.mlp.norm.weight' in backbone,
+            init_values=1e-5 if any('.ls1.' in k for k in backbone) else None,
+            final_norm='norm.weight' in backbone)
+        if saved_heads is not None:
+            shapes['num_heads'] = int(saved_heads)
+        elif not registered:
+            shapes['num_heads'] = RADIO_VIT_HEADS[arch]
+        # RADIO's CPE replaces timm's class token, registers and position embedding.
+        vit_args = dict(shapes, num_classes=0, global_pool='', class_token=False, reg_tokens=0,
+                        pos_embed='none', no_embed_class=True, dynamic_img_size=True)
+        vit_args.update(model_kwargs)
+        with _seeded(0):
+            if registered:
+                return timm.create_model(arch, pretrained=False, **vit_args)
+            return VisionTransformer(**vit_args)
 
     def _split(self, state: dict, path: str):
         for prefix, cond_prefix in zip(self.PREFIXES, self.CONDITIONER):

@@ -29,7 +29,8 @@ import torch
 import torch.nn as nn
 
 from flexgen.registry import POSITION_ENCODINGS
-from flexgen.structures import grid_positions
+
+from flexgen.structures import host_to_device
 
 from .rope_scaling import base_frequencies, build_rope_rule
 # the rule families register themselves in POSITION_ENCODINGS on import
@@ -162,7 +163,9 @@ class AxialRoPE2D(nn.Module):
         """``[N, 2]`` (row, col) of every token in the index grid."""
         if self.index_mode == 'rowcol':
             return batch.positions
-        return grid_positions(self.grid_sizes(batch.sizes)).to(batch.device)
+        # token k of an h x w image sits at (k // h, k % h) of the transposed grid
+        local, rows = batch.local_index, batch.image_sizes[:, 0][batch.image_ids]
+        return torch.stack([local // rows, local % rows], dim=1)
 
     def _per_image(self, batch, device):
         """Per-token (or shared) float32 frequencies and factor for the batch's images."""
@@ -176,16 +179,16 @@ class AxialRoPE2D(nn.Module):
             uniq, inverse = torch.unique(self.grid_sizes(batch.sizes), dim=0,
                                          return_inverse=True)
         tables = [self.frequencies(h, w) for h, w in uniq.tolist()]
-        rows = torch.stack([t[0] for t in tables]).float().to(device)
-        cols = torch.stack([t[1] for t in tables]).float().to(device)
+        rows = host_to_device(torch.stack([t[0] for t in tables]).float(), device)
+        cols = host_to_device(torch.stack([t[1] for t in tables]).float(), device)
         factors = [t[2] for t in tables]
         if len(tables) == 1:
             factor = None if factors[0] == 1.0 else factors[0]
             return rows[0], cols[0], factor
-        token = inverse.to(device)[batch.image_ids]
+        token = host_to_device(inverse, device)[batch.image_ids]
         factor = None
         if any(f != 1.0 for f in factors):
-            factor = torch.tensor(factors, dtype=torch.float32, device=device)[token, None]
+            factor = host_to_device(torch.tensor(factors, dtype=torch.float32), device)[token, None]
         return rows[token], cols[token], factor
 
     # ------------------------------------------------------------------ forward

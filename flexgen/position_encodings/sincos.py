@@ -6,8 +6,10 @@ from flexgen.registry import POSITION_ENCODINGS
 
 
 def sincos_1d(dim, pos):
-    """``[sin(pos w_k), cos(pos w_k)]``, ``w_k = 10000^(-k/(dim/2))``, in float64."""
-    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
+    """``[sin(pos w_k), cos(pos w_k)]``, ``w_k = 10000^(-k/(dim/2))``, in float64 on
+    ``pos``'s device."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64, device=pos.device)
+                            / (dim / 2))
     angles = pos.double()[:, None] * omega[None]
     return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
 
@@ -25,7 +27,7 @@ class SinCos2D(nn.Module):
         self.dim = dim
 
     def forward(self, positions):
-        pos = positions.cpu()
-        emb = torch.cat([sincos_1d(self.dim // 2, pos[:, 1]),
-                         sincos_1d(self.dim // 2, pos[:, 0])], dim=1)
-        return emb.float().to(positions.device)
+        # computed where the positions are (no host round trip per step), in float64
+        emb = torch.cat([sincos_1d(self.dim // 2, positions[:, 1]),
+                         sincos_1d(self.dim // 2, positions[:, 0])], dim=1)
+        return emb.float()

@@ -25,10 +25,12 @@ def respaced_schedule(transport, num_steps, sampler_name):
     return transport.respace(spec)
 
 
-def _need_noise(noise_like, sampler_name):
+def require_noise_like(noise_like, sampler_name):
+    """A stochastic sampler's noise comes from its caller (keyed per image by the
+    generator), never from a sampler-side fallback."""
     if noise_like is None:
         raise ValueError(f'{sampler_name} draws noise at every step: pass noise_like '
-                         f'(the generator gives each image its own seeded draws)')
+                         f'(the generator gives each image its own keyed draws)')
 
 
 @SAMPLERS.register_module()
@@ -46,7 +48,7 @@ class DDPMAncestral:
     def __call__(self, model_fn, transport, x, noise_like=None, callback=None):
         schedule = respaced_schedule(transport, self.num_steps, 'DDPMAncestral')
         if len(schedule) > 1:
-            _need_noise(noise_like, 'DDPMAncestral')
+            require_noise_like(noise_like, 'DDPMAncestral')
         for step, i in enumerate(reversed(range(len(schedule)))):
             output = model_fn(x, schedule.time(i))
             mean, log_var, _ = transport.p_mean_variance(output, x, i, schedule,
@@ -76,7 +78,7 @@ class DDIM:
     def __call__(self, model_fn, transport, x, noise_like=None, callback=None):
         schedule = respaced_schedule(transport, self.num_steps, 'DDIM')
         if self.eta > 0 and len(schedule) > 1:
-            _need_noise(noise_like, 'DDIM')
+            require_noise_like(noise_like, 'DDIM')
         for step, i in enumerate(reversed(range(len(schedule)))):
             output = model_fn(x, schedule.time(i))
             x0, _ = transport.x0_eps_at(output, x, i, schedule)

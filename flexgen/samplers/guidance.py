@@ -15,6 +15,7 @@ patch_area)`` turns ``network(batch, t [B], y [B])`` into a sampler's ``model_fn
 import torch
 import torch.nn as nn
 
+from flexgen.fileio import CheckpointError, load_checked, read_checkpoint, select_weights
 from flexgen.registry import GUIDANCE, MODELS
 
 
@@ -125,12 +126,12 @@ class AutoGuidance(_Guidance):
 
 
 def load_weak_weights(module, path, use_ema=True, prefix='backbone.'):
-    """Load ``path`` into ``module`` (strict), see :class:`AutoGuidance`."""
-    from flexgen.apis.inference import load_weights  # the engine's weights_only reader
-    state = load_weights(path, use_ema)
+    """Load ``path`` into ``module`` (every key, shape and dtype checked), see
+    :class:`AutoGuidance`."""
+    state, _ = select_weights(read_checkpoint(path), use_ema, where=path)
     if prefix and any(k.startswith(prefix) for k in state):
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise KeyError(f'AutoGuidance: checkpoint {path!r} does not fit the weak model: '
-                       f'missing {missing[:5]}, unexpected {unexpected[:5]}')
+    try:
+        load_checked(module, state, f'checkpoint {path}')
+    except CheckpointError as error:
+        raise CheckpointError(f'AutoGuidance weak model: {error}') from None

@@ -65,9 +65,14 @@ def shifted_times(num_steps, shift=1.0):
 # --------------------------------------------------------------------------- solvers
 def euler(velocity_fn: VelocityFn, x, times, callback=None):
     """Euler's method ``x_{k+1} = x_k + (t_{k+1} - t_k) v(x_k, t_k)`` over ``times``
-    (decreasing to sample, increasing to encode). NFE = ``len(times) - 1``."""
-    for i, (t, t_next) in enumerate(zip(times[:-1].tolist(), times[1:].tolist())):
-        x = x + (t_next - t) * velocity_fn(x, t)
+    (decreasing to sample, increasing to encode). NFE = ``len(times) - 1``.
+
+    Each step is the difference of the two times as ``x``'s precision (at least float32)
+    holds them, as diffusers' ``FlowMatchEulerDiscreteScheduler`` takes it: on the same grid
+    the two agree bitwise."""
+    steps = times.to(torch.promote_types(x.dtype, torch.float32)).diff().tolist()
+    for i, (t, dt) in enumerate(zip(times[:-1].tolist(), steps)):
+        x = x + dt * velocity_fn(x, t)
         if callback is not None:
             callback(i, x)
     return x

@@ -29,6 +29,7 @@ ends at t = 0).
 import torch
 
 from flexgen.registry import SAMPLERS
+from .ddpm import require_noise_like
 from .ode import eps_interval, sampling_interval, time_grid
 
 LAST_STEPS = (None, 'Mean', 'Tweedie', 'Euler')
@@ -61,16 +62,6 @@ def heun_sde(drift_fn, diffusion_fn, x, times, noise_like, callback=None):
 
 
 # --------------------------------------------------------------------------- samplers
-def seeded_noise_like(seed):
-    """``noise_like`` from one generator for the whole tensor (used only when the caller
-    gives none; flexgen's generator always passes per-image generators)."""
-    generator = torch.Generator().manual_seed(int(seed))
-
-    def noise_like(x):
-        return torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x)
-    return noise_like
-
-
 class _SDESampler:
     """Shared arguments of the SDE samplers.
 
@@ -86,11 +77,10 @@ class _SDESampler:
             ``sample_interval``. ``w`` must be finite on the grid (SiT's SBDM is infinite
             at t = 1 on linear / GVP paths: ``Interpolant`` caps it; a transport that
             does not needs a noise-end eps).
-        seed: seeds the noise only when the caller passes no ``noise_like``.
     """
 
     def __init__(self, num_steps=250, diffusion_form='sigma', diffusion_norm=1.0,
-                 last_step='Mean', last_step_size=0.04, shift=1.0, sample_eps=None, seed=0):
+                 last_step='Mean', last_step_size=0.04, shift=1.0, sample_eps=None):
         if int(num_steps) != num_steps or num_steps < 2:
             raise ValueError(f'{type(self).__name__}: num_steps must be an integer >= 2, '
                              f'got {num_steps!r}')
@@ -103,8 +93,7 @@ class _SDESampler:
                              f'got {last_step_size!r}')
         if sample_eps is not None:
             eps_interval(sample_eps)
-        self.num_steps, self.shift, self.sample_eps, self.seed = (int(num_steps), float(shift),
-                                                                 sample_eps, seed)
+        self.num_steps, self.shift, self.sample_eps = int(num_steps), float(shift), sample_eps
         self.diffusion_form, self.diffusion_norm = diffusion_form, float(diffusion_norm)
         self.last_step, self.last_step_size = last_step, float(last_step_size)
 
@@ -122,7 +111,7 @@ class _SDESampler:
             if not hasattr(transport, name):
                 raise TypeError(f'{type(self).__name__} needs a transport with `{name}` '
                                 f'(e.g. Interpolant); {type(transport).__name__} has none')
-        noise_like = noise_like or seeded_noise_like(self.seed)
+        require_noise_like(noise_like, type(self).__name__)
         times = self.times(transport)
 
         def diffusion_fn(x, t):

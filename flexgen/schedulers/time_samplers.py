@@ -1,22 +1,16 @@
 """Training-time distributions of ``t`` in [0, 1] (t = 0 data, t = 1 noise).
 
-A time sampler draws one ``t`` per image: ``sampler(generators, device, seqlens=None)``
-with one ``torch.Generator`` per image (or ``None`` entries / a count for the global RNG),
-so an image's draw does not depend on what else is in the batch. ``seqlens`` (tokens per
-image, a list or tensor ``[B]``) is needed only by resolution-dependent samplers.
+A time sampler draws one ``t`` per image from the batch's keyed draws:
+``sampler(draws, seqlens=None) -> [B]``, where ``draws`` is a
+:class:`~flexgen.rng.KeyedDraws` of the images' keys (``(seed, step, index)`` in training),
+so an image's time depends on its key alone, not on what else is in the batch.
+``seqlens`` (tokens per image, ``[B]``) is needed only by resolution-dependent samplers.
 """
 import torch
 
 from flexgen.registry import TIME_SAMPLERS, build
 
-
-def per_image(draw, generators, device):
-    """Stack ``draw(generator)`` (a 1-element tensor) over images."""
-    if isinstance(generators, int):
-        generators = [None] * generators
-    if not generators:
-        return torch.zeros(0, device=device)
-    return torch.cat([draw(g) for g in generators]).to(device)
+STREAM = 'time'  # the KeyedDraws stream every time sampler draws from
 
 
 def time_shift(t, shift):
@@ -34,9 +28,8 @@ class UniformTime:
     def __init__(self, t_min=0.0, t_max=1.0):
         self.t_min, self.t_max = t_min, t_max
 
-    def __call__(self, generators, device='cpu', seqlens=None):
-        u = per_image(lambda g: torch.rand(1, generator=g), generators, device)
-        return self.t_min + (self.t_max - self.t_min) * u
+    def __call__(self, draws, seqlens=None):
+        return self.t_min + (self.t_max - self.t_min) * draws.uniform(STREAM)
 
 
 @TIME_SAMPLERS.register_module()
@@ -47,9 +40,8 @@ class LogitNormalTime:
     def __init__(self, mean=0.0, std=1.0):
         self.mean, self.std = mean, std
 
-    def __call__(self, generators, device='cpu', seqlens=None):
-        n = per_image(lambda g: torch.randn(1, generator=g), generators, device)
-        return torch.sigmoid(self.mean + self.std * n)
+    def __call__(self, draws, seqlens=None):
+        return torch.sigmoid(self.mean + self.std * draws.normal(STREAM))
 
 
 @TIME_SAMPLERS.register_module()
@@ -63,9 +55,8 @@ class DiscreteUniformTime:
                              f'got {num_timesteps}')
         self.num_timesteps = int(num_timesteps)
 
-    def __call__(self, generators, device='cpu', seqlens=None):
-        k = per_image(lambda g: torch.randint(0, self.num_timesteps, (1,), generator=g),
-                      generators, device)
+    def __call__(self, draws, seqlens=None):
+        k = torch.floor(draws.uniform(STREAM, torch.float64) * self.num_timesteps)
         return k.to(torch.float32) / self.num_timesteps
 
 
@@ -83,8 +74,8 @@ class ShiftedTime:
             raise ValueError(f'ShiftedTime: shift must be > 0, got {shift}')
         self.base, self.shift = build(TIME_SAMPLERS, base), float(shift)
 
-    def __call__(self, generators, device='cpu', seqlens=None):
-        return time_shift(self.base(generators, device, seqlens=seqlens), self.shift)
+    def __call__(self, draws, seqlens=None):
+        return time_shift(self.base(draws, seqlens=seqlens), self.shift)
 
 
 @TIME_SAMPLERS.register_module()
@@ -122,22 +113,22 @@ class ResolutionShiftedTime:
 
     def shift_for(self, seqlens):
         """The shift of each image, float64 ``[B]``."""
-        n = torch.as_tensor(seqlens, dtype=torch.float64).reshape(-1)
+        n = torch.as_tensor(seqlens).to(torch.float64).reshape(-1)
         if self.rule == 'sqrt':
             return self.shift * torch.sqrt(n / self.base_tokens)
         slope = (self.mu[1] - self.mu[0]) / (self.max_tokens - self.base_tokens)
         return torch.exp(self.mu[0] + slope * (n - self.base_tokens))
 
-    def __call__(self, generators, device='cpu', seqlens=None):
+    def __call__(self, draws, seqlens=None):
         if seqlens is None:
             raise ValueError('ResolutionShiftedTime needs each image\'s token count: call '
-                             'sampler(generators, device, seqlens=batch.seqlens_list)')
-        t = self.base(generators, device, seqlens=seqlens)
+                             'sampler(draws, seqlens=batch.seqlens)')
+        t = self.base(draws, seqlens=seqlens)
         shift = self.shift_for(seqlens)
         if len(shift) != len(t):
             raise ValueError(f'ResolutionShiftedTime: {len(shift)} seqlens for {len(t)} images')
-        return time_shift(t.double(), shift.to(t.device)).to(t.dtype)
+        return time_shift(t.double(), shift).to(t.dtype)
 
 
-__all__ = ['per_image', 'time_shift', 'UniformTime', 'LogitNormalTime', 'DiscreteUniformTime',
+__all__ = ['time_shift', 'UniformTime', 'LogitNormalTime', 'DiscreteUniformTime',
            'ShiftedTime', 'ResolutionShiftedTime']

@@ -14,6 +14,7 @@ train_dataloader = dict(
     batch_size=32,
     num_workers=2,
     persistent_workers=True,
+    pin_memory=True,
     dataset=dict(type='FiTLatents', data_root=_data_root, target_len=_target_len,
                  choice='resize', flip_prob=0.5),
     sampler=dict(type='DefaultSampler', shuffle=True),

@@ -14,6 +14,7 @@ train_dataloader = dict(
     batch_size=32,
     num_workers=8,
     persistent_workers=True,
+    pin_memory=True,
     dataset=dict(type='ImageFolder', data_root=_data_root, resolution=_resolution,
                  hflip=True),
     sampler=dict(type='DefaultSampler', shuffle=False),  # order: the batch sampler's

@@ -37,7 +37,8 @@ train_dataloader = dict(
         type='OfflinePackSampler',
         meta_file=f'{_root}/sampler_meta/{_vae}_merge_LPFHP_16384.json',
         max_tokens=16384, patch_size=1),
-    collate_fn=dict(type='flexgen.jagged_collate'))
+    # patchified and its geometry built in the workers; the REPA images grouped per size
+    collate_fn=dict(type='flexgen.jagged_collate', patch_size=1))
 
 # Testing: FID-50K (imagenet_fid50k.py) at 256 x 256; tools/test.py --sizes / --cfg-scale /
 # --sampler give the other resolutions' settings (README, "Reproducing the papers' numbers").

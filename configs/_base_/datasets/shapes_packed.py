@@ -8,4 +8,5 @@ _base_ = ['./shapes.py']
 train_dataloader = dict(
     batch_size=1,  # packs per process and step
     batch_sampler=dict(_delete_=True, type='OnlinePackSampler', max_tokens=1024,
-                       patch_size=2))
+                       patch_size=2),
+    collate_fn=dict(patch_size=2))  # patchified in the collate, as NiT's ImageNet packs

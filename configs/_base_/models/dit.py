@@ -27,7 +27,10 @@ model = dict(
     # DiT trains with sd-vae-ft-ema, sampling a posterior latent; sample_ddp.py decodes
     # with the same VAE (sample.py defaults to sd-vae-ft-mse). A local directory written
     # by diffusers' save_pretrained works offline.
+    # SD-VAE: 4 latent channels, 8 px per latent pixel (known before the VAE loads, which
+    # happens when something first encodes or decodes).
     autoencoder=dict(type='DiffusersAutoencoder', path='stabilityai/sd-vae-ft-ema',
-                     scaling_factor=0.18215, sample_posterior=True),
+                     latent_channels=4, downsample=8, scaling_factor=0.18215,
+                     sample_posterior=True),
     class_dropout_prob=0.1,
     loss_reduction='image')

@@ -27,7 +27,7 @@ model = dict(
         block=dict(type='AdaLNZeroBlock'), mlp=dict(type='SwiGLUMlp', large=True),
         qk_norm=None, modulation=dict(type='AdaLNZero'), pos_embed=None,
         rope=dict(type='AxialRoPE2D', theta=10000.0, layout='fit'),
-        attn_backend='sdpa',
+        attn_backend='auto',
         time_scale=1000.0, time_flip=False, output_scale=1.0),
     transport=dict(type='DDPM', num_timesteps=1000, beta_schedule='linear', prediction='eps',
                    variance='learned_range', loss='hybrid'),
@@ -39,8 +39,10 @@ model = dict(
     # The training data are latents already (FiTLatents: SD-VAE-ft-EMA latents x 0.18215),
     # so training skips the encoder; generation decodes with that VAE (a local directory
     # written by diffusers' save_pretrained works offline).
+    # SD-VAE: 4 latent channels, 8 px per latent pixel (known before the VAE loads, which
+    # happens when something first encodes or decodes).
     autoencoder=dict(type='DiffusersAutoencoder', path='stabilityai/sd-vae-ft-ema',
-                     scaling_factor=0.18215),
+                     latent_channels=4, downsample=8, scaling_factor=0.18215),
     inputs_are_latents=True,
     class_dropout_prob=0.1,
     loss_reduction='image')

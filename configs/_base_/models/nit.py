@@ -35,7 +35,8 @@ model = dict(
     direction_loss=dict(type='DirectionLoss', weight=1.0),
     repa=dict(
         type='REPAHead',
-        # RADIO v2.5-H (ViT-H/16, 1280-d features); a local checkpoint file.
+        # RADIO v2.5-H (ViT-H/16, 1280-d features); a local checkpoint file (RADIO's release
+        # .pth.tar; its architecture name is RADIO's own: see RADIOEncoder).
         encoder=dict(type='RADIOEncoder', checkpoint='checkpoints/radio_v2.5-h.pth.tar',
                      dtype='bfloat16'),
         feature_block=8, projector_dim=2048, weight=1.0, reduction='token',
@@ -47,9 +48,12 @@ model = dict(
     sampler=dict(type='EulerMaruyamaSDE', num_steps=250, diffusion_form='sigma',
                  diffusion_norm=1.0, last_step='Mean', last_step_size=0.04),
     guidance=dict(type='ClassifierFreeGuidance', scale=2.25, interval=(0.0, 0.7)),
-    # The training data are latents already (NiTLatents); decoding needs the DC-AE.
+    # The training data are latents already (NiTLatents): the DC-AE (f32c32: 32 channels,
+    # 32 px per latent pixel) is loaded only when something decodes (sampling), so training
+    # needs neither the network nor its 353M parameters on the GPUs.
     autoencoder=dict(type='DiffusersAutoencoder', kind='AutoencoderDC',
-                     path='mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers'),
+                     path='mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers',
+                     latent_channels=32, downsample=32),
     inputs_are_latents=True,
     class_dropout_prob=0.1,
     loss_reduction='token')

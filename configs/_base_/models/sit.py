@@ -24,8 +24,11 @@ model = dict(
     # paper's FID-50K 2.06 (cfg 1.5) is the SDE sampler: configs/sit/sit_xl_2_sde.py.
     sampler=dict(type='AdaptiveODE', atol=1e-6, rtol=1e-3),
     guidance=dict(type='ClassifierFreeGuidance', scale=1.5, channels=(0, 1, 2)),
+    # SD-VAE: 4 latent channels, 8 px per latent pixel (known before the VAE loads, which
+    # happens when something first encodes or decodes).
     autoencoder=dict(type='DiffusersAutoencoder', path='stabilityai/sd-vae-ft-ema',
-                     scaling_factor=0.18215, sample_posterior=True),
+                     latent_channels=4, downsample=8, scaling_factor=0.18215,
+                     sample_posterior=True),
     class_dropout_prob=0.1,
     loss_reduction='image')
 

@@ -1,7 +1,7 @@
 # AdamW at a constant learning rate with an EMA of the weights: the recipe of DiT / SiT
 # (lr 1e-4, no weight decay, betas (0.9, 0.999), EMA decay 0.9999, global batch 256).
 optim_wrapper = dict(
-    type='OptimWrapper',
+    type='FlexOptimWrapper',  # mmengine's, without a host sync per step
     optimizer=dict(type='AdamW', lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-8))
 param_scheduler = []
 

@@ -37,6 +37,10 @@ class FlexDiT(nn.Module):
             so it gets no gradient and counts in no gradient-clipping norm). FiTv2's
             high-resolution fine-tuning trains ``('x_embedder', 'bias', 'LN',
             'final_layer')`` ('LN' matches every ``adaLN_modulation``).
+        compile_blocks: regional compilation: ``True`` (or a dict of ``torch.compile``
+            options) compiles each block with dynamic token counts; the blocks share one
+            compiled graph, and the attention kernel call stays outside it (its segment
+            plan changes with every pack), so packs of any lengths reuse the compilation.
     """
 
     def __init__(self, in_channels, patch_size, hidden_size, depth, num_heads, num_classes,
@@ -45,7 +49,7 @@ class FlexDiT(nn.Module):
                  modulation=dict(type='AdaLNZero'), attn_backend='sdpa',
                  pos_embed=dict(type='SinCos2D'), rope=None, time_scale=1000.0,
                  time_flip=False, output_scale=1.0, frequency_embedding_size=256,
-                 global_modulation=None, time_max=None, trainable=None):
+                 global_modulation=None, time_max=None, trainable=None, compile_blocks=False):
         super().__init__()
         self.in_channels, self.patch_size = in_channels, patch_size
         self.out_channels = (out_channels or in_channels) * (2 if learn_sigma else 1)
@@ -74,6 +78,11 @@ class FlexDiT(nn.Module):
         self.initialize_weights()
         if trainable is not None:
             self.freeze_all_but(trainable)
+        if compile_blocks:
+            options = dict(dynamic=True, **(compile_blocks if isinstance(compile_blocks, dict)
+                                            else {}))
+            for block in self.blocks:  # one compiled graph shared by every block
+                block.compile(**options)
 
     def initialize_weights(self):
         """DiT's initialisation: xavier linears, N(0, 0.02) embeddings, zero adaLN and

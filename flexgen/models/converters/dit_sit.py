@@ -32,6 +32,7 @@ from typing import Dict
 
 import torch
 
+from flexgen.fileio import select_weights
 from flexgen.registry import CHECKPOINT_CONVERTERS
 from flexgen.structures import grid_positions
 
@@ -67,18 +68,12 @@ class ConvertedCheckpoint:
 
 def unwrap_state_dict(checkpoint: dict, use_ema: bool = True) -> Dict[str, torch.Tensor]:
     """The network state dict inside a reference checkpoint: a plain state dict (the
-    released files), or a training checkpoint ``{'model', 'ema', 'opt', 'args'}`` (EMA
-    weights unless ``use_ema=False``); a ``module.`` prefix (DDP) is removed."""
+    released files), a training checkpoint ``{'model', 'ema', 'opt', 'args'}`` or an
+    mmengine one (EMA weights unless ``use_ema=False``; see
+    :func:`flexgen.fileio.select_weights`); a ``module.`` prefix (DDP) is removed."""
     if not isinstance(checkpoint, dict):
         raise TypeError(f'expected a checkpoint dict, got {type(checkpoint).__name__}')
-    order = ('ema', 'model', 'state_dict') if use_ema else ('model', 'state_dict', 'ema')
-    for key in order:
-        if isinstance(checkpoint.get(key), dict):
-            checkpoint = checkpoint[key]
-            break
-    if checkpoint and all(k.startswith('module.') for k in checkpoint):
-        checkpoint = {k[len('module.'):]: v for k, v in checkpoint.items()}
-    return checkpoint
+    return select_weights(checkpoint, use_ema)[0]
 
 
 def expected_keys(depth: int, pos_embed: bool = True) -> set:

@@ -1,7 +1,6 @@
 from .attention import Attention
 from .attention_backends import (AutoAttention, PaddedAttention, PerImageAttention,
-                                 SDPAAttention, build_attention_backend, equal_length_runs,
-                                 length_groups)
+                                 SDPAAttention, build_attention_backend)
 from .attention_flex import FlexAttention, document_block_mask, flex_attention_available
 from .attention_varlen import FlashVarlenAttention, XFormersAttention
 from .embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, timestep_embedding
@@ -9,7 +8,7 @@ from .mlp import GeluMlp, SwiGLUMlp
 from .modulation import AdaLNLoRA, AdaLNZero, gate, modulate
 from .norms import build_norm
 
-__all__ = ['Attention', 'AutoAttention', 'equal_length_runs', 'length_groups', 'FlexAttention',
+__all__ = ['Attention', 'AutoAttention', 'FlexAttention',
            'document_block_mask', 'flex_attention_available', 'FlashVarlenAttention',
            'XFormersAttention', 'PaddedAttention', 'PerImageAttention', 'SDPAAttention',
            'build_attention_backend', 'LabelEmbedder', 'PatchEmbed', 'TimestepEmbedder',

@@ -1,4 +1,5 @@
 """Multi-head self-attention on a jagged token batch, with optional QK-norm and RoPE."""
+import torch
 import torch.nn as nn
 
 from flexgen.position_encodings.rope import apply_rotary
@@ -6,8 +7,18 @@ from .attention_backends import build_attention_backend
 from .norms import build_norm
 
 
+@torch.compiler.disable
+def attend(backend, q, k, v, batch):
+    """The backend's call, outside any compiled region: its segment plan (Python lists
+    that change with every pack) would otherwise make torch.compile recompile per pack."""
+    return backend(q, k, v, batch)
+
+
 class Attention(nn.Module):
     """``qkv`` projection -> (QK-norm) -> (RoPE) -> block-diagonal attention -> ``proj``.
+
+    q, k and v reach the attention backend in one dtype, v's (the projection's: bf16
+    under autocast), whatever the QK-norm computed in.
 
     Parameter names follow timm's ``Attention`` (``qkv``, ``proj``, ``q_norm``,
     ``k_norm``) so DiT / SiT / FiT / NiT checkpoints map one to one.
@@ -30,5 +41,8 @@ class Attention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        out = self.backend(q, k, v, batch)
+        # One dtype for the kernel (as NiT casts): under autocast the QK-norm runs in
+        # float32 and RoPE keeps it, while v comes from the bf16 projection.
+        q, k = q.to(v.dtype), k.to(v.dtype)
+        out = attend(self.backend, q, k, v, batch)
         return self.proj(out.reshape(x.shape[0], -1))

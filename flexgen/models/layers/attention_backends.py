@@ -18,9 +18,6 @@ Every backend computes, for each image i of a :class:`~flexgen.structures.TokenB
 A backend is a callable ``(q, k, v, batch) -> out`` on ``[N, heads, head_dim]`` tensors.
 A new one is one class here (or in your own module) and one config line.
 """
-from collections import defaultdict
-from typing import List, NamedTuple, Optional, Tuple
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -34,65 +31,6 @@ def _sdpa(q, k, v):
     out = F.scaled_dot_product_attention(q.transpose(-3, -2), k.transpose(-3, -2),
                                          v.transpose(-3, -2))
     return out.transpose(-3, -2)
-
-
-def _attention_cache(batch):
-    # Geometry-derived plans live on the batch itself: every layer of one forward pass
-    # sees the same TokenBatch, so each plan is built once per batch, not once per layer.
-    return batch.__dict__.setdefault('_attention_cache', {})
-
-
-class LengthGroups(NamedTuple):
-    """A jagged batch's images grouped by token count (computed once per batch).
-
-    Group ``g`` holds ``counts[g]`` images of ``lengths[g]`` tokens each. ``order`` lists
-    the token indices of group 0's images, then group 1's, ... (each image's tokens in
-    order), so the tokens of a group are one contiguous ``[count * n]`` range of
-    ``x[order]``. It is ``None`` when the batch is already in that order (e.g. images
-    sorted by length), which saves the gathers.
-    """
-    lengths: List[int]
-    counts: List[int]
-    order: Optional[Tensor]
-
-
-def length_groups(batch) -> LengthGroups:
-    """The :class:`LengthGroups` of ``batch``, cached on the batch, on its device."""
-    cache, key = _attention_cache(batch), ('length_groups', str(batch.device))
-    if key not in cache:
-        cache[key] = _build_length_groups(batch.seqlens_list, batch.device)
-    return cache[key]
-
-
-def _build_length_groups(seqlens, device):
-    members = defaultdict(list)  # insertion order: groups in order of first appearance
-    for i, n in enumerate(seqlens):
-        members[n].append(i)
-    lengths, counts = list(members), [len(ids) for ids in members.values()]
-    image_order = [i for ids in members.values() for i in ids]
-    if image_order == sorted(image_order):
-        return LengthGroups(lengths, counts, None)
-    starts = torch.zeros(len(seqlens), dtype=torch.long)
-    starts[1:] = torch.cumsum(torch.tensor(seqlens[:-1]), 0)
-    order = torch.cat([(starts[ids, None] + torch.arange(n)).flatten()
-                       for n, ids in members.items()])
-    return LengthGroups(lengths, counts, order.to(device))
-
-
-def equal_length_runs(batch) -> List[Tuple[int, int, int]]:
-    """``(first token, images, tokens per image)`` of each run of consecutive images of
-    equal length, in batch order (a uniform batch is one run); cached on the batch."""
-    cache = _attention_cache(batch)
-    if 'runs' not in cache:
-        runs, start = [], 0
-        for n in batch.seqlens_list:
-            if runs and runs[-1][2] == n:
-                runs[-1][1] += 1
-            else:
-                runs.append([start, 1, n])
-            start += n
-        cache['runs'] = [tuple(run) for run in runs]
-    return cache['runs']
 
 
 def _cpu_flash_kernels():
@@ -184,10 +122,11 @@ class SDPAAttention:
 
     - ``'runs'``: runs of consecutive equal-length images, read in place (strided views,
       no gather);
-    - ``'grouped'``: all images of one length in one call (:func:`length_groups`); the
-      tokens are gathered once so each group is contiguous, and scattered back.
+    - ``'grouped'``: all images of one length in one call (``Geometry.length_groups``);
+      the tokens are gathered once so each group is contiguous, and scattered back.
 
-    Plans are cached on the batch (built once for all layers). On CPU the segments run
+    Plans live in the batch's geometry (built once for all layers, by the collate in
+    training). On CPU the segments run
     through torch's CPU flash kernels directly (:class:`_SegmentAttention`: no
     per-segment autograd graph, results written once into preallocated tensors);
     elsewhere through ``scaled_dot_product_attention`` with autograd.
@@ -218,9 +157,9 @@ class SDPAAttention:
         if strategy == 'auto':
             strategy = 'runs' if on_cpu else 'grouped'
         if strategy == 'runs':
-            segments, order = equal_length_runs(batch), None
+            segments, order = batch.geometry.runs(), None
         else:
-            groups = length_groups(batch)
+            groups = batch.geometry.length_groups()
             segments, order = _group_segments(groups), groups.order
         if on_cpu:
             q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
@@ -292,13 +231,17 @@ class PaddedAttention:
 
 @ATTENTION_BACKENDS.register_module(name='auto')
 class AutoAttention:
-    """The fastest exact backend for the device and dtype of each call.
+    """The fastest exact backend for the device, dtype and batch of each call.
 
+    - a uniform batch (every image the same length: DiT): ``'sdpa'``, one dense batched
+      call (torch's flash / memory-efficient kernels on a GPU);
     - CUDA, float16 / bfloat16: ``'flash_varlen'`` when flash-attn is installed, else
-      ``'xformers'`` when xformers is, else ``'sdpa'``;
-    - everything else (CPU; float32 / float64 on CUDA): ``'sdpa'`` (the fastest CPU path
-      in ``tools/benchmark.py``; ``'flex'`` has no CPU backward, and its compiled CPU
-      forward measured slower than ``'sdpa'``).
+      ``'xformers'`` when xformers is;
+    - CUDA otherwise: ``'flex'`` (compiled FlexAttention with a document mask: 4.7x
+      faster than grouped ``'sdpa'`` on a 16k-token ImageNet-like pack on an H200,
+      tools/gpu_check.py), ``'sdpa'`` where this torch has no FlexAttention;
+    - CPU: ``'sdpa'`` (the fastest CPU path in ``tools/benchmark.py``; ``'flex'`` has
+      no CPU backward, and its compiled CPU forward measured slower than ``'sdpa'``).
 
     Never the dense masked SDPA over the whole pack, which costs ``(sum n_i)^2``.
     """
@@ -307,22 +250,36 @@ class AutoAttention:
         self._chosen = {}
 
     @staticmethod
-    def choose(device, dtype):
-        """The backend name ``'auto'`` uses for tensors on ``device`` of ``dtype``."""
-        if torch.device(device).type == 'cuda' and dtype in (torch.float16, torch.bfloat16):
-            for name in ('flash_varlen', 'xformers'):
-                try:
-                    build_attention_backend(name)
-                except ImportError:
-                    continue
-                return name
+    def choose(device, dtype, uniform=False):
+        """The backend name ``'auto'`` uses for tensors on ``device`` of ``dtype`` (the
+        autocast dtype where autocast is on for the device)."""
+        device = torch.device(device)
+        if uniform or not _has_varlen_kernels(device):
+            return 'sdpa'
+        if torch.is_autocast_enabled(device.type):
+            dtype = torch.get_autocast_dtype(device.type)
+        candidates = ('flash_varlen', 'xformers', 'flex') if dtype in (
+            torch.float16, torch.bfloat16) else ('flex',)
+        for name in candidates:
+            try:
+                build_attention_backend(name)
+            except ImportError:
+                continue
+            return name
         return 'sdpa'
 
     def __call__(self, q, k, v, batch):
-        key = (q.device.type, q.dtype)
+        key = (q.device.type, q.dtype, torch.is_autocast_enabled(q.device.type),
+               batch.is_uniform)
         if key not in self._chosen:
-            self._chosen[key] = build_attention_backend(self.choose(q.device, q.dtype))
+            self._chosen[key] = build_attention_backend(
+                self.choose(q.device, q.dtype, batch.is_uniform))
         return self._chosen[key](q, k, v, batch)
+
+
+def _has_varlen_kernels(device) -> bool:
+    """Whether the varlen kernels (flash-attn, xformers) can run on ``device``."""
+    return device.type == 'cuda'
 
 
 def _register_optional_backends():

@@ -22,6 +22,7 @@ import warnings
 import torch
 
 from flexgen.registry import ATTENTION_BACKENDS
+from flexgen.structures import host_to_device
 from .attention_backends import SDPAAttention
 
 _COMPILED = {}        # the compiled kernel, one per process (shared by every layer)
@@ -42,7 +43,7 @@ def document_block_mask(batch, block_size=128):
     """The :class:`~torch.nn.attention.flex_attention.BlockMask` of ``batch``'s
     block-diagonal attention (a token sees the tokens of its own image), cached on the
     batch per device and block size."""
-    cache = batch.__dict__.setdefault('_attention_cache', {})
+    cache = batch.geometry.plans
     key = ('flex_block_mask', str(batch.device), block_size)
     if key not in cache:
         cache[key] = _build_document_block_mask(batch.seqlens_list, block_size, batch.device)
@@ -69,9 +70,10 @@ def _build_document_block_mask(seqlens, block_size, device):
     def ordered(blocks):
         counts = blocks.sum(1, dtype=torch.int32)
         indices = torch.argsort((~blocks).to(torch.int8), dim=1, stable=True).to(torch.int32)
-        return counts[None, None].to(device), indices[None, None].to(device)
+        return (host_to_device(counts[None, None], device),
+                host_to_device(indices[None, None], device))
 
-    doc = doc.to(device)
+    doc = host_to_device(doc, device)
 
     def same_image(b, h, q_idx, kv_idx):
         return doc[q_idx] == doc[kv_idx]

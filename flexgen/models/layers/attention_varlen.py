@@ -55,7 +55,7 @@ class FlashVarlenAttention:
 def block_diagonal_mask(batch):
     """xformers' ``BlockDiagonalMask`` of ``batch`` (one block per image), cached on it."""
     from xformers.ops import fmha
-    cache = batch.__dict__.setdefault('_attention_cache', {})
+    cache = batch.geometry.plans
     key = ('xformers_block_diagonal', str(batch.device))
     if key not in cache:
         make = fmha.attn_bias.BlockDiagonalMask.from_seqlens

@@ -1,0 +1,439 @@
+"""What a GPU shows, in one command: attention backends against per-image attention in
+bf16, and training steps of the headline recipes with their speed, MFU, memory and host
+syncs, printed as one table and written as JSON.
+
+    python tools/gpu_check.py [--out gpu_check.json] [--only attention nit_xl dit_xl fitv2_xl]
+    python tools/gpu_check.py --tiny      # the same checks at toy sizes (CPU: a smoke test)
+
+One process, a few minutes on one H100 / H200; it needs the project and the packages the
+README lists (flash-attn / xformers are checked where installed).
+
+- attention: every registered backend (sdpa, per_image, flex, flash_varlen, xformers)
+  on an ImageNet-like pack (tools/data/imagenet_like_latent_sizes.json, NiT's latents at
+  patch 1) in bf16, forward and gradients, against per-image attention (computed in
+  float32 from the same bf16 inputs), and its forward+backward time over the per-image
+  limit (dense attention on each image alone).
+- nit_xl: NiT-XL (configs/nit/nit_xl_pack_16384.py) on synthetic 16384-token packs;
+  dit_xl: DiT-XL/2 (configs/dit/dit_xl_2_256.py) at batch 32 of 256 px latents; fitv2_xl:
+  FiTv2-XL/2 (configs/fit/fitv2_xl_2.py) at batch 32 of images up to 256 tokens. The
+  backbone trains on latents (no autoencoder, no REPA encoder: their weights are not
+  needed to time the model) with the config's optimiser and precision: step time (CUDA
+  events, median over steps after warm-up), tokens/s, model FLOPs utilisation
+  ``MFU = 3 x forward FLOPs / step time / peak`` (forward FLOPs counted by torch's
+  FlopCounterMode on the step's own batch, attention included; backward = 2 x forward;
+  peak: the GPU's dense bf16 rate), peak memory, and host syncs per step (CUDA's sync
+  debug mode; on a CPU, flexgen.utils.HostSyncCounter). NiT-XL also with its blocks
+  compiled (``compile_blocks=True``), compile time included in the table.
+"""
+import argparse
+import json
+import math
+import os.path as osp
+import statistics
+import sys
+import time
+import warnings
+
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))  # benchmark.draw_sizes
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+# Dense bf16 tensor-core peaks (NVIDIA data sheets, SXM parts).
+PEAK_BF16 = {'H100': 989.4e12, 'H200': 989.4e12, 'H800': 989.4e12, 'A100': 312e12,
+             'B200': 2250e12}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--only', nargs='+', default=['attention', 'nit_xl', 'dit_xl',
+                                                       'fitv2_xl'],
+                        choices=['attention', 'nit_xl', 'dit_xl', 'fitv2_xl'],
+                        help='checks to run (default: all)')
+    parser.add_argument('--out', default='gpu_check.json', help='where the JSON goes')
+    parser.add_argument('--steps', type=int, default=10, help='timed steps per recipe')
+    parser.add_argument('--warmup', type=int, default=3, help='untimed steps first')
+    parser.add_argument('--no-compile', action='store_true',
+                        help='skip the compiled NiT-XL run (its compile takes minutes)')
+    parser.add_argument('--tiny', action='store_true',
+                        help='toy widths and packs (a smoke test of this script, on a CPU)')
+    parser.add_argument('--device', default=None, help='default: cuda if available, else cpu')
+    return parser.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- helpers
+class Timer:
+    """Seconds of a device's work: CUDA events on a GPU, wall time on a CPU."""
+
+    def __init__(self, device):
+        import torch
+        self.cuda = device.type == 'cuda'
+        self.torch = torch
+
+    def __call__(self, fn, repeats):
+        torch = self.torch
+        times = []
+        for _ in range(repeats):
+            if self.cuda:
+                start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                begin = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - begin)
+        return times
+
+
+def peak_flops(device):
+    import torch
+    if device.type != 'cuda':
+        return None, 'n/a (not a GPU)'
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_BF16.items():
+        if key in name:
+            return value, f'{name}: {value / 1e12:.1f} TFLOP/s dense bf16'
+    return None, f'{name}: peak unknown (MFU not computed)'
+
+
+def count_syncs(device, fn, model=None):
+    """Host syncs made by ``fn()``: CUDA's sync debug mode on a GPU (each sync warns),
+    flexgen.utils.HostSyncCounter on a CPU."""
+    import torch
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            torch.cuda.set_sync_debug_mode('warn')
+            try:
+                fn()
+            finally:
+                torch.cuda.set_sync_debug_mode('default')
+        found = [w for w in caught if 'called a synchronizing' in str(w.message)]
+        return len(found), [str(w.message).splitlines()[0] for w in found[:3]]
+    from flexgen.models.data_preprocessor import FlexDataPreprocessor
+    from flexgen.utils.host_sync import HostSyncCounter
+    counter = HostSyncCounter(device)
+    counter.mark(model)
+    real = FlexDataPreprocessor.forward
+
+    def forward(self, data, training=False):
+        data = real(self, data, training)
+        counter.mark(data['inputs'].geometry.tensors, data['inputs'].geometry.plans)
+        return data
+
+    FlexDataPreprocessor.forward = forward
+    try:
+        with counter:
+            fn()
+    finally:
+        FlexDataPreprocessor.forward = real
+    events = counter.events['default']
+    return len(events), [e.splitlines()[0] for e in events[:3]]
+
+
+# ----------------------------------------------------------------------------- attention
+def check_attention(args, device):
+    import torch
+
+    from benchmark import draw_sizes
+    from flexgen.models.layers.attention_backends import build_attention_backend
+    from flexgen.registry import ATTENTION_BACKENDS
+    from flexgen.structures import TokenBatch
+    tokens, heads, head_dim = (512, 2, 8) if args.tiny else (16384, 16, 72)
+    sizes = draw_sizes(tokens, seed=0)
+    batch = TokenBatch(torch.zeros(int(sizes.prod(1).sum()), 1, device=device), sizes)
+    n = batch.tokens.shape[0]
+    g = torch.Generator().manual_seed(0)
+    q, k, v, grad = (torch.randn(n, heads, head_dim, generator=g).to(device, torch.bfloat16)
+                     for _ in range(4))
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+
+    def reference():
+        """Per-image attention in float32 from the bf16 inputs, and its gradients."""
+        qs, ks, vs = (x.detach().float().requires_grad_(True) for x in (q, k, v))
+        out = torch.cat([torch.nn.functional.scaled_dot_product_attention(
+            *(x.transpose(0, 1) for x in parts)).transpose(0, 1)
+            for parts in zip(batch.split(qs), batch.split(ks), batch.split(vs))])
+        grads = torch.autograd.grad(out, (qs, ks, vs), grad.float())
+        return out.detach(), grads
+
+    ref_out, ref_grads = reference()
+    scale = ref_out.abs().max().item()
+    alone = [[x.detach().transpose(0, 1)[None].contiguous().requires_grad_(True)
+              for x in parts] for parts in zip(batch.split(q), batch.split(k), batch.split(v))]
+    alone_grads = [g_.transpose(0, 1)[None].contiguous() for g_ in batch.split(grad)]
+
+    def limit():
+        for (qi, ki, vi), gi in zip(alone, alone_grads):
+            out = torch.nn.functional.scaled_dot_product_attention(qi, ki, vi)
+            torch.autograd.grad(out, (qi, ki, vi), gi)
+
+    timer = Timer(device)
+    limit_time = statistics.median(timer(limit, 1 + (2 if args.tiny else 5))[1:])
+    # FLOPs of exact block-diagonal attention, forward (QK^T and PV: 4 n^2 d per head)
+    # plus backward (2.5 x forward, FlashAttention's count)
+    attention_flops = 3.5 * 4 * heads * head_dim * sum(x * x for x in batch.seqlens_list)
+    rows = []
+    for name in sorted(ATTENTION_BACKENDS.module_dict):
+        if name in ('auto', 'padded'):
+            continue
+        row = dict(check='attention', backend=name, tokens=n, images=len(sizes))
+        try:
+            backend = build_attention_backend(name)
+
+            def run():
+                out = backend(*leaves, batch)
+                return out, torch.autograd.grad(out, leaves, grad)
+
+            out, grads = run()
+            errors = [((a.float() - b).abs().max().item()) for a, b in
+                      zip((out,) + tuple(grads), (ref_out,) + tuple(ref_grads))]
+            row.update(max_error_out=errors[0], max_error_grad=max(errors[1:]),
+                       relative_error=max(errors) / max(scale, 1e-12),
+                       ok=max(errors) / max(scale, 1e-12) < 3e-2)
+            times = timer(lambda: run(), 1 + (2 if args.tiny else 5))[1:]
+            row.update(ms=statistics.median(times) * 1e3,
+                       x_limit=statistics.median(times) / limit_time,
+                       tflops=attention_flops / statistics.median(times) / 1e12)
+        except Exception as error:  # noqa: BLE001 - report and go on
+            row.update(ok=None, note=f'{type(error).__name__}: {str(error)[:160]}')
+        rows.append(row)
+    rows.append(dict(check='attention', backend='per-image limit', tokens=n,
+                     images=len(sizes), ms=limit_time * 1e3, x_limit=1.0, ok=True,
+                     tflops=attention_flops / limit_time / 1e12))
+    return rows
+
+
+# ----------------------------------------------------------------------------- training
+RECIPES = {
+    'nit_xl': ('configs/nit/nit_xl_pack_16384.py', 'packs'),
+    'dit_xl': ('configs/dit/dit_xl_2_256.py', 'batch'),
+    'fitv2_xl': ('configs/fit/fitv2_xl_2.py', 'fit'),
+}
+
+
+def build_recipe(name, args, device, compile_blocks=False):
+    """The recipe's generator (backbone trained on latents) and its optimiser wrapper."""
+    import torch
+    from mmengine.config import Config
+
+    import flexgen
+    from flexgen.registry import MODELS, OPTIM_WRAPPERS
+    flexgen.register_all_modules()
+    cfg = Config.fromfile(osp.join(ROOT, RECIPES[name][0]))
+    model_cfg = cfg.model.to_dict()
+    backbone = model_cfg['backbone']
+    if args.tiny:
+        backbone.update(hidden_size=64, depth=2, num_heads=2, num_classes=10)
+    if compile_blocks:
+        backbone['compile_blocks'] = True
+    model_cfg.update(repa=None, inputs_are_latents=True,
+                     autoencoder=dict(type='IdentityAutoencoder',
+                                      channels=backbone['in_channels']))
+    torch.manual_seed(0)
+    model = MODELS.build(model_cfg).to(device).train()
+    wrapper_cfg = cfg.optim_wrapper.to_dict()
+    wrapper_cfg.setdefault('type', 'FlexOptimWrapper')
+    if wrapper_cfg['type'] in ('OptimWrapper', 'FlexOptimWrapper'):
+        # every recipe trains in bf16 autocast on GPUs (DiT / SiT: tf32 + fp32 in the
+        # papers, flexgen's --amp); the same precision for all rows of the table
+        wrapper_cfg.update(type='AutocastOptimWrapper', dtype='bfloat16')
+    optimizer = dict(wrapper_cfg.pop('optimizer'))
+    if device.type == 'cuda':
+        optimizer['fused'] = True
+    optimizer = getattr(torch.optim, optimizer.pop('type'))(model.parameters(), **optimizer)
+    wrapper = OPTIM_WRAPPERS.build(dict(wrapper_cfg, optimizer=optimizer))
+    return model, wrapper
+
+
+def recipe_batches(name, args, model, count):
+    """``count`` collated batches (host, pinned on a GPU machine) for the recipe."""
+    import torch
+
+    from benchmark import draw_sizes
+    from flexgen.datasets.collate import jagged_collate
+    channels, patch = model.backbone.in_channels, model.backbone.patch_size
+    batches = []
+    for seed in range(count):
+        g = torch.Generator().manual_seed(seed)
+        if RECIPES[name][1] == 'packs':
+            grids = draw_sizes(1024 if args.tiny else 16384, seed=seed).tolist()
+        elif RECIPES[name][1] == 'batch':
+            grids = [(4, 4) if args.tiny else (16, 16)] * (4 if args.tiny else 32)
+        else:  # FiT: up to 256 tokens per image, aspect ratios of the histogram
+            cap = 64 if args.tiny else 256
+            grids = []
+            for h, w in draw_sizes(64 * cap, seed=seed).tolist()[:4 if args.tiny else 32]:
+                shrink = min(1.0, math.sqrt(cap / (h * w)))
+                grids.append((max(1, int(h * shrink)), max(1, int(w * shrink))))
+        items = [dict(inputs=torch.randn(channels, h * patch, w * patch, generator=g),
+                      data_samples=dict(label=i % model.num_classes, index=seed * 1000 + i))
+                 for i, (h, w) in enumerate(grids)]
+        batch = jagged_collate(items, patch_size=patch)
+        if torch.cuda.is_available():
+            batch = dict(inputs=batch['inputs'].pin_memory(),
+                         data_samples={k: v.pin_memory() for k, v in
+                                       batch['data_samples'].items()})
+        batches.append(batch)
+    return batches
+
+
+def check_recipe(name, args, device, peak, compile_blocks=False, flops_per_token=None):
+    import torch
+
+    from flexgen.utils.flops import forward_flops
+    label = name + (' (compiled blocks)' if compile_blocks else '')
+    row = dict(check='train', recipe=label, config=RECIPES[name][0])
+    try:
+        if device.type == 'cuda':
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        begin = time.perf_counter()
+        model, wrapper = build_recipe(name, args, device, compile_blocks)
+        batches = recipe_batches(name, args, model, 3)
+        step_index = [0]
+
+        def step():
+            batch = batches[step_index[0] % len(batches)]
+            data = dict(inputs=batch['inputs'],
+                        data_samples=dict(batch['data_samples'], seed=0, step=step_index[0]))
+            step_index[0] += 1
+            return model.train_step(data, wrapper)
+
+        for _ in range(args.warmup):
+            step()
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        setup = time.perf_counter() - begin
+        times = Timer(device)(step, args.steps)
+        seconds = statistics.median(times)
+        if compile_blocks and device.type != 'cuda':
+            # the CPU counter is a TorchFunctionMode, which compiled code would trace into
+            syncs, where = float('nan'), ['not counted: compiled blocks on a CPU']
+        else:
+            syncs, where = count_syncs(device, lambda: [step() for _ in range(2)], model)
+        tokens = [b['inputs'].tokens.shape[0] for b in batches]
+        images = [b['inputs'].num_images for b in batches]
+        row['profile'] = profile_step(device, step)
+        if flops_per_token is None:
+            # forward FLOPs of each batch's backbone pass (counted eagerly: compiled
+            # kernels bypass the counter), under the training precision
+            flops = []
+            for b in batches:
+                data = model.data_preprocessor(dict(inputs=b['inputs'], data_samples=dict(
+                    b['data_samples'])), True)
+                tb = data['inputs']
+                t = torch.rand(tb.num_images, device=device)
+                with wrapper.optim_context(model):
+                    flops.append(forward_flops(model.backbone, tb, t,
+                                               data['data_samples']['label']))
+            flops_per_token = sum(flops) / sum(tokens)
+        tokens_per_s = statistics.mean(tokens) / seconds
+        row.update(step_ms=seconds * 1e3, tokens_per_step=statistics.mean(tokens),
+                   images_per_step=statistics.mean(images), tokens_per_s=tokens_per_s,
+                   train_tflops=3 * flops_per_token * tokens_per_s / 1e12,
+                   mfu=(3 * flops_per_token * tokens_per_s / peak) if peak else None,
+                   peak_memory_gib=(torch.cuda.max_memory_allocated(device) / 2 ** 30
+                                    if device.type == 'cuda' else None),
+                   syncs_per_step=syncs / 2, sync_examples=where,
+                   setup_s=setup, flops_per_token=flops_per_token,
+                   attention=type(model.backbone.blocks[0].attn.backend).__name__,
+                   parameters=sum(p.numel() for p in model.parameters()), ok=True)
+        del model, wrapper, batches
+    except Exception as error:  # noqa: BLE001 - report and go on
+        row.update(ok=False, note=f'{type(error).__name__}: {str(error)[:300]}')
+    return row
+
+
+def profile_step(device, step, top=10):
+    """The ``top`` operators of one step by their own device time (host time on a CPU)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
+                                           if device.type == 'cuda' else [])
+    with profile(activities=activities) as prof:
+        step()
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+    key = 'self_device_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in events) or 1
+    return [f'{100 * getattr(e, key) / total:5.1f}%  {e.count:>5}x  {e.key[:70]}'
+            for e in events[:top]]
+
+
+# ----------------------------------------------------------------------------- report
+def print_table(env, rows):
+    print(f"\n== {env['device_name']} | torch {env['torch']} | CUDA {env['cuda']} | "
+          f"flash_attn {env['flash_attn']} | xformers {env['xformers']}")
+    print('attention (bf16 forward + gradients vs per-image attention in float32):')
+    print(f'  {"backend":<18}{"ms":>9}{"x limit":>9}{"TFLOP/s":>9}{"rel. error":>12}  ok')
+    for r in rows:
+        if r['check'] != 'attention':
+            continue
+        if r.get('note'):
+            print(f'  {r["backend"]:<18}{"":>30}  {r["note"][:90]}')
+            continue
+        err = f'{r["relative_error"]:.2e}' if 'relative_error' in r else ''
+        print(f'  {r["backend"]:<18}{r["ms"]:>9.2f}{r["x_limit"]:>9.2f}{r["tflops"]:>9.1f}'
+              f'{err:>12}  {r["ok"]}')
+    print(f'training steps (bf16 autocast, fused AdamW; MFU = 3 x forward FLOPs / step time '
+          f'/ peak, {env["peak"]}):')
+    print(f'  {"recipe":<30}{"step ms":>9}{"tokens/s":>11}{"MFU":>7}{"TFLOP/s":>9}'
+          f'{"peak GiB":>10}{"syncs/step":>11}{"setup s":>9}')
+    for r in rows:
+        if r['check'] != 'train':
+            continue
+        if not r['ok']:
+            print(f'  {r["recipe"]:<30} FAILED: {r.get("note", "")[:100]}')
+            continue
+        mfu = f'{100 * r["mfu"]:.1f}%' if r['mfu'] is not None else 'n/a'
+        memory = f'{r["peak_memory_gib"]:.1f}' if r['peak_memory_gib'] is not None else 'n/a'
+        syncs = 'n/a' if math.isnan(r['syncs_per_step']) else f'{r["syncs_per_step"]:g}'
+        print(f'  {r["recipe"]:<30}{r["step_ms"]:>9.1f}{r["tokens_per_s"]:>11.0f}{mfu:>7}'
+              f'{r["train_tflops"]:>9.1f}{memory:>10}{syncs:>11}{r["setup_s"]:>9.1f}')
+    for r in rows:
+        if r['check'] == 'train' and r.get('profile'):
+            print(f'  {r["recipe"]}: {r.get("attention")}; top operators by own device time:')
+            for line in r['profile'][:8]:
+                print(f'      {line}')
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import importlib.util
+
+    import torch
+    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    if device.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    peak, peak_note = peak_flops(device)
+    env = dict(torch=torch.__version__, cuda=torch.version.cuda,
+               device_name=(torch.cuda.get_device_name(device) if device.type == 'cuda'
+                            else 'cpu'),
+               flash_attn=importlib.util.find_spec('flash_attn') is not None,
+               xformers=importlib.util.find_spec('xformers') is not None, peak=peak_note,
+               tiny=args.tiny)
+    rows, began = [], time.perf_counter()
+    if 'attention' in args.only:
+        rows += check_attention(args, device)
+    for name in ('nit_xl', 'dit_xl', 'fitv2_xl'):
+        if name in args.only:
+            rows.append(check_recipe(name, args, device, peak))
+    if 'nit_xl' in args.only and not args.no_compile:
+        eager = next(r for r in rows if r.get('recipe') == 'nit_xl')
+        rows.append(check_recipe('nit_xl', args, device, peak, compile_blocks=True,
+                                 flops_per_token=eager.get('flops_per_token')))
+    env['seconds'] = time.perf_counter() - began
+    print_table(env, rows)
+    with open(args.out, 'w') as f:
+        json.dump(dict(environment=env, rows=rows), f, indent=1)
+    print(f'\nwrote {args.out} ({env["seconds"]:.0f} s)')
+    return dict(environment=env, rows=rows)
+
+
+if __name__ == '__main__':
+    main()
