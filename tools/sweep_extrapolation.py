@@ -25,7 +25,9 @@ def parse_args(argv=None):
                         help='rule types (NTKAware, YaRN, ...) or reference names (no, linear, '
                         'dynntk, partntk, yarn, ntkpro1, ntkpro2, scale1, scale2)')
     parser.add_argument('--sizes', nargs='+', required=True, help='HxW pixel sizes, e.g. 48x48')
-    parser.add_argument('--decouple', choices=['both', 'on', 'off'], default='both')
+    parser.add_argument('--decouple', choices=['both', 'on', 'off'], default='both',
+                        help='each rule with and without one scale per axis (both), or '
+                        'only with (on) / without (off)')
     parser.add_argument('--ori-max-pe-len', type=float,
                         help='training grid side in patches the rules scale from')
     parser.add_argument('--grid-index', type=int, default=0,

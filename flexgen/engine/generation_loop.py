@@ -57,8 +57,11 @@ class GenerationLoop(BaseLoop):
         precision: ``'fp32'`` (TF32 off), ``'tf32'``, ``'bf16'`` or ``'fp16'`` (autocast);
             ``None``: as the run is set (TF32 on CUDA under flexgen's default TF32Hook).
         npz: write ``samples_{H}x{W}.npz`` per size.
-        progress: a tqdm bar with ETA on rank 0.
+        progress: a tqdm bar with ETA on rank 0 (over the images still to generate; the
+            batch bar of ``ProgressBarHook`` stands aside).
     """
+
+    reports_progress = True
 
     def __init__(self, runner, dataloader, evaluator, out_dir: Optional[str] = None,
                  shard_size: int = 256, precision: Optional[str] = None, npz: bool = True,
