@@ -1,8 +1,15 @@
 """Small helpers shared by the tests."""
+import os
+import os.path as osp
+import socket
+import subprocess
+import sys
 from contextlib import contextmanager
 from itertools import islice
 
 import torch
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 
 def randomise(module, seed=0, std=0.1):
@@ -52,9 +59,7 @@ def take(sampler, n):
 def load_tool(name):
     """``tools/<name>.py`` as a module (``tools/`` on the path: test.py imports train.py)."""
     import importlib.util
-    import os.path as osp
-    import sys
-    tools = osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'tools')
+    tools = osp.join(ROOT, 'tools')
     if tools not in sys.path:
         sys.path.insert(0, tools)
     spec = importlib.util.spec_from_file_location(f'flexgen_tool_{name}',
@@ -73,6 +78,35 @@ def one_torch_thread():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def run_train(config, work_dir, nproc=1, options=(), args=(), timeout=500, env=None):
+    """``tools/train.py CONFIG`` in a subprocess: one process, or ``torchrun
+    --nproc_per_node nproc ... --launcher pytorch`` (gloo on a CPU). ``tests/`` is on the
+    path (``custom_imports`` of test modules). Returns the finished process."""
+    launcher = [sys.executable, 'tools/train.py'] if nproc == 1 else [
+        sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}',
+        f'--master_port={free_port()}', 'tools/train.py', '--launcher', 'pytorch']
+    env = dict(os.environ, OMP_NUM_THREADS='1', **(env or {}), PYTHONPATH=os.pathsep.join(
+        [ROOT, osp.join(ROOT, 'tests'), os.environ.get('PYTHONPATH', '')]))
+    command = launcher + [str(config), '--work-dir', str(work_dir), *args]
+    if options:
+        command += ['--cfg-options', *options]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def train_ok(*args, **kwargs):
+    """:func:`run_train` that must succeed (the output tail is the failure message)."""
+    proc = run_train(*args, **kwargs)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
 
 
 def random_inception_weights(path, seed=0):

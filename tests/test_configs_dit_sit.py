@@ -56,7 +56,7 @@ def test_sizes_recipe_and_boundary(path):
     assert (optimizer.type, optimizer.lr, optimizer.weight_decay) == ('AdamW', 1e-4, 0.0)
     assert tuple(optimizer.betas) == (0.9, 0.999) and cfg.param_scheduler == []
     assert 'clip_grad' not in cfg.optim_wrapper
-    ema = [h for h in cfg.custom_hooks if h.type == 'EMAHook']
+    ema = [h for h in cfg.custom_hooks if h.type == 'FlexEMAHook']
     assert len(ema) == 1 and ema[0].momentum == pytest.approx(1e-4)
     assert cfg.train_dataloader.batch_size * 8 == cfg.auto_scale_lr.base_batch_size == 256
     assert cfg.model.class_dropout_prob == 0.1

@@ -367,7 +367,7 @@ def test_tools_sample_and_test_convert_official_checkpoints(tmp_path):
                              sampler=dict(type='DefaultSampler', shuffle=False),
                              collate_fn=dict(type='flexgen.jagged_collate')),
         test_cfg=dict(type='TestLoop'), test_evaluator=dict(type='OfficialTestImageSums'),
-        custom_hooks=[dict(type='EMAHook', momentum=1e-4)]))
+        custom_hooks=[dict(type='FlexEMAHook', momentum=1e-4)]))
     cfg_path = str(tmp_path / 'tiny_sit.py')
     cfg.dump(cfg_path)
 

@@ -28,7 +28,7 @@ val_evaluator = None
 test_dataloader = None
 test_cfg = None
 test_evaluator = None
-custom_hooks = [dict(type='EMAHook', momentum=1e-2, priority='ABOVE_NORMAL')]
+custom_hooks = [dict(type='FlexEMAHook', momentum=1e-2, priority='ABOVE_NORMAL')]
 default_hooks = dict(checkpoint=dict(interval={ITERS}, save_last=False))
 randomness = dict(seed=0)
 '''

@@ -2,11 +2,7 @@
 shapes with BucketBatchSampler equals one process at the same global batch, and the ranks
 see disjoint images that together make up the single process's batches."""
 import json
-import os
 import os.path as osp
-import socket
-import subprocess
-import sys
 import uuid
 
 import pytest
@@ -15,6 +11,7 @@ from mmengine.dist import get_dist_info
 from mmengine.hooks import Hook
 
 from flexgen.registry import HOOKS
+from helpers import train_ok
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 STEPS, GLOBAL_BATCH = 6, 8
@@ -38,7 +35,7 @@ val_evaluator = None
 test_dataloader = None
 test_cfg = None
 test_evaluator = None
-custom_hooks = [dict(type='EMAHook', momentum=0.1, priority='ABOVE_NORMAL'),
+custom_hooks = [dict(type='FlexEMAHook', momentum=0.1, priority='ABOVE_NORMAL'),
                 dict(type='BatchRecorderHook')]
 default_hooks = dict(checkpoint=dict(interval={STEPS}, save_last=False))
 randomness = dict(seed=3)
@@ -63,24 +60,10 @@ class BatchRecorderHook(Hook):
             json.dump(self.batches, f)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def train(config, work_dir, nproc):
-    launcher = [sys.executable, 'tools/train.py'] if nproc == 1 else [
-        sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}',
-        f'--master_port={free_port()}', 'tools/train.py', '--launcher', 'pytorch']
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=os.pathsep.join(
-        [ROOT, osp.join(ROOT, 'tests'), os.environ.get('PYTHONPATH', '')]))
-    options = [f'train_dataloader.batch_size={GLOBAL_BATCH // nproc}',
-               f'experiment_name=ddp_gen_{uuid.uuid4().hex[:8]}']
-    proc = subprocess.run(launcher + [str(config), '--work-dir', str(work_dir),
-                                      '--cfg-options', *options],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=500)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    train_ok(config, work_dir, nproc, options=[
+        f'train_dataloader.batch_size={GLOBAL_BATCH // nproc}',
+        f'experiment_name=ddp_gen_{uuid.uuid4().hex[:8]}'])
 
 
 def read_batches(work_dir, rank):

@@ -40,8 +40,9 @@ def trained(tmp_path_factory):
     flexgen.register_all_modules()
     work_dir = tmp_path_factory.mktemp('ema')
     runner = train(work_dir)
-    ema_hook = next(h for h in runner.hooks if type(h).__name__ == 'EMAHook')
-    ema = {k: v.clone() for k, v in ema_hook.ema_model.module.state_dict().items()}
+    ema_hook = next(h for h in runner.hooks if type(h).__name__ == 'FlexEMAHook')
+    ema = {k[len('module.'):]: v.clone() for k, v in ema_hook.ema_model.state_dict().items()
+           if k.startswith('module.')}
     raw = {k: v.clone() for k, v in runner.model.state_dict().items()}
     assert max((ema[k] - raw[k]).abs().max() for k in raw) > 1e-3  # the test can tell them apart
     return work_dir, osp.join(work_dir, 'iter_4.pth'), ema, raw

@@ -61,7 +61,7 @@ def runner_cfg(work_dir, max_iters, interval=3, resume=False, batch_sampler=True
             checkpoint=dict(type='FlexCheckpointHook', interval=interval,
                             max_keep_ckpts=max_keep_ckpts),
             logger=dict(type='LoggerHook', interval=1, log_metric_by_epoch=False)),
-        custom_hooks=[dict(type='EMAHook', momentum=0.1, priority='ABOVE_NORMAL'),
+        custom_hooks=[dict(type='FlexEMAHook', momentum=0.1, priority='ABOVE_NORMAL'),
                       dict(type='_RecordBatchHook')],
         log_processor=dict(by_epoch=False), default_scope='flexgen',
         randomness=dict(seed=seed), resume=resume)

@@ -16,6 +16,7 @@ from PIL import Image
 import flexgen
 from flexgen.evaluation import GeneratedClassAccuracy, to_uint8
 from flexgen.evaluation import generation as generation_module
+from flexgen.fileio import read_checkpoint, select_weights
 from flexgen.models.generator import DiffusionGenerator
 from flexgen.registry import DATASETS, MODELS
 from helpers import load_tool
@@ -46,7 +47,7 @@ test_dataloader = dict(batch_size=4, num_workers=0,
 test_cfg = dict(type='GenerationLoop', shard_size=4)
 test_evaluator = dict(classifier_dataset=dict(num_samples=300), num_real=100,
                       train_cfg=dict(epochs=1, max_train_images=None))
-custom_hooks = [dict(type='EMAHook', momentum=0.1, priority='ABOVE_NORMAL')]
+custom_hooks = [dict(type='FlexEMAHook', momentum=0.1, priority='ABOVE_NORMAL')]
 default_hooks = dict(checkpoint=dict(interval=12))
 '''
 
@@ -95,13 +96,15 @@ def requests():
 
 
 def ema_model(tiny, rule=None):
-    """The config's model with the weights the test hooks use: mmengine's EMAHook saves the
-    averaged weights as the checkpoint's state_dict."""
+    """The config's model with the checkpoint's EMA weights (what the test hooks swap in),
+    read by flexgen's one checkpoint reader."""
     cfg = Config.fromfile(tiny['config'])
     if rule is not None:
         cfg.model.backbone.rope.rule = rule
     model = MODELS.build(cfg.model)
-    model.load_state_dict(torch.load(tiny['checkpoint'], weights_only=True)['state_dict'])
+    weights, kind = select_weights(read_checkpoint(tiny['checkpoint']), use_ema=True)
+    assert kind == 'ema'
+    model.load_state_dict(weights)
     return model.eval()
 
 

@@ -122,7 +122,7 @@ def test_sizes_and_recipe(name):
     assert (optim.optimizer.type, tuple(optim.optimizer.betas), optim.optimizer.weight_decay,
             optim.optimizer.eps, optim.optimizer.lr) == ('AdamW', (0.9, 0.95), 0.01, 1e-6, lr)
     assert cfg.param_scheduler == []
-    ema = [h for h in cfg.custom_hooks if h.type == 'EMAHook']
+    ema = [h for h in cfg.custom_hooks if h.type == 'FlexEMAHook']
     assert len(ema) == 1 and ema[0].momentum == pytest.approx(1e-4)
     assert cfg.train_cfg.max_iters == steps
     assert (cfg.default_hooks.checkpoint.interval, cfg.default_hooks.checkpoint.max_keep_ckpts

@@ -5,8 +5,6 @@ torchrun training in which the ranks see disjoint packs."""
 import json
 import os
 import os.path as osp
-import socket
-import subprocess
 import sys
 import uuid
 
@@ -19,6 +17,7 @@ from mmengine.hooks import Hook
 import flexgen
 from flexgen.registry import HOOKS, MODELS
 from flexgen.structures import patchify
+from helpers import train_ok
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TINY = osp.join(ROOT, 'configs', 'nit', 'nit_tiny_shapes_pack.py')
@@ -189,7 +188,7 @@ def recording_config(tmp_path, imports=(), extra=''):
     """The tiny config plus this file's recorder hook (and the modules to import)."""
     config = tmp_path / 'nit_tiny_recorded.py'
     text = (f'_base_ = [{TINY!r}]\n'
-            "custom_hooks = [dict(type='EMAHook', momentum=1e-3, priority='ABOVE_NORMAL'), "
+            "custom_hooks = [dict(type='FlexEMAHook', momentum=1e-3, priority='ABOVE_NORMAL'), "
             "dict(type='PackRecorderHook')]\n") + extra
     if imports:
         text += f'custom_imports = dict(imports={list(imports)!r}, allow_failed_imports=False)\n'
@@ -223,25 +222,11 @@ def test_tiny_packed_config_trains_with_falling_loss(tmp_path):
 
 
 # --------------------------------------------------------------------------- torchrun
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def torchrun(config, work_dir, nproc, packs_per_step, steps):
-    launcher = [sys.executable, 'tools/train.py'] if nproc == 1 else [
-        sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}',
-        f'--master_port={free_port()}', 'tools/train.py', '--launcher', 'pytorch']
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=os.pathsep.join(
-        [ROOT, osp.join(ROOT, 'tests'), os.environ.get('PYTHONPATH', '')]))
-    options = SMALL + [f'train_dataloader.batch_size={packs_per_step}',
-                       f'train_cfg.max_iters={steps}', f'default_hooks.checkpoint.interval={steps}',
-                       f'experiment_name=nit_ddp_{uuid.uuid4().hex[:8]}']
-    proc = subprocess.run(launcher + [str(config), '--work-dir', str(work_dir),
-                                      '--cfg-options', *options],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=550)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    train_ok(config, work_dir, nproc, timeout=550, options=SMALL + [
+        f'train_dataloader.batch_size={packs_per_step}', f'train_cfg.max_iters={steps}',
+        f'default_hooks.checkpoint.interval={steps}',
+        f'experiment_name=nit_ddp_{uuid.uuid4().hex[:8]}'])
 
 
 def logged_losses(work_dir):

@@ -45,9 +45,9 @@ def run_tool(tool, *argv):
 
 
 def test_every_tool_is_probed():
-    assert TOOLS == ['benchmark.py', 'convert_checkpoint.py', 'encode_latents.py',
-                     'gpu_check.py', 'pack_dataset.py', 'sample.py', 'sweep_extrapolation.py',
-                     'test.py', 'train.py']
+    assert TOOLS == ['benchmark.py', 'consolidate_checkpoint.py', 'convert_checkpoint.py',
+                     'encode_latents.py', 'gpu_check.py', 'memory_plan.py', 'pack_dataset.py',
+                     'sample.py', 'sweep_extrapolation.py', 'test.py', 'train.py']
 
 
 @pytest.mark.parametrize('tool', TOOLS)

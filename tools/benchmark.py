@@ -16,6 +16,9 @@ interleaved rounds and compared by their median per-round ratio.
   a multiple of 256 holding the longest image; masked attention; the network runs on the
   padding too), on ``--packs`` packs, since one pack's longest image decides the padding.
 - train: one training step (forward, backward, AdamW) of the demo model at the demo batch.
+- host: the CPU-side figures of the GPU path: host syncs per training step (flexgen's
+  engine vs mmengine's stock hooks), the per-image modulation's saved bytes at NiT-XL
+  width, and torch.compile's compilations over packs (regional vs the whole backbone).
 - sampling: every generation sampler at (about) the same number of network evaluations
   (NFE): wall time per image on a tiny random FlexDiT, and accuracy on Gaussian data with
   the exact velocity (ODE samplers: error against a fine adaptive solution; SDE samplers:
@@ -33,6 +36,7 @@ import warnings
 # torch and flexgen are imported where they are used: --help answers without loading them.
 
 HISTOGRAM = osp.join(osp.dirname(__file__), 'data', 'imagenet_like_latent_sizes.json')
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 
 def timed(fn, min_run_time=1.0):
@@ -479,14 +483,165 @@ def _gaussian_nfe(rtol, velocity, z):
                   return_info=True)[1]['nfe']
 
 
+def bench_host(args):
+    """The CPU-side figures of the GPU path: host syncs per training step (flexgen's engine
+    vs mmengine's stock EMAHook / OptimWrapper / RuntimeInfoHook, on the tiny packed NiT
+    config), saved bytes of the per-image modulation at NiT-XL width, and compilations of
+    regional vs whole-backbone torch.compile over packs of other lengths."""
+    import uuid
+
+    import torch
+    from mmengine.hooks import Hook
+
+    import flexgen
+    from flexgen.models.data_preprocessor import FlexDataPreprocessor
+    from flexgen.utils.host_sync import HostSyncCounter
+    flexgen.register_all_modules()
+    sys_path_tools = osp.dirname(osp.abspath(__file__))
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('flexgen_tool_train',
+                                                  osp.join(sys_path_tools, 'train.py'))
+    train_tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_tool)
+    steps, log_every = 9, 4
+
+    class Phases(Hook):
+        def __init__(self, counter):
+            self.counter = counter
+
+        def before_train_fetch(self, runner):
+            self.counter.phase = 'data'
+
+        def before_train_iter(self, runner, batch_idx, data_batch=None):
+            if runner.iter == 1:
+                self.counter.mark(runner.model, *[v for h in runner.hooks
+                                                  for v in vars(h).values()
+                                                  if isinstance(v, torch.nn.Module)])
+                self.counter.__enter__()
+            self.counter.phase = 'engine'
+
+        def after_train(self, runner):
+            self.counter.__exit__(None, None, None)
+
+    def syncs(stock):
+        options = ['model.backbone.hidden_size=32', 'model.backbone.depth=2',
+                   'model.backbone.num_heads=2', 'train_dataloader.dataset.num_samples=400',
+                   'train_dataloader.batch_sampler.max_tokens=512', f'train_cfg.max_iters={steps}',
+                   f'default_hooks.logger.interval={log_every}',
+                   'default_hooks.checkpoint.interval=1000',
+                   'default_hooks.checkpoint.save_last=False', 'val_cfg=None',
+                   'val_dataloader=None', 'val_evaluator=None',
+                   f'experiment_name=bench_{uuid.uuid4().hex[:8]}']
+        config = osp.join(ROOT, 'configs', 'nit', 'nit_tiny_shapes_pack.py')
+        if stock:
+            import tempfile
+            stock_config = osp.join(tempfile.mkdtemp(), 'stock.py')
+            with open(stock_config, 'w') as f:
+                f.write(f'_base_ = [{config!r}]\n'
+                        "custom_hooks = [dict(type='EMAHook', momentum=1e-3, "
+                        "priority='ABOVE_NORMAL')]\n"
+                        "optim_wrapper = dict(type='OptimWrapper')\n"
+                        "default_hooks = dict(runtime_info=dict(type='RuntimeInfoHook'))\n")
+            config = stock_config
+        runner = train_tool.build_runner([config, '--work-dir',
+                                          f'/tmp/flexgen_bench_{uuid.uuid4().hex[:8]}',
+                                          '--cfg-options', *options])
+        counter = HostSyncCounter('cpu')
+        runner.register_hook(Phases(counter), priority='VERY_HIGH')
+        real_step, real_forward = runner.model.train_step, FlexDataPreprocessor.forward
+
+        def train_step(*a, **k):
+            counter.phase = 'step'
+            try:
+                return real_step(*a, **k)
+            finally:
+                counter.phase = 'engine'
+
+        def forward(self, data, training=False):
+            data = real_forward(self, data, training)
+            counter.mark(data['inputs'].geometry.tensors, data['inputs'].geometry.plans)
+            return data
+
+        runner.model.train_step = train_step
+        FlexDataPreprocessor.forward = forward
+        try:
+            runner.train()
+        finally:
+            FlexDataPreprocessor.forward = real_forward
+        return len(counter.events['step']), len(counter.events['engine'])
+
+    print(f'\n== host syncs over training steps 2..{steps} of configs/nit/nit_tiny_shapes_pack.py '
+          f'(logger every {log_every}; counted on CPU by flexgen.utils.HostSyncCounter)')
+    for label, stock in (("flexgen's engine (FlexEMAHook, FlexOptimWrapper, step scalars "
+                          'flushed at logging)', False),
+                         ("mmengine's stock EMAHook, OptimWrapper, RuntimeInfoHook", True)):
+        step_syncs, engine_syncs = syncs(stock)
+        print(f'   {label}: model hot path {step_syncs}, engine {engine_syncs} '
+              f'({engine_syncs / (steps - 1):.2f} per step)')
+
+    # modulation: saved bytes of one modulate + gate pair at NiT-XL width on a pack
+    from flexgen.models.layers import gate, modulate
+    from flexgen.structures import TokenBatch
+    sizes = draw_sizes(args.tokens)
+    batch = TokenBatch(torch.zeros(int(sizes.prod(1).sum()), 1), sizes)
+    n, width = batch.tokens.shape[0], 1152
+    x = torch.randn(n, width, requires_grad=True)
+    shift, scale, g = (torch.randn(len(sizes), width, requires_grad=True) for _ in range(3))
+
+    def saved(fn):
+        total = []
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: total.append(t.numel() * t.element_size()) or t, lambda t: t):
+            fn()
+        return sum(total)
+
+    ids = batch.image_ids
+    ours = saved(lambda: gate(modulate(x, shift, scale, batch), g, batch))
+    gathered = saved(lambda: (x * (1 + scale[ids]) + shift[ids]) * g[ids])
+    print(f'\n== modulation, {n} tokens x {width} (NiT-XL width), modulate + gate: saved for '
+          f'backward {ours / 2**20:.0f} MiB per-image (flexgen) vs {gathered / 2**20:.0f} MiB '
+          f'with per-token gathers; a block has two such pairs ({2 * (gathered - ours) / 2**20:.0f}'
+          f' MiB less per block, {56 * (gathered - ours) / 2**30:.1f} GiB over 28 blocks)')
+
+    # compilations over packs of other lengths
+    from torch._dynamo.utils import counters
+    from flexgen.registry import MODELS
+    from flexgen.structures import patchify
+    cfg = dict(type='FlexDiT', in_channels=3, patch_size=2, hidden_size=32, depth=3,
+               num_heads=2, num_classes=6, pos_embed=None,
+               qk_norm=dict(type='layernorm_affine', eps=1e-5),
+               rope=dict(type='AxialRoPE2D', layout='nit'), attn_backend='sdpa')
+
+    def compilations(make):
+        torch._dynamo.reset()
+        counters.clear()
+        model = make()
+        start = time.perf_counter()
+        for step in range(5):
+            g_ = torch.Generator().manual_seed(step)
+            count = 3 + step
+            images = [torch.randn(3, 2 * (2 + (3 * i + step) % 5), 2 * (2 + (5 * i + step) % 4),
+                                  generator=g_) for i in range(count)]
+            out = model(patchify(images, 2), torch.rand(count), torch.randint(0, 6, (count,)))
+            out.pow(2).mean().backward()
+        return counters['frames']['total'], time.perf_counter() - start
+
+    regional = compilations(lambda: MODELS.build(dict(cfg, compile_blocks=True)))
+    whole = compilations(lambda: torch.compile(MODELS.build(cfg), dynamic=True))
+    print(f'\n== torch.compile over 5 packs of 3-7 images (tiny FlexDiT, CPU): regional '
+          f'(compile_blocks=True) {regional[0]} frame compilations in {regional[1]:.0f} s; '
+          f'the whole backbone (torch.compile(model, dynamic=True)) {whole[0]} in '
+          f'{whole[1]:.0f} s')
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--only', nargs='+',
-                        choices=['attention', 'packed', 'train', 'sampling'],
-                        default=['attention', 'packed', 'train', 'sampling'],
+                        choices=['attention', 'packed', 'train', 'sampling', 'host'],
+                        default=['attention', 'packed', 'train', 'sampling', 'host'],
                         metavar='SECTION', help='sections to run (default: all): attention, '
-                        'packed, train, sampling')
+                        'packed, train, sampling, host')
     parser.add_argument('--tokens', type=int, default=16384,
                         help='attention / packed: tokens in the ImageNet-like pack')
     parser.add_argument('--rounds', type=int, default=7, help='attention: interleaved rounds')
@@ -536,6 +691,8 @@ def main(argv=None):
         bench_train(args)
     if 'sampling' in args.only:
         bench_sampling(args)
+    if 'host' in args.only:
+        bench_host(args)
 
 
 if __name__ == '__main__':

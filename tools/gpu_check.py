@@ -281,6 +281,17 @@ def recipe_batches(name, args, model, count):
 
 
 def check_recipe(name, args, device, peak, compile_blocks=False, flops_per_token=None):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        row = _check_recipe(name, args, device, peak, compile_blocks, flops_per_token)
+    notes = sorted({str(w.message)[:400] for w in caught
+                    if 'attention backend' in str(w.message)})
+    if notes:
+        row['warnings'] = notes
+    return row
+
+
+def _check_recipe(name, args, device, peak, compile_blocks=False, flops_per_token=None):
     import torch
 
     from flexgen.utils.flops import forward_flops
@@ -320,6 +331,13 @@ def check_recipe(name, args, device, peak, compile_blocks=False, flops_per_token
         if flops_per_token is None:
             # forward FLOPs of each batch's backbone pass (counted eagerly: compiled
             # kernels bypass the counter), under the training precision
+            # counted with 'sdpa' (exact block-diagonal work; a compiled FlexAttention
+            # kernel cannot run under the counter)
+            from flexgen.models.layers.attention_backends import SDPAAttention
+            layers = [m for m in model.modules() if hasattr(m, 'backend')]
+            backends = [m.backend for m in layers]
+            for layer in layers:
+                layer.backend = SDPAAttention()
             flops = []
             for b in batches:
                 data = model.data_preprocessor(dict(inputs=b['inputs'], data_samples=dict(
@@ -329,6 +347,8 @@ def check_recipe(name, args, device, peak, compile_blocks=False, flops_per_token
                 with wrapper.optim_context(model):
                     flops.append(forward_flops(model.backbone, tb, t,
                                                data['data_samples']['label']))
+            for layer, backend in zip(layers, backends):
+                layer.backend = backend
             flops_per_token = sum(flops) / sum(tokens)
         tokens_per_s = statistics.mean(tokens) / seconds
         row.update(step_ms=seconds * 1e3, tokens_per_step=statistics.mean(tokens),

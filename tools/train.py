@@ -128,7 +128,9 @@ def use_cpu_ddp(cfg: Config) -> None:
     cfg.env_cfg.dist_cfg = dict(cfg.env_cfg.get('dist_cfg') or {}, backend='gloo')
     wrapper = cfg.get('model_wrapper_cfg') or dict(type='MMDistributedDataParallel',
                                                    broadcast_buffers=False)
-    wrapper['device_ids'] = None  # CPU modules take no device ids
+    from flexgen.engine.fsdp import is_sharded_wrapper_cfg
+    if not is_sharded_wrapper_cfg(wrapper):
+        wrapper['device_ids'] = None  # CPU modules take no device ids
     cfg.model_wrapper_cfg = wrapper
 
 

@@ -33,7 +33,7 @@ test_evaluator = val_evaluator
 default_hooks = dict(logger=dict(interval=100),
                      checkpoint=dict(interval=1000, max_keep_ckpts=1))
 custom_hooks = [
-    dict(type='EMAHook', momentum=5e-3, priority='ABOVE_NORMAL'),
+    dict(type='FlexEMAHook', momentum=5e-3, priority='ABOVE_NORMAL'),
     dict(type='SamplePreviewHook', interval=1000,
          sizes=[(16, 16), (24, 24), (16, 32), (32, 16), (32, 32), (24, 40)]),
 ]

@@ -43,4 +43,4 @@ test_cfg = dict(_delete_=True, type='GenerationLoop')
 
 default_hooks = dict(logger=dict(interval=100),
                      checkpoint=dict(interval=1000, max_keep_ckpts=1))
-custom_hooks = [dict(type='EMAHook', momentum=1e-3, priority='ABOVE_NORMAL')]
+custom_hooks = [dict(type='FlexEMAHook', momentum=1e-3, priority='ABOVE_NORMAL')]

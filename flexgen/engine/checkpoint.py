@@ -20,6 +20,7 @@ import logging
 import os
 import os.path as osp
 import re
+import shutil
 import zipfile
 from collections import OrderedDict
 from typing import Optional
@@ -36,6 +37,7 @@ from mmengine.runner import CheckpointLoader
 from flexgen.fileio import (CheckpointError, all_finite, atomic_write, is_temporary,
                             read_checkpoint, weights_problems)
 from flexgen.registry import HOOKS
+from .sharded_checkpoint import is_sharded_checkpoint
 _HISTORY_BUFFER = 'HistoryBuffer'
 _PLAIN_SCALARS = (bool, int, float, complex, str, bytes, type(None), torch.dtype,
                   torch.device, torch.Size)
@@ -129,7 +131,9 @@ def load_from_local(filename, map_location):
     """mmengine's loader for local files, through :func:`flexgen.fileio.read_checkpoint`
     (``weights_only=True`` stated explicitly, so no environment variable or torch default
     can turn it off; errors name the file and never advise turning the safety off)."""
-    return read_checkpoint(filename, map_location=map_location)
+    checkpoint = read_checkpoint(filename, map_location=map_location)
+    # A weights file (e.g. tools/consolidate_checkpoint.py's) in mmengine's layout.
+    return dict(state_dict=checkpoint) if filename.endswith('.safetensors') else checkpoint
 
 
 # --------------------------------------------------------------------- the hook
@@ -140,11 +144,13 @@ def _iteration(name: str) -> int:
 
 def newest_checkpoint(work_dir: str) -> Optional[str]:
     """The ``iter_<N>.pth`` of ``work_dir`` with the largest ``N`` that is a whole file
-    (a complete zip archive, as ``torch.save`` writes), or ``None``."""
+    (a complete zip archive, as ``torch.save`` writes) or sharded checkpoint directory
+    (renamed into place only once complete), or ``None``."""
     names = sorted((n for n in os.listdir(work_dir) if _iteration(n) >= 0),
                    key=_iteration, reverse=True) if osp.isdir(work_dir) else []
     for name in names:
-        if zipfile.is_zipfile(osp.join(work_dir, name)):
+        path = osp.join(work_dir, name)
+        if zipfile.is_zipfile(path) or is_sharded_checkpoint(path):
             return osp.join(work_dir, name)
     return None
 
@@ -164,7 +170,8 @@ def resolve_last_checkpoint(work_dir: str) -> Optional[str]:
         named, problem = '', f'cannot be read ({error})'
     else:
         problem = ('is empty' if not named else
-                   f'names {named!r}, which does not exist' if not osp.isfile(named) else '')
+                   f'names {named!r}, which does not exist'
+                   if not (osp.isfile(named) or is_sharded_checkpoint(named)) else '')
     if not problem:
         return named
     fallback = newest_checkpoint(work_dir)
@@ -229,8 +236,9 @@ class FlexCheckpointHook(CheckpointHook):
             # Leftovers of a write that was killed; the file they were meant to become
             # is whole or absent.
             for name in os.listdir(self.out_dir):
-                if is_temporary(name):
-                    os.remove(osp.join(self.out_dir, name))
+                if is_temporary(name):  # a file, or a sharded checkpoint's directory
+                    path = osp.join(self.out_dir, name)
+                    shutil.rmtree(path) if osp.isdir(path) else os.remove(path)
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
         weights = [v for key in ('state_dict', 'ema_state_dict')
@@ -251,6 +259,8 @@ class FlexCheckpointHook(CheckpointHook):
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         restore_message_hub(checkpoint)
+        if checkpoint.get('sharded') and 'state_dict' not in checkpoint:
+            return  # the train state of a sharded checkpoint: its loader checks the shards
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
         state = checkpoint.get('state_dict', checkpoint)
         if state and all(k.startswith('module.') for k in state):
@@ -277,6 +287,12 @@ class FlexCheckpointHook(CheckpointHook):
         ckpt_filename = self.filename_tmpl.format(step)
         self.last_ckpt = self.file_backend.join_path(self.out_dir, ckpt_filename)
         runner.message_hub.update_info('last_ckpt', self.last_ckpt)
+        consolidate = getattr(getattr(runner.optim_wrapper, 'optimizer', None),
+                              'consolidate_state_dict', None)
+        if consolidate is not None and not is_main_process():
+            # ZeroRedundancyOptimizer: rank 0 gathers the optimizer state inside
+            # save_checkpoint, a collective the other ranks join here.
+            consolidate()
         runner.save_checkpoint(
             self.out_dir, ckpt_filename, self.file_client_args,
             save_optimizer=self.save_optimizer,

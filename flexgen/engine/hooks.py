@@ -3,9 +3,10 @@ step's timer."""
 import os.path as osp
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
-from mmengine.dist import is_main_process, master_only
+from mmengine.dist import is_main_process
 from mmengine.hooks import EMAHook, Hook, IterTimerHook, RuntimeInfoHook
 from mmengine.model import is_model_wrapper
 from tqdm import tqdm
@@ -18,7 +19,8 @@ from flexgen.registry import HOOKS
 class SamplePreviewHook(Hook):
     """Writes a grid of samples (one row per size, one column per class) to
     ``work_dir/previews/iter_<N>.png`` every ``interval`` iterations and at the end of
-    training, from the EMA weights when an ``EMAHook`` is present, and hands the same grid
+    training, from the EMA weights when an ``EMAHook`` or ``FlexEMAHook`` is present
+    (with a sharded model every rank takes part and rank 0 samples), and hands the same grid
     to the runner's visualizer as image ``preview`` at step N (TensorBoard, when its backend
     is configured). Seeds are fixed, so successive grids show the same noise evolving into
     images."""
@@ -29,15 +31,28 @@ class SamplePreviewHook(Hook):
         self.sizes = [tuple(s) for s in sizes]
         self.classes, self.interval, self.seed, self.out_dir = classes, interval, seed, out_dir
 
-    def _model(self, runner):
-        for hook in runner.hooks:
-            if isinstance(hook, EMAHook) and hasattr(hook, 'ema_model'):
-                return hook.ema_model.module
-        return runner.model.module if is_model_wrapper(runner.model) else runner.model
-
-    @master_only
     def write(self, runner, step):
-        model = self._model(runner)
+        ema = next((hook for hook in runner.hooks
+                    if isinstance(hook, EMAHook) and hasattr(hook, 'ema_model')), None)
+        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        # mmengine's EMA is a copy of the model; a FlexEMAHook's average is swapped into
+        # the model itself (on every rank), and a sharded model gathers its weights (a
+        # collective: every rank takes part, rank 0 samples).
+        in_place = ema is not None and not hasattr(ema.ema_model, 'module')
+        if ema is not None and not in_place:
+            model = ema.ema_model.module
+        if in_place:
+            ema._swap_ema_parameters()
+        try:
+            with (runner.model.gathered() if hasattr(runner.model, 'gathered')
+                  else nullcontext()):
+                if is_main_process():
+                    self._sample(runner, model, step)
+        finally:
+            if in_place:
+                ema._swap_ema_parameters()
+
+    def _sample(self, runner, model, step):
         classes = self.classes if self.classes is not None else list(range(model.num_classes))
         labels = [c for _ in self.sizes for c in classes]
         sizes = [s for s in self.sizes for _ in classes]

@@ -24,6 +24,8 @@ class FlexOptimWrapper(OptimWrapper):
                   if p.requires_grad and p.grad is not None]
         if params:
             norm = self.clip_func(params, **self.clip_grad_kwargs)
+            if hasattr(norm, 'full_tensor'):  # sharded (FSDP) gradients give a DTensor norm
+                norm = norm.full_tensor()
             self.last_grad_norm = None if norm is None else norm.detach()
 
 

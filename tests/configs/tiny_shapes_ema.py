@@ -12,4 +12,4 @@ val_dataloader = None
 val_cfg = None
 val_evaluator = None
 default_hooks = dict(logger=dict(interval=1), checkpoint=dict(interval=2, max_keep_ckpts=-1))
-custom_hooks = [dict(type='EMAHook', momentum=0.5, priority='ABOVE_NORMAL')]
+custom_hooks = [dict(type='FlexEMAHook', momentum=0.5, priority='ABOVE_NORMAL')]

@@ -15,7 +15,7 @@ train_dataloader = dict(
 train_cfg = dict(type='FlexTrainLoop', max_iters=8)
 optim_wrapper = dict(optimizer=dict(type='AdamW', lr=1e-2, weight_decay=0.0))
 param_scheduler = [dict(type='LinearLR', start_factor=0.5, by_epoch=False, begin=0, end=4)]
-custom_hooks = [dict(type='EMAHook', momentum=0.1, priority='ABOVE_NORMAL')]
+custom_hooks = [dict(type='FlexEMAHook', momentum=0.1, priority='ABOVE_NORMAL')]
 
 test_dataloader = dict(
     batch_size=16,

@@ -12,4 +12,4 @@ val_cfg = dict(type='ValLoop')
 test_cfg = dict(type='GenerationLoop')
 
 # mmengine's momentum is 1 - decay: averaged = (1 - m) * averaged + m * current.
-custom_hooks = [dict(type='EMAHook', momentum=1e-4, priority='ABOVE_NORMAL')]
+custom_hooks = [dict(type='FlexEMAHook', momentum=1e-4, priority='ABOVE_NORMAL')]

@@ -22,4 +22,4 @@ val_cfg = None
 test_cfg = dict(type='GenerationLoop')
 
 # mmengine's momentum is 1 - decay.
-custom_hooks = [dict(type='EMAHook', momentum=1e-4, priority='ABOVE_NORMAL')]
+custom_hooks = [dict(type='FlexEMAHook', momentum=1e-4, priority='ABOVE_NORMAL')]
