@@ -11,7 +11,9 @@ on that same dataset (cached, trained in seconds on the CPU):
   ceiling ``accuracy`` can be read against.
 
 With images of several sizes, ``accuracy/HxW`` and ``frechet_distance/HxW`` give the same
-per size (each size's features against the real images of every size).
+per size: the features of that size against the real images of the same size among the
+``num_real`` drawn (the judge's pooled features depend on the image size), or against all
+of them for a size the real data does not have (an extrapolation).
 """
 import math
 from typing import Optional, Sequence
@@ -99,9 +101,10 @@ class GeneratedClassAccuracy(BaseMetric):
             self.results.append(dict(correct=predicted == label, feature=feature.numpy(),
                                      size=tuple(image.shape[1:])))
 
-    def real_statistics(self):
+    def real_statistics(self, size=None):
         """(mu, sigma) of the classifier features of ``num_real`` real images, drawn with
-        the seed; computed once per metric."""
+        the seed (computed once per metric); with ``size``, of those of that size when
+        there are at least 2, else of all."""
         if self._real_statistics is None:
             from flexgen.registry import DATASETS
             dataset = DATASETS.build(dict(self.classifier_dataset))
@@ -109,15 +112,20 @@ class GeneratedClassAccuracy(BaseMetric):
             indices = torch.randperm(len(dataset), generator=generator)[:self.num_real]
             images, _ = load_items(dataset, indices.tolist())
             _, features = classify(self.trained.model, images, self.batch_size)
-            self._real_statistics = feature_statistics(features)
-        return self._real_statistics
+            sizes = [tuple(image.shape[1:]) for image in images]
+            self._real_statistics = {None: feature_statistics(features)}
+            for key in set(sizes):
+                mine = [i for i, s in enumerate(sizes) if s == key]
+                if len(mine) >= 2:
+                    self._real_statistics[key] = feature_statistics(features[mine])
+        return self._real_statistics.get(size, self._real_statistics[None])
 
-    def _scores(self, results: list, what: str) -> dict:
+    def _scores(self, results: list, what: str, size=None) -> dict:
         accuracy = 100.0 * float(np.mean([r['correct'] for r in results])) if results \
             else math.nan
         if len(results) >= 2:
             mu, sigma = feature_statistics(np.stack([r['feature'] for r in results]))
-            distance = frechet_distance(mu, sigma, *self.real_statistics())
+            distance = frechet_distance(mu, sigma, *self.real_statistics(size))
         else:
             print_log(f'GeneratedClassAccuracy: fewer than 2 generated images{what}; the '
                       'Frechet distance is undefined (nan)', logger='current', level=30)
@@ -132,6 +140,6 @@ class GeneratedClassAccuracy(BaseMetric):
         if len(groups) > 1:
             for size, group in sorted(groups.items()):
                 key = size_key(size)
-                for name, value in self._scores(group, f' of size {key}').items():
+                for name, value in self._scores(group, f' of size {key}', size).items():
                     out[f'{name}/{key}'] = value
         return out
