@@ -14,7 +14,8 @@ from mmengine.config import Config
 from PIL import Image
 
 import flexgen
-from flexgen.evaluation import GeneratedClassAccuracy, to_uint8
+from flexgen.evaluation import (GeneratedClassAccuracy, classify, feature_statistics,
+                                frechet_distance, to_uint8)
 from flexgen.evaluation import generation as generation_module
 from flexgen.fileio import read_checkpoint, select_weights
 from flexgen.models.generator import DiffusionGenerator
@@ -141,13 +142,14 @@ def test_generation_writes_adm_npz_and_the_size_table(tiny, uninterrupted, cache
         expected = np.concatenate([direct_images(model, indices[:4]),
                                    direct_images(model, indices[4:])])
         assert np.array_equal(npz['arr_0'], expected)
-        # The table's figures for this size are the judge's on this size's images alone.
-        judge.process(None, [dict(image=torch.from_numpy(x).permute(2, 0, 1).float() / 255,
-                                  label=int(y)) for x, y in zip(npz['arr_0'], npz['arr_1'])])
-        alone = judge.evaluate(PER_SIZE)
-        assert metrics[f'gen/accuracy/{h}x{w}'] == alone['gen/accuracy']
-        assert metrics[f'gen/frechet_distance/{h}x{w}'] == pytest.approx(
-            alone['gen/frechet_distance'], rel=1e-6)
+        # The table's figures for this size: the judge's accuracy on this size's images
+        # alone, and the Frechet distance of their judge features to real ones of the size.
+        pixels = [torch.from_numpy(x).permute(2, 0, 1).float() / 255 for x in npz['arr_0']]
+        judge.process(None, [dict(image=x, label=int(y)) for x, y in zip(pixels, npz['arr_1'])])
+        assert metrics[f'gen/accuracy/{h}x{w}'] == judge.evaluate(PER_SIZE)['gen/accuracy']
+        _, features = classify(judge.trained.model, [x * 2 - 1 for x in pixels])
+        assert metrics[f'gen/frechet_distance/{h}x{w}'] == pytest.approx(frechet_distance(
+            *feature_statistics(features), *judge.real_statistics((h, w))), rel=1e-6)
 
     with open(out_dir / 'metrics.json') as f:
         table = json.load(f)
