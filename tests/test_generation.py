@@ -350,3 +350,15 @@ def test_generation_options_edit_the_config():
     with pytest.raises(ValueError, match='precision must be one of'):
         with precision_context('fp8', torch.device('cpu')):
             pass
+
+
+def test_bad_sizes_and_rules_are_refused_before_generating(tiny, cache):
+    out_dir = tiny['root'] / 'refused'
+    with pytest.raises(ValueError, match=r"\['18x18'\] are not divisible by 4"):
+        run_test_tool(tiny, out_dir, '--sizes', '16x16', '18x18')
+    sweep_tool = load_tool('sweep_extrapolation')
+    with pytest.raises(ValueError, match='YaRN: ori_max_pe_len is required'):
+        sweep_tool.main([tiny['config'], tiny['checkpoint'], '--rules', 'no', 'yarn',
+                         '--sizes', '16x16', '--work-dir', str(tiny['root'] / 'test'),
+                         '--out-dir', str(out_dir), '--cfg-options', experiment()])
+    assert not out_dir.exists()  # nothing was generated

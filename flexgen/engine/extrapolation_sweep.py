@@ -17,9 +17,11 @@ from mmengine.dist import broadcast_object_list, get_dist_info
 
 from flexgen.evaluation.generation import markdown_table, write_table_files
 from flexgen.evaluation.utils import size_key
+from flexgen.position_encodings.rope_scaling import REFERENCE_NAMES, build_rope_rule
 from flexgen.registry import DATASETS, LOOPS
 
-from .generation_loop import GenerationLoop, _unwrap, default_out_dir, generation_manifest
+from .generation_loop import (GenerationLoop, _unwrap, check_sizes, default_out_dir,
+                              generation_manifest)
 
 DECOUPLE_MODES = ('both', 'on', 'off')
 
@@ -28,7 +30,6 @@ def sweep_variants(rules: Sequence[str], decouple: str = 'both',
                    ori_max_pe_len: Optional[float] = None) -> List[dict]:
     """``[dict(name, rule)]``: each rule coupled and / or decoupled (``decouple``); plain
     extrapolation, which has no scale to decouple, once."""
-    from flexgen.position_encodings.rope_scaling import REFERENCE_NAMES
     if decouple not in DECOUPLE_MODES:
         raise ValueError(f'decouple must be one of {DECOUPLE_MODES}, got {decouple!r}')
     variants = []
@@ -88,6 +89,9 @@ class ExtrapolationSweep(GenerationLoop):
         rope = self._rope()
         length = self.ori_max_pe_len or getattr(rope.rule, 'ori_max_pe_len', None)
         variants = sweep_variants(self.rules, self.decouple, length)
+        for variant in variants:  # every rule builds (e.g. has its length) before any image
+            build_rope_rule(variant['rule'])
+        check_sizes(_unwrap(runner.model), self.sizes)
         requests_cfg = copy.deepcopy(runner.cfg.test_dataloader.dataset)
         requests_cfg['sizes'] = [list(size) for size in self.sizes]
         requests = DATASETS.build(requests_cfg)

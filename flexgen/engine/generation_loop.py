@@ -31,6 +31,17 @@ def generation_manifest(model_cfg, dataset_cfg, model) -> dict:
                 weights=state_dict_digest(_unwrap(model).state_dict()))
 
 
+def check_sizes(model, sizes) -> None:
+    """Every ``(H, W)`` is divisible by the model's pixels per token (autoencoder
+    downsampling x patch size): refused before anything is generated, not at that size."""
+    step = getattr(getattr(model, 'autoencoder', None), 'downsample', 1) * \
+        getattr(model, 'patch_size', 1)
+    bad = sorted({tuple(size) for size in sizes if size[0] % step or size[1] % step})
+    if bad:
+        raise ValueError(f'sizes {[f"{h}x{w}" for h, w in bad]} are not divisible by {step} '
+                         '(autoencoder downsampling x patch size)')
+
+
 def default_out_dir(root: str, manifest: dict) -> str:
     """``root/<12 hex digits of the manifest>``: the same settings find their earlier
     shards; other settings get a folder of their own."""
@@ -100,6 +111,7 @@ class GenerationLoop(BaseLoop):
         ``work_dir/<root>/<hash of the settings>``), evaluate, write the table."""
         runner = self.runner
         model = _unwrap(runner.model)
+        check_sizes(model, {tuple(requests.get_size(i)) for i in range(len(requests))})
         _, world = get_dist_info()
         device = next(model.parameters()).device
         precision = resolve_precision(self.precision, device)

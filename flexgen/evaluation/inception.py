@@ -34,7 +34,6 @@ _SPATIAL_CHANNELS = 7
 def import_torch_fidelity():
     """torch-fidelity, or an ImportError that says how to install it."""
     try:
-        import torch_fidelity  # noqa: F401
         from torch_fidelity import feature_extractor_inceptionv3
     except ImportError as error:
         raise ImportError(
