@@ -362,3 +362,44 @@ def test_bad_sizes_and_rules_are_refused_before_generating(tiny, cache):
                          '--sizes', '16x16', '--work-dir', str(tiny['root'] / 'test'),
                          '--out-dir', str(out_dir), '--cfg-options', experiment()])
     assert not out_dir.exists()  # nothing was generated
+
+
+@pytest.mark.slow
+def test_inception_metrics_through_the_generation_loop(tiny, cache, tmp_path):
+    """tools/test.py with InceptionMetrics (a random Inception of ADM's architecture, a
+    reference .npz in ADM's layout): FID and IS of the generated .npz, as computed directly
+    from its images."""
+    from helpers import random_inception_weights
+    from test_inception_metrics import direct_fid, direct_inception_score, shapes
+
+    from flexgen.evaluation import InceptionFeatures
+    weights = tmp_path / 'inception.pth'
+    random_inception_weights(weights, seed=1)
+    reference = tmp_path / 'ref.npz'
+    np.savez(reference, arr_0=shapes(20, seed=4, size=(16, 16), palette='grey'))
+    config = tmp_path / 'tiny_inception.py'
+    config.write_text(f"""_base_ = [{tiny['config']!r}]
+test_evaluator = dict(_delete_=True, type='InceptionMetrics', reference={str(reference)!r},
+                      inception_weights={str(weights)!r}, scores=('fid', 'is'),
+                      cache_dir={str(tmp_path / 'cache')!r})
+""")
+    metrics = load_tool('test').main([
+        str(config), tiny['checkpoint'], '--work-dir', str(tiny['root'] / 'test'),
+        '--out-dir', str(tmp_path / 'out'), '--sizes', '16x16', '--num-samples', '12',
+        '--cfg-options', experiment()])
+    assert set(metrics) == {'inception/fid', 'inception/is'}
+    images = read_npz(tmp_path / 'out' / 'samples_16x16.npz')['arr_0']
+    inception = InceptionFeatures(str(weights), device='cpu')
+
+    def features(array):  # batched as the loop feeds the metric: 4 images a call
+        parts = [inception(torch.from_numpy(array[b:b + 4]).permute(0, 3, 1, 2))
+                 for b in range(0, len(array), 4)]
+        return {k: torch.cat([p[k] for p in parts]).double().numpy() for k in parts[0]}
+
+    generated = features(images)
+    with np.load(reference) as ref:
+        real = inception(torch.from_numpy(ref['arr_0']).permute(0, 3, 1, 2))['pool']
+    fid = direct_fid(generated['pool'], real.double().numpy())
+    assert metrics['inception/fid'] == pytest.approx(fid, rel=1e-6)
+    assert metrics['inception/is'] == pytest.approx(
+        direct_inception_score(generated['logits']), rel=1e-6)

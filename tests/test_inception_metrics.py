@@ -147,7 +147,7 @@ def test_adm_reference_batch_stored_statistics_win(weights, tmp_path):
         mu=other_pool.mean(0), sigma=np.cov(other_pool, rowvar=False),
         mu_s=other_spatial.mean(0), sigma_s=np.cov(other_spatial, rowvar=False))
     metric = InceptionMetrics(reference, inception_weights=weights, device='cpu',
-                              metrics=('fid', 'precision', 'recall'),
+                              scores=('fid', 'precision', 'recall'),
                               cache_dir=str(tmp_path / 'cache'))
     result = evaluate(metric, samples, batch=16)
     pool, _, _ = torch_fidelity_features(weights, samples, batch=16)
@@ -212,9 +212,9 @@ def test_reference_errors_name_the_file_and_keys(inception, weights, tmp_path):
         InceptionMetrics(stats_only, inception_weights=weights)
     with pytest.raises(FileNotFoundError, match=r"reference\['default'\] = .*nowhere\.npz"):
         InceptionMetrics(str(tmp_path / 'nowhere.npz'), inception_weights=weights)
-    with pytest.raises(ValueError, match="metrics must be a non-empty subset"):
-        InceptionMetrics(stats_only, inception_weights=weights, metrics=('fid', 'kid'))
-    assert InceptionMetrics(stats_only, inception_weights=weights, metrics=('fid', 'is'))
+    with pytest.raises(ValueError, match="scores must be a non-empty subset"):
+        InceptionMetrics(stats_only, inception_weights=weights, scores=('fid', 'kid'))
+    assert InceptionMetrics(stats_only, inception_weights=weights, scores=('fid', 'is'))
 
 
 def test_weights_are_read_safely(weights, inception, tmp_path, monkeypatch):
@@ -249,7 +249,7 @@ def test_several_sizes_are_scored_against_their_references(weights, tmp_path, mo
     small, wide = shapes(3, seed=1, size=(16, 16)), shapes(3, seed=2, size=(16, 32))
     stats = {name: write_npz(tmp_path / f'{name}.npz', mu=np.full(2048, value),
                              sigma=np.eye(2048)) for name, value in (('a', 1.0), ('b', 2.0))}
-    metric = InceptionMetrics({'16x32': stats['b'], 'default': stats['a']}, metrics=('fid',),
+    metric = InceptionMetrics({'16x32': stats['b'], 'default': stats['a']}, scores=('fid',),
                               inception_weights=weights, device='cpu')
     # Frechet distances are checked above; here only which reference each size meets.
     calls = []

@@ -33,7 +33,7 @@ from .utils import parse_size_key, size_key, to_uint8
 from .inception import InceptionFeatures, import_torch_fidelity, resolve_weights
 from .reference import InceptionStatistics, ReferenceReader, statistics_from_features
 
-ALL_METRICS = ('fid', 'sfid', 'is', 'precision', 'recall')
+ALL_SCORES = ('fid', 'sfid', 'is', 'precision', 'recall')
 
 
 def inception_score(logits, split_size: int = 5000) -> float:
@@ -74,7 +74,8 @@ class InceptionMetrics(BaseMetric):
         inception_weights: a local Inception weights file (``.pth`` / ``.safetensors``);
             ``None``: torch-fidelity's file in torch's hub cache, fetched when missing
             (``download``), before any image is generated.
-        metrics: a subset of ``('fid', 'sfid', 'is', 'precision', 'recall')``.
+        scores: a subset of ``('fid', 'sfid', 'is', 'precision', 'recall')`` (not named
+            ``metrics``: mmengine reads a config with that key as an ``Evaluator``'s).
         batch_size: images per Inception forward pass.
         device: where Inception runs (default: CUDA when available).
         cache_dir: the reference-feature cache (default ``user_cache_dir('inception')``).
@@ -86,17 +87,17 @@ class InceptionMetrics(BaseMetric):
 
     def __init__(self, reference: Union[str, Dict[str, str]],
                  inception_weights: Optional[str] = None, download: bool = True,
-                 metrics: Sequence[str] = ALL_METRICS, batch_size: int = 64,
+                 scores: Sequence[str] = ALL_SCORES, batch_size: int = 64,
                  device: Optional[str] = None, cache_dir: Optional[str] = None,
                  neighborhood: int = 3, is_split_size: int = 5000,
                  collect_device: str = 'cpu', prefix: Optional[str] = None):
         super().__init__(collect_device=collect_device, prefix=prefix)
-        unknown = sorted(set(metrics) - set(ALL_METRICS))
-        if unknown or not metrics:
-            raise ValueError(f'InceptionMetrics: metrics must be a non-empty subset of '
-                             f'{ALL_METRICS}, got {tuple(metrics)}')
-        self.metric_names = tuple(metrics)
-        self.references = self._check_references(reference, self.metric_names)
+        unknown = sorted(set(scores) - set(ALL_SCORES))
+        if unknown or not scores:
+            raise ValueError(f'InceptionMetrics: scores must be a non-empty subset of '
+                             f'{ALL_SCORES}, got {tuple(scores)}')
+        self.scores = tuple(scores)
+        self.references = self._check_references(reference, self.scores)
         import_torch_fidelity()
         self.weights = self._weights_on_every_rank(inception_weights, download)
         self.batch_size, self.device, self.cache_dir = batch_size, device, cache_dir
@@ -118,8 +119,8 @@ class InceptionMetrics(BaseMetric):
         return resolve_weights(None, download=False)
 
     @staticmethod
-    def _check_references(reference, metrics) -> Dict[str, str]:
-        """Every source exists and can give what ``metrics`` need (before any image is
+    def _check_references(reference, scores) -> Dict[str, str]:
+        """Every source exists and can give what ``scores`` need (before any image is
         generated, not after)."""
         references = dict(reference) if isinstance(reference, dict) else dict(default=reference)
         for key, source in references.items():
@@ -139,9 +140,9 @@ class InceptionMetrics(BaseMetric):
                 raise ValueError(f'InceptionMetrics: reference {source!r} is not a readable '
                                  f'.npz: {error}') from error
             needs = []
-            if ({'precision', 'recall'} & set(metrics)) and 'arr_0' not in keys:
+            if ({'precision', 'recall'} & set(scores)) and 'arr_0' not in keys:
                 needs.append('precision / recall need its images (arr_0)')
-            if 'sfid' in metrics and not ({'mu_s', 'sigma_s'} <= keys or 'arr_0' in keys):
+            if 'sfid' in scores and not ({'mu_s', 'sigma_s'} <= keys or 'arr_0' in keys):
                 needs.append('sfid needs mu_s / sigma_s or images (arr_0)')
             if not ({'mu', 'sigma'} <= keys or 'arr_0' in keys):
                 needs.append('FID needs mu / sigma or images (arr_0)')
@@ -168,7 +169,7 @@ class InceptionMetrics(BaseMetric):
         if source not in self._statistics:
             if self._reader is None:
                 self._reader = ReferenceReader(self.inception, self.cache_dir, self.batch_size)
-            need_images = 'precision' in self.metric_names or 'recall' in self.metric_names
+            need_images = 'precision' in self.scores or 'recall' in self.scores
             self._statistics[source] = self._reader.read(source, need_images)
         return self._statistics[source]
 
@@ -190,7 +191,7 @@ class InceptionMetrics(BaseMetric):
                     result = dict(index=int(sample.get('index', -1)), size=size,
                                   pool=features['pool'][j].numpy(),
                                   logits=features['logits'][j].numpy())
-                    if 'sfid' in self.metric_names:
+                    if 'sfid' in self.scores:
                         result['spatial'] = features['spatial'][j].numpy()
                     self.results.append(result)
 
@@ -201,30 +202,30 @@ class InceptionMetrics(BaseMetric):
             print_log(f'InceptionMetrics: {len(results)} image(s) of size {size_key(size)}; '
                       'FID and the other statistics need at least 2 (nan)', logger='current',
                       level=logging.WARNING)
-            return {name: math.nan for name in self.metric_names}
+            return {name: math.nan for name in self.scores}
         samples = statistics_from_features(
             np.stack([r['pool'] for r in results]),
-            np.stack([r['spatial'] for r in results]) if 'sfid' in self.metric_names else None)
-        if 'fid' in self.metric_names:
+            np.stack([r['spatial'] for r in results]) if 'sfid' in self.scores else None)
+        if 'fid' in self.scores:
             out['fid'] = frechet_distance(samples.mu, samples.sigma, reference.mu,
                                           reference.sigma)
-        if 'sfid' in self.metric_names:
+        if 'sfid' in self.scores:
             if reference.mu_s is None:
                 raise ValueError(f'InceptionMetrics: the reference {reference.source!r} has no '
                                  "spatial statistics (mu_s, sigma_s) and no images; drop 'sfid' "
-                                 'from metrics or give a reference with images')
+                                 'from scores or give a reference with images')
             out['sfid'] = frechet_distance(samples.mu_s, samples.sigma_s, reference.mu_s,
                                            reference.sigma_s)
-        if 'is' in self.metric_names:
+        if 'is' in self.scores:
             out['is'] = inception_score(np.stack([r['logits'] for r in results]),
                                         self.is_split_size)
-        if 'precision' in self.metric_names or 'recall' in self.metric_names:
+        if 'precision' in self.scores or 'recall' in self.scores:
             if reference.pool is None:
                 raise ValueError(f'InceptionMetrics: the reference {reference.source!r} has no '
                                  'images (arr_0), so precision / recall cannot be computed; '
-                                 "drop them from metrics or give a reference with images")
+                                 "drop them from scores or give a reference with images")
             scores = precision_recall(samples.pool, reference.pool, self.neighborhood)
-            out.update({k: v for k, v in scores.items() if k in self.metric_names})
+            out.update({k: v for k, v in scores.items() if k in self.scores})
         return out
 
     def compute_metrics(self, results: list) -> dict:
