@@ -1,36 +1,25 @@
 """Bad input, as a table: each case is an input a user can give, the error it must raise
 and the words that error must say. None of them may pass silently, lose a checkpoint or
 advise turning a safety off."""
-import importlib.util
 import os
 import os.path as osp
-import sys
 import uuid
 
 import numpy as np
 import pytest
 import torch
-from mmengine.runner import Runner
 from PIL import Image
 from safetensors.torch import save_file
 
 import flexgen
 from flexgen.apis import init_generator
 from flexgen.fileio import CheckpointError, read_checkpoint
+from helpers import load_tool
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TOY = osp.join(ROOT, 'tests', 'configs', 'toy_train.py')
 SHAPES = osp.join(ROOT, 'tests', 'configs', 'tiny_shapes_ema.py')
 flexgen.register_all_modules()
-
-
-def load_tool(name):
-    sys.path.insert(0, osp.join(ROOT, 'tools'))
-    spec = importlib.util.spec_from_file_location(f'flexgen_tool_{name}',
-                                                  osp.join(ROOT, 'tools', f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 train_tool, test_tool = load_tool('train'), load_tool('test')
