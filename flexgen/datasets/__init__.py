@@ -1,4 +1,5 @@
 """Datasets, collate functions and batch samplers (importing this registers them)."""
+from .base_dataset import FlexDataset
 from .batch_samplers import BucketBatchSampler, TokenBudgetBatchSampler
 from .collate import jagged_collate, padded_collate
 from .fit_latents import FiTFileError, FiTLatents
@@ -9,7 +10,7 @@ from .pack_samplers import OfflinePackSampler, OnlinePackSampler
 from .packing import lpfhp, packing_report
 from .shapes import SHAPES, ProceduralShapes
 
-__all__ = ['BucketBatchSampler', 'TokenBudgetBatchSampler', 'jagged_collate', 'padded_collate',
+__all__ = ['FlexDataset', 'BucketBatchSampler', 'TokenBudgetBatchSampler', 'jagged_collate', 'padded_collate',
            'FiTFileError', 'FiTLatents', 'GenerationRequests', 'ImageFolder', 'NiTFileError', 'NiTLatents',
            'OfflinePackSampler', 'OnlinePackSampler', 'lpfhp', 'packing_report',
            'ProceduralShapes', 'SHAPES']

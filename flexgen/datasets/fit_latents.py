@@ -35,11 +35,12 @@ import numpy as np
 import torch
 from mmengine.logging import print_log
 from safetensors import SafetensorError, safe_open
-from torch.utils.data import Dataset
 
 from flexgen.registry import DATASETS
 from flexgen.rng import stream_id, uniforms
 from flexgen.structures import unpatchify
+
+from .base_dataset import FlexDataset
 
 
 CHOICES = ('random', 'resize', 'crop')
@@ -67,7 +68,7 @@ class FiTFileError(ValueError):
 
 
 @DATASETS.register_module()
-class FiTLatents(Dataset):
+class FiTLatents(FlexDataset):
     """FiT / FiTv2 latents from ``data_root`` (format: see the module docstring).
 
     Entries, as the reference lists them (each folder's names sorted, so that index ``i`` is
@@ -189,26 +190,18 @@ class FiTLatents(Dataset):
         return entries
 
     # ------------------------------------------------------------------ metadata
-    @property
-    def metainfo(self) -> dict:
-        return dict(latent_channels=self.latent_channels, patch_size=self.patch_size)
+    METAINFO_KEYS = ('latent_channels', 'patch_size')
 
     def __len__(self) -> int:
         return len(self.entries)
 
-    def _check(self, index) -> int:
-        if not 0 <= index < len(self.entries):
-            raise IndexError(f'FiTLatents: index {index} is out of range for a dataset of '
-                             f'length {len(self.entries)}')
-        return int(index)
-
     def path(self, index: int) -> str:
         """The file item ``index`` reads."""
-        return self._paths[self._check(index)]
+        return self._paths[self.check_index(index)]
 
     def flipped(self, index: int) -> bool:
         """Whether item ``index`` is the mirrored copy (``feature[1]``)."""
-        return bool(self._flip[self._check(index)])
+        return bool(self._flip[self.check_index(index)])
 
     def _open(self, path: str):
         if not osp.isfile(path):
@@ -236,7 +229,7 @@ class FiTLatents(Dataset):
     def get_size(self, index: int) -> Tuple[int, int]:
         """``(H, W)`` of item ``index``'s latent (tokens times ``patch_size``), from the
         header of the file it reads."""
-        index = self._check(index)
+        index = self.check_index(index)
         if self._shapes[index, 0] < 0:
             path = self._paths[index]
             with self._open(path) as handle:
@@ -246,7 +239,7 @@ class FiTLatents(Dataset):
 
     def get_label(self, index: int) -> int:
         """The class of item ``index`` (reads only the ``label`` tensor)."""
-        index = self._check(index)
+        index = self.check_index(index)
         if self._labels[index] < 0:
             path = self._paths[index]
             with self._open(path) as handle:
@@ -266,7 +259,7 @@ class FiTLatents(Dataset):
 
     # ------------------------------------------------------------------ items
     def __getitem__(self, index: int) -> dict:
-        index = self._check(index)
+        index = self.check_index(index)
         path = self._paths[index]
         with self._open(path) as handle:
             h, w = self._read_shape(index, handle, path)

@@ -45,11 +45,11 @@ import torch
 from mmengine.logging import print_log
 from PIL import Image
 from safetensors import SafetensorError, safe_open
-from torch.utils.data import Dataset
 
 from flexgen.registry import DATASETS
 from flexgen.rng import stream_id, uniforms
 
+from .base_dataset import FlexDataset
 from .image_folder import center_crop_arr
 
 NIT_TYPES = ('native-resolution', 'fixed-256x256', 'fixed-512x512')
@@ -87,7 +87,7 @@ def load_nit_image(path: str, data_type: str, latent_h: int, latent_w: int, scal
 
 
 @DATASETS.register_module()
-class NiTLatents(Dataset):
+class NiTLatents(FlexDataset):
     """NiT's latents listed by one or more data-meta jsonl files (format: module docstring).
 
     Args:
@@ -238,7 +238,7 @@ class NiTLatents(Dataset):
 
     def meta(self, index: int) -> dict:
         """The jsonl line of item ``index`` (re-read from its file)."""
-        index = self._check(index)
+        index = self.check_index(index)
         path = self.meta_files[self._file[index]]
         with open(path, 'rb') as handle:
             handle.seek(int(self._offset[index]))
@@ -249,30 +249,22 @@ class NiTLatents(Dataset):
         return f'line {int(self._line[index])} of {self.meta_files[self._file[index]]!r}'
 
     # ------------------------------------------------------------------ metadata
-    @property
-    def metainfo(self) -> dict:
-        return dict(types=self.types, image_scale=self.image_scale)
+    METAINFO_KEYS = ('types', 'image_scale')
 
     def __len__(self) -> int:
         return len(self._line)
 
-    def _check(self, index) -> int:
-        if not 0 <= index < len(self):
-            raise IndexError(f'NiTLatents: index {index} is out of range for a dataset of '
-                             f'length {len(self)}')
-        return int(index)
-
     def get_size(self, index: int) -> Tuple[int, int]:
         """``(h, w)`` of item ``index``'s latent, from the jsonl."""
-        h, w = self._sizes[self._check(index)].tolist()
+        h, w = self._sizes[self.check_index(index)].tolist()
         return h, w
 
     def data_type(self, index: int) -> str:
-        return self.types[self._type[self._check(index)]]
+        return self.types[self._type[self.check_index(index)]]
 
     def flipped(self, index: int) -> bool:
         """Whether item ``index`` is the mirrored copy (``latent[1]``)."""
-        return bool(self._flip[self._check(index)])
+        return bool(self._flip[self.check_index(index)])
 
     def latent_path(self, index: int, meta: Optional[dict] = None) -> str:
         meta = meta or self.meta(index)
@@ -281,7 +273,7 @@ class NiTLatents(Dataset):
     def get_label(self, index: int) -> int:
         """The class of item ``index``: the jsonl's ``label``, else the file's ``label``
         tensor alone (the latent is not read)."""
-        index = self._check(index)
+        index = self.check_index(index)
         if self._labels[index] < 0:
             path = self.latent_path(index)
             with self._open(path, index) as handle:
@@ -338,7 +330,7 @@ class NiTLatents(Dataset):
 
     # ------------------------------------------------------------------ items
     def __getitem__(self, index: int) -> dict:
-        index = self._check(index)
+        index = self.check_index(index)
         meta = self.meta(index)
         path = self.latent_path(index, meta)
         with self._open(path, index) as handle:
