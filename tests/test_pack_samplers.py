@@ -6,10 +6,10 @@ import pytest
 import torch
 from mmengine.logging import MMLogger
 
-import flexgen.datasets.packing as packing
+import flexgen.datasets.packing.online as online_packing
 from flexgen.datasets import pack_samplers
 from flexgen.datasets.pack_samplers import OfflinePackSampler, OnlinePackSampler
-from flexgen.datasets.packing import save_sampler_meta
+from flexgen.datasets.packing.sampler_meta import save_sampler_meta
 from flexgen.registry import DATA_SAMPLERS
 from helpers import SizedDataset, Wrapped, take
 
@@ -214,8 +214,9 @@ def test_online_resume_equals_uninterrupted_and_packs_one_chunk(monkeypatch, sta
     reference = make()
     full = take(reference, start + 12)
     calls = []
-    original = packing.fill_packs
-    monkeypatch.setattr(packing, 'fill_packs', lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = online_packing.fill_packs
+    monkeypatch.setattr(online_packing, 'fill_packs',
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
     resumed = make()
     calls.clear()  # the automatic fill's trials at build
     resumed.set_start_iter(start)
