@@ -99,10 +99,12 @@ def find_oversize(lengths: Sequence[int], max_len: int, oversize: str, owner: st
                   describe: Optional[Callable[[int], str]] = None, budget: str = '',
                   remedy: str = '') -> np.ndarray:
     """Positions of the ``lengths`` over ``max_len``. With ``oversize='error'`` any is a
-    ValueError naming the first (``describe(i)``, default ``index i``) and the count; with
-    ``'drop'`` they are returned, for the caller to leave out and log.
+    ValueError naming the first and how many there are; with ``'drop'`` they are returned,
+    for the caller to leave out and log.
 
     Args:
+        describe: ``describe(i)`` names image ``i`` and its tokens in the message (default
+            ``index i has n tokens``).
         budget: how the message names the limit (default ``max_tokens=<max_len>``).
         remedy: what the message advises (default: raise the limit, resize in the dataset,
             or ``oversize='drop'``).
@@ -112,9 +114,9 @@ def find_oversize(lengths: Sequence[int], max_len: int, oversize: str, owner: st
     over = np.flatnonzero(lengths > max_len)
     if len(over) and oversize == 'error':
         i = int(over[0])
+        what = describe(i) if describe else f'index {i} has {int(lengths[i])} tokens'
         raise ValueError(
-            f'{owner}: {describe(i) if describe else f"index {i}"} has {int(lengths[i])} '
-            f'tokens, more than {budget or f"max_tokens={max_len}"} ({len(over)} of '
+            f'{owner}: {what}, more than {budget or f"max_tokens={max_len}"} ({len(over)} of '
             f'{len(lengths)} images exceed it); '
             + (remedy or "raise it, resize them in the dataset, or set oversize='drop'"))
     return over
