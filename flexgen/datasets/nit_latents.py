@@ -166,7 +166,8 @@ class NiTLatents(FlexDataset):
         self.image_dir, self.image_mode, self.image_scale = image_dir, image_mode, image_scale
         self.flip_prob, self.seed, self.latent_channels = float(flip_prob), seed, latent_channels
         self._index()
-        self._flip = (uniforms(seed, torch.arange(len(self)), _FLIP_STREAM) < self.flip_prob).numpy()
+        draws = uniforms(seed, torch.arange(len(self)), _FLIP_STREAM)
+        self._flip = (draws < self.flip_prob).numpy()
 
     # ------------------------------------------------------------------ the jsonl index
     def _index(self) -> None:

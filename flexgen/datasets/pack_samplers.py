@@ -1,15 +1,13 @@
-"""Batch samplers that serve token-budget packs (NiT-style packed training).
+"""Data samplers that serve token-budget packs (NiT-style packed training).
 
 Each step gives every rank ``packs_per_step`` packs, as ONE list of dataset indices (the
-packs concatenated). Both samplers here:
+packs concatenated), dealt out of one sequence of global steps as every
+:class:`~flexgen.datasets.base_sampler.GlobalBatchSampler` does. Both samplers here:
 
-- build one infinite sequence of steps, epoch after epoch, the same on every rank: a global
-  step is ``W * P`` packs (W ranks, P packs per rank) and rank ``r`` takes packs
-  ``[r * P, (r + 1) * P)`` of it. A step never spans two epochs and an epoch uses an image
-  at most once, so ranks never share an image; W ranks see at step s exactly what one
-  process with ``packs_per_step = W * P`` sees;
+- never let a step span two epochs, and use an image at most once per epoch, so ranks never
+  share an image;
 - place any step by arithmetic: :meth:`set_start_iter` resumes at a step without replaying
-  or packing anything before it (``FlexTrainLoop`` calls it on resume);
+  or packing anything before it;
 - check every image against the budget when they are built, never mid-epoch. An image
   with more tokens than the budget is an error naming it, or with ``oversize='drop'`` is
   left out, counted in ``num_oversize`` and logged through mmengine's current logger.
@@ -67,9 +65,9 @@ class OfflinePackSampler(_StepPackSampler):
     ``tools/pack_dataset.py`` writes (a list of packs, each a list of dataset indices).
 
     Epoch ``e`` serves the packs in the order ``torch.randperm(num_packs)`` drawn from a
-    generator seeded with ``seed + e`` (NiT's ``get_packed_batch_sampler``), dealt out as
-    the module docstring says: with one pack per step, rank r at step s of the epoch gets
-    pack ``perm[s * W + r]``. An epoch has ``num_packs // (W * P)`` steps; the last
+    generator seeded with ``seed + e`` (NiT's ``get_packed_batch_sampler``), dealt out
+    ``W * P`` packs per global step: with one pack per step, rank r at step s of the epoch
+    gets pack ``perm[s * W + r]``. An epoch has ``num_packs // (W * P)`` steps; the last
     ``num_packs % (W * P)`` packs of its order (a different few each epoch) wait for the
     next epoch, so that a step never spans two epochs and ranks never share an image.
     When ``W * P`` divides ``num_packs`` this is exactly NiT's sampler (which instead deals

@@ -102,10 +102,10 @@ class OnlinePlan:
     ``fill * max_len``, and less by at most one step's share. The epoch's steps are cut
     into chunks of ``chunk_steps`` (the last may be shorter). A chunk owns the images whose
     token offset in the epoch's order falls in its share of ``[0, T)`` (proportional to its
-    steps), and :func:`fill_packs` spreads them over the chunk's packs. Chunk ``c`` of epoch ``e`` depends on ``(seed, e, c)`` and the
-    dataset only. Every image is used once per epoch, unless ``fill`` asks for more than
-    the chunk packer reaches: then :func:`fill_packs` leaves some out (see
-    :func:`choose_fill`).
+    steps), and :func:`fill_packs` spreads them over the chunk's packs. Chunk ``c`` of
+    epoch ``e`` depends on ``(seed, e, c)`` and the dataset only. Every image is used once
+    per epoch, unless ``fill`` asks for more than the chunk packer reaches: then
+    :func:`fill_packs` leaves some out (see :func:`choose_fill`).
 
     Args:
         lengths: tokens of every dataset index.
