@@ -234,13 +234,13 @@ def test_bad_last_checkpoint_pointer_falls_back_to_the_newest_checkpoint(tmp_pat
 
 def test_fit_latent_with_nan_is_named(tmp_path):
     from flexgen.datasets.fit_latents import FiTFileError, FiTLatents
-    tool = load_tool('encode_latents')
+    from flexgen.datasets.latent_writer import save_tensors
     root = tmp_path / 'latents' / 'from_16_to_256'
     for folder in ('from_16_to_256', 'greater_than_256_resize', 'greater_than_256_crop'):
         os.makedirs(tmp_path / 'latents' / folder)
     feature = torch.zeros(2, 4, 4, 16)
     feature[1, 2, 3, 5] = float('nan')
-    tool.save_atomic(dict(feature=feature, grid=torch.stack(torch.meshgrid(
+    save_tensors(dict(feature=feature, grid=torch.stack(torch.meshgrid(
         torch.arange(4), torch.arange(4), indexing='xy')).reshape(2, 16).int(),
         size=torch.tensor([4, 4]), label=torch.tensor(3)), str(root / 'bad.safetensors'))
     dataset = FiTLatents(str(tmp_path / 'latents'), target_len=256, flip_prob=1.0)

@@ -1,7 +1,8 @@
 # FiT's ImageNet latents (the FiT folder format, read by FiTLatents): every image at most
-# 256 tokens of patch-2 SD-VAE latents, padded per image to that length with a mask as FiT
-# trains (padded_collate). FiTv1 uses the resized copy of large images; FiTv2 picks the
-# resized or the cropped one at random (choice='random').
+# 256 tokens of patch-2 SD-VAE latents (jagged_collate's max_length: FiT's context length;
+# FiT pads to it, here the model gets the jagged batch and the loss is per image).
+# FiTv1 uses the resized copy of large images; FiTv2 picks the resized or the cropped one
+# at random (choice='random').
 #
 # Testing: FID-50K at 256 x 256 (imagenet_fid50k.py).
 _base_ = ['./imagenet_fid50k.py']
@@ -18,4 +19,4 @@ train_dataloader = dict(
     dataset=dict(type='FiTLatents', data_root=_data_root, target_len=_target_len,
                  choice='resize', flip_prob=0.5),
     sampler=dict(type='DefaultSampler', shuffle=True),
-    collate_fn=dict(type='flexgen.padded_collate', max_length=_target_len, patch_size=2))
+    collate_fn=dict(type='flexgen.jagged_collate', patch_size=2, max_length=_target_len))
