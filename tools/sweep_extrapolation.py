@@ -17,22 +17,27 @@ import os.path as osp
 
 
 def parse_args(argv=None):
-    # torch, mmengine and flexgen are imported after parsing: --help answers at once.
+    # torch and flexgen's models are imported after parsing: --help answers at once.
+    from flexgen.cli import add_test_arguments
     parser = argparse.ArgumentParser(
-        description='RoPE extrapolation sweep: CONFIG CHECKPOINT and any other tools/test.py '
-        'option (python tools/test.py --help) pass through')
-    parser.add_argument('--rules', nargs='+', required=True,
+        description="RoPE extrapolation sweep of a checkpoint; every tools/test.py option "
+        'applies')
+    add_test_arguments(parser)
+    sweep = parser.add_argument_group('sweep')
+    sweep.add_argument('--rules', nargs='+', required=True,
                         help='rule types (NTKAware, YaRN, ...) or reference names (no, linear, '
                         'dynntk, partntk, yarn, ntkpro1, ntkpro2, scale1, scale2)')
-    parser.add_argument('--sizes', nargs='+', required=True, help='HxW pixel sizes, e.g. 48x48')
-    parser.add_argument('--decouple', choices=['both', 'on', 'off'], default='both',
+    sweep.add_argument('--decouple', choices=['both', 'on', 'off'], default='both',
                         help='each rule with and without one scale per axis (both), or '
                         'only with (on) / without (off)')
-    parser.add_argument('--ori-max-pe-len', type=float,
+    sweep.add_argument('--ori-max-pe-len', type=float,
                         help='training grid side in patches the rules scale from')
-    parser.add_argument('--grid-index', type=int, default=0,
+    sweep.add_argument('--grid-index', type=int, default=0,
                         help='which request of each size the grid shows')
-    return parser.parse_known_args(argv)
+    args = parser.parse_args(argv)
+    if not args.sizes:
+        parser.error('--sizes is required: the sizes to sweep, e.g. 48x48 24x48')
+    return args
 
 
 def write_grid(sweep_dir: str, variants, sizes, index: int) -> str:
@@ -51,16 +56,16 @@ def write_grid(sweep_dir: str, variants, sizes, index: int) -> str:
 
 
 def main(argv=None):
-    args, rest = parse_args(argv)
+    args = parse_args(argv)
     from mmengine.dist import is_main_process
 
+    from flexgen.apis.runners import build_test_runner
     from flexgen.evaluation.utils import parse_size_key
-    from test import build_runner
     try:
         sizes = [parse_size_key(s) for s in args.sizes]
     except ValueError as error:
         raise SystemExit(f'--sizes: {error}') from None
-    runner = build_runner(rest, test_cfg=dict(
+    runner = build_test_runner(args, test_cfg=dict(
         type='ExtrapolationSweep', rules=args.rules, sizes=sizes, decouple=args.decouple,
         ori_max_pe_len=args.ori_max_pe_len))
     metrics = runner.test()
