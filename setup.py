@@ -34,6 +34,10 @@ setup(
     ],
     extras_require={
         'gpu': ['flash-attn', 'xformers'],
-        'dev': ['pytest', 'tensorboard', 'torchdiffeq'],
+        # Inception metrics (FID / sFID / IS / precision-recall, flexgen.evaluation.fid):
+        # imported when such a metric is built, with an error saying to install this.
+        'eval': ['torch-fidelity>=0.4'],
+        # scipy: the tests check FID against scipy.linalg.sqrtm.
+        'dev': ['pytest', 'tensorboard', 'torchdiffeq', 'torch-fidelity>=0.4', 'scipy'],
     },
 )

@@ -36,6 +36,39 @@ def add_cfg_options(parser: argparse.ArgumentParser, example: str) -> None:
                         help=f'override config entries, e.g. {example}')
 
 
+def add_test_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``tools/test.py`` (and of the tools that test a checkpoint the same
+    way, e.g. ``tools/sweep_extrapolation.py``): config, checkpoint, converter, work dir,
+    ``--cfg-options``, launcher, and the generation options of ``GenerationLoop``."""
+    parser.add_argument('config', help='config file path')
+    parser.add_argument('checkpoint', help='checkpoint file, or an official reference '
+                        'checkpoint (converted on the fly)')
+    parser.add_argument('--converter', help='converter of an official checkpoint (dit, sit, '
+                        '...); default: the one the checkpoint and the config agree on')
+    parser.add_argument('--work-dir', help='where logs and metrics go')
+    add_cfg_options(parser, 'test_dataloader.batch_size=4')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm'], default='none',
+                        help='how processes were started: none (one process), pytorch '
+                        '(torchrun), slurm (srun)')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0,
+                        help=argparse.SUPPRESS)  # set by torch.distributed.launch
+    generation = parser.add_argument_group('generation (GenerationLoop)')
+    generation.add_argument('--sizes', nargs='+', metavar='HxW',
+                            help='sizes to generate, e.g. 256x256 512x512')
+    generation.add_argument('--num-samples', type=int, help='images per size (e.g. 50000)')
+    generation.add_argument('--batch-size', type=int, help='requests per process and step')
+    generation.add_argument('--out-dir', help='samples folder (default: WORK_DIR/samples/'
+                            '<hash of the settings>); a rerun resumes there')
+    generation.add_argument('--cfg-scale', type=float, help='classifier-free guidance scale')
+    generation.add_argument('--cfg-interval', type=float, nargs=2, metavar=('LOW', 'HIGH'),
+                            help='guide only for LOW <= t <= HIGH (t = 1 is noise)')
+    generation.add_argument('--sampler', help='a registered sampler, e.g. EulerODE, '
+                            'DDPMAncestral, EulerMaruyamaSDE (its default arguments)')
+    generation.add_argument('--steps', type=int, help='sampling steps')
+    generation.add_argument('--precision', metavar='{fp32,tf32,bf16,fp16}',
+                            help='fp32 (TF32 off), tf32, or bf16 / fp16 autocast')
+
+
 def usable_cpus() -> int:
     """CPU cores this process may run on (its affinity mask where the OS has one)."""
     if hasattr(os, 'sched_getaffinity'):

@@ -107,3 +107,48 @@ def train_ok(*args, **kwargs):
     proc = run_train(*args, **kwargs)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
+
+
+def random_inception_weights(path, seed=0):
+    """A seeded random state dict of torch-fidelity's FeatureExtractorInceptionV3 (ADM's
+    Inception architecture), saved as ``path`` (``.pth`` or ``.safetensors``): He-normal
+    convolutions, near-identity batch norms. Returns the state dict."""
+    import io
+    import math
+
+    from safetensors.torch import save_file
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class _Architecture(FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, strict=True):
+            """Only the layer names and shapes are wanted here."""
+
+    empty = io.BytesIO()
+    torch.save({}, empty)
+    empty.seek(0)
+    names = _Architecture('inception-v3-compat', ['2048'],
+                          feature_extractor_weights_path=empty).state_dict()
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, value in names.items():
+        if name.endswith('conv.weight'):
+            state[name] = torch.randn(value.shape, generator=g) * math.sqrt(2 / value[0].numel())
+        elif name.endswith('bn.weight'):
+            state[name] = 1 + 0.1 * torch.randn(value.shape, generator=g)
+        elif name.endswith('bn.bias') or name == 'fc.bias':
+            state[name] = 0.1 * torch.randn(value.shape, generator=g)
+        elif name.endswith('running_mean'):
+            state[name] = torch.zeros(value.shape)
+        elif name.endswith('running_var'):
+            state[name] = torch.ones(value.shape)
+        elif name.endswith('num_batches_tracked'):
+            state[name] = torch.zeros((), dtype=torch.long)
+        elif name == 'fc.weight':
+            state[name] = torch.randn(value.shape, generator=g) / math.sqrt(value.shape[1])
+        else:
+            raise KeyError(f'random_inception_weights: unexpected parameter {name}')
+    if str(path).endswith('.safetensors'):
+        save_file(state, str(path))
+    else:
+        torch.save(state, str(path))
+    return state

@@ -1,36 +1,25 @@
 """Bad input, as a table: each case is an input a user can give, the error it must raise
 and the words that error must say. None of them may pass silently, lose a checkpoint or
 advise turning a safety off."""
-import importlib.util
 import os
 import os.path as osp
-import sys
 import uuid
 
 import numpy as np
 import pytest
 import torch
-from mmengine.runner import Runner
 from PIL import Image
 from safetensors.torch import save_file
 
 import flexgen
 from flexgen.apis import init_generator
 from flexgen.fileio import CheckpointError, read_checkpoint
+from helpers import load_tool
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TOY = osp.join(ROOT, 'tests', 'configs', 'toy_train.py')
 SHAPES = osp.join(ROOT, 'tests', 'configs', 'tiny_shapes_ema.py')
 flexgen.register_all_modules()
-
-
-def load_tool(name):
-    sys.path.insert(0, osp.join(ROOT, 'tools'))
-    spec = importlib.util.spec_from_file_location(f'flexgen_tool_{name}',
-                                                  osp.join(ROOT, 'tools', f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 train_tool, test_tool = load_tool('train'), load_tool('test')
@@ -245,13 +234,13 @@ def test_bad_last_checkpoint_pointer_falls_back_to_the_newest_checkpoint(tmp_pat
 
 def test_fit_latent_with_nan_is_named(tmp_path):
     from flexgen.datasets.fit_latents import FiTFileError, FiTLatents
-    tool = load_tool('encode_latents')
+    from flexgen.datasets.latent_writer import save_tensors
     root = tmp_path / 'latents' / 'from_16_to_256'
     for folder in ('from_16_to_256', 'greater_than_256_resize', 'greater_than_256_crop'):
         os.makedirs(tmp_path / 'latents' / folder)
     feature = torch.zeros(2, 4, 4, 16)
     feature[1, 2, 3, 5] = float('nan')
-    tool.save_atomic(dict(feature=feature, grid=torch.stack(torch.meshgrid(
+    save_tensors(dict(feature=feature, grid=torch.stack(torch.meshgrid(
         torch.arange(4), torch.arange(4), indexing='xy')).reshape(2, 16).int(),
         size=torch.tensor([4, 4]), label=torch.tensor(3)), str(root / 'bad.safetensors'))
     dataset = FiTLatents(str(tmp_path / 'latents'), target_len=256, flip_prob=1.0)

@@ -4,13 +4,13 @@ from collections import Counter
 import pytest
 
 from flexgen.datasets import (BucketBatchSampler, ProceduralShapes,
-                              TokenBudgetBatchSampler, batch_samplers)
+                              TokenBudgetBatchSampler, base_sampler)
 from flexgen.registry import DATA_SAMPLERS
 from helpers import SizedDataset, Wrapped, take
 
 
 def build(monkeypatch, cls, dataset, rank=0, world_size=1, **kwargs):
-    monkeypatch.setattr(batch_samplers, 'get_dist_info', lambda: (rank, world_size))
+    monkeypatch.setattr(base_sampler, 'get_dist_info', lambda: (rank, world_size))
     return cls(Wrapped(dataset), **kwargs)
 
 
@@ -51,7 +51,7 @@ def test_bucket_deterministic_by_seed(monkeypatch):
     other = take(build(monkeypatch, BucketBatchSampler, MIXED, batch_size=4, seed=4), 30)
     assert first == again and first != other
     # seed=None takes the wrapped sampler's seed (mmengine: the runner's).
-    monkeypatch.setattr(batch_samplers, 'get_dist_info', lambda: (0, 1))
+    monkeypatch.setattr(base_sampler, 'get_dist_info', lambda: (0, 1))
     assert take(BucketBatchSampler(Wrapped(MIXED, seed=3), batch_size=4), 30) == first
 
 
@@ -103,7 +103,7 @@ def test_token_best_fit_closed_form(monkeypatch):
                    seed=0, buffer_size=2)
     assert narrow.epoch_packs(0) == [[0, 1], [2, 3], [4, 5]]
     capped = build(monkeypatch, TokenBudgetBatchSampler, dataset, max_tokens=4, shuffle=False,
-                   seed=0, buffer_size=6, batch_size=1)
+                   seed=0, buffer_size=6, max_images=1)
     assert capped.epoch_packs(0) == [[0], [4], [2], [3], [1], [5]]
 
 
@@ -125,9 +125,9 @@ def test_token_budget_respected_efficiency_and_each_index_once(monkeypatch):
     assert steps[:5] != steps[len(sampler):]
 
 
-def test_token_batch_size_caps_images(monkeypatch):
+def test_token_max_images_caps_images(monkeypatch):
     sampler = build(monkeypatch, TokenBudgetBatchSampler, DEMO, max_tokens=4096, patch_size=2,
-                    batch_size=5, seed=0)
+                    max_images=5, seed=0)
     assert all(len(batch) <= 5 for batch in take(sampler, 50))
     assert max(len(batch) for batch in take(sampler, 50)) == 5
 
@@ -141,7 +141,7 @@ def test_token_deterministic_by_seed(monkeypatch):
 
 def test_token_ranks_split_the_single_process_global_batch(monkeypatch):
     single = take(build(monkeypatch, TokenBudgetBatchSampler, DEMO, max_tokens=512,
-                        patch_size=2, seed=1, packs_per_batch=2), 30)
+                        patch_size=2, seed=1, packs_per_step=2), 30)
     ranks = [take(build(monkeypatch, TokenBudgetBatchSampler, DEMO, rank=r, world_size=2,
                         max_tokens=512, patch_size=2, seed=1), 30) for r in range(2)]
     for step in range(30):
@@ -174,7 +174,7 @@ def test_token_too_large_image_fails_at_build(monkeypatch):
 
 
 def test_samplers_build_through_the_registry(monkeypatch):
-    monkeypatch.setattr(batch_samplers, 'get_dist_info', lambda: (0, 1))
+    monkeypatch.setattr(base_sampler, 'get_dist_info', lambda: (0, 1))
     wrapped = Wrapped(DEMO, seed=0)
     sampler = DATA_SAMPLERS.build(dict(type='TokenBudgetBatchSampler', max_tokens=512,
                                        patch_size=2),
@@ -183,3 +183,50 @@ def test_samplers_build_through_the_registry(monkeypatch):
     bucket = DATA_SAMPLERS.build(dict(type='BucketBatchSampler'),
                                  default_args=dict(sampler=wrapped, batch_size=8))
     assert isinstance(bucket, BucketBatchSampler) and len(take(bucket, 1)[0]) == 8
+    # An old config's renamed knob stops the build, naming the new one; a typo stops it too.
+    with pytest.raises(TypeError, match="'packs_per_batch' is now called 'packs_per_step'"):
+        DATA_SAMPLERS.build(dict(type='TokenBudgetBatchSampler', max_tokens=512,
+                                 packs_per_batch=2),
+                            default_args=dict(sampler=wrapped, batch_size=1))
+    with pytest.raises(TypeError, match="unexpected keyword argument 'max_image'"):
+        DATA_SAMPLERS.build(dict(type='TokenBudgetBatchSampler', max_tokens=512, max_image=2),
+                            default_args=dict(sampler=wrapped, batch_size=1))
+
+
+def test_token_names_shared_with_the_pack_samplers(monkeypatch):
+    """packs_per_step, max_images and oversize mean here what they mean in the pack
+    samplers; the dataloader's batch_size counts packs; old names are refused by name."""
+    with pytest.raises(TypeError, match="'packs_per_batch' is now called 'packs_per_step'"):
+        build(monkeypatch, TokenBudgetBatchSampler, DEMO, max_tokens=512, patch_size=2,
+              seed=1, packs_per_batch=2)
+    with pytest.raises(ValueError, match=r'batch_size=32 .*packs_per_step=32 or max_images=32'):
+        build(monkeypatch, TokenBudgetBatchSampler, DEMO, max_tokens=512, patch_size=2,
+              seed=1, batch_size=32)
+    # With the cap named, the dataloader's batch_size is the packs per step, as NiT's.
+    by_batch = build(monkeypatch, TokenBudgetBatchSampler, DEMO, max_tokens=512, patch_size=2,
+                     seed=1, batch_size=2, max_images=6)
+    named = build(monkeypatch, TokenBudgetBatchSampler, DEMO, max_tokens=512, patch_size=2,
+                  seed=1, packs_per_step=2, max_images=6)
+    assert by_batch.packs_per_step == 2 and take(by_batch, 20) == take(named, 20)
+    packs = named.epoch_packs(0)
+    assert max(len(p) for p in packs) == 6
+    assert take(named, 3) == [packs[0] + packs[1], packs[2] + packs[3], packs[4] + packs[5]]
+
+
+def test_token_oversize_drop(monkeypatch):
+    sizes = [(16, 16)] * 7 + [(64, 64)] + [(16, 16)] * 4 + [(48, 48)]
+    dataset = SizedDataset(sizes)
+    sampler = build(monkeypatch, TokenBudgetBatchSampler, dataset, max_tokens=256,
+                    patch_size=2, seed=0, oversize='drop')
+    assert sampler.num_oversize == 2
+    for epoch in range(3):
+        flat = [i for pack in sampler.epoch_packs(epoch) for i in pack]
+        assert sorted(flat) == [i for i in range(13) if i not in (7, 12)]
+    # The images it keeps come in the order the full permutation gives them.
+    full = build(monkeypatch, TokenBudgetBatchSampler, SizedDataset([(16, 16)] * 13),
+                 max_tokens=256, patch_size=2, seed=0)
+    assert sampler.epoch_order(1).tolist() == [i for i in full.epoch_order(1).tolist()
+                                               if i not in (7, 12)]
+    with pytest.raises(ValueError, match="oversize must be one of"):
+        build(monkeypatch, TokenBudgetBatchSampler, dataset, max_tokens=256, patch_size=2,
+              seed=0, oversize='clip')

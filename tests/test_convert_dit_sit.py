@@ -7,11 +7,9 @@ Every case must come out of FlexDiT + converter (+ ClassifierFreeGuidance) to 1e
 """
 import argparse
 import copy
-import importlib.util
 import json
 import os
 import os.path as osp
-import sys
 import uuid
 
 import pytest
@@ -29,6 +27,7 @@ from flexgen.models.converters.dit_sit import (DiTConverter, SiTConverter,
 from flexgen.registry import CHECKPOINT_CONVERTERS, METRICS
 from flexgen.samplers.guidance import ClassifierFreeGuidance
 from flexgen.structures import patchify, unpatchify
+from helpers import load_tool
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 FIXTURES = osp.join(ROOT, 'tests', 'fixtures')
@@ -258,15 +257,6 @@ def save_reference_checkpoint(family, path, wrap=True):
                           args=argparse.Namespace(model=f'{family.upper()}-XL/2', lr=1e-4))
     torch.save(state_dict, path)
     return path
-
-
-def load_tool(name):
-    sys.path.insert(0, osp.join(ROOT, 'tools'))
-    spec = importlib.util.spec_from_file_location(f'flexgen_tool_{name}',
-                                                  osp.join(ROOT, 'tools', f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_read_checkpoint_allows_args_but_never_code(tmp_path):

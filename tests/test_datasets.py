@@ -161,6 +161,25 @@ def test_generation_requests_cover_every_class_size_repeat():
     assert not set(other[i]['data_samples']['seed'] for i in range(len(other))) & set(seeds)
 
 
+def test_generation_requests_num_samples_is_class_balanced():
+    """num_samples=N per size: the classes take turns (any run of consecutive requests is
+    balanced), N // C or N // C + 1 images each; with N = C * R the requests (labels, sizes,
+    seeds) are exactly those of num_per_class=R."""
+    sizes = [(16, 16), (16, 32)]
+    requests = GenerationRequests(sizes=sizes, num_classes=4, num_samples=10, seed=3)
+    assert len(requests) == 20
+    labels = [requests.get_label(i) for i in range(20)]
+    assert labels == [0, 1, 2, 3, 0, 1, 2, 3, 0, 1] * 2
+    assert [requests.get_size(i) for i in range(20)] == [(16, 16)] * 10 + [(16, 32)] * 10
+    balanced = GenerationRequests(sizes=sizes, num_classes=4, num_samples=12, seed=3)
+    repeats = GenerationRequests(sizes=sizes, num_classes=4, num_per_class=3, seed=3)
+    assert [balanced[i] for i in range(24)] == [repeats[i] for i in range(24)]
+    with pytest.raises(ValueError, match='num_per_class or num_samples, not both'):
+        GenerationRequests(sizes=sizes, num_classes=4, num_per_class=1, num_samples=4)
+    with pytest.raises(ValueError, match='num_samples must be a positive int'):
+        GenerationRequests(sizes=sizes, num_classes=4, num_samples=0)
+
+
 def test_generation_requests_class_names_and_errors():
     requests = GenerationRequests(sizes=[(16, 16)], classes=SHAPES)
     assert requests.metainfo['classes'] == SHAPES and len(requests) == 6

@@ -1,7 +1,6 @@
 """Which weights every reader of a training checkpoint loads, on checkpoints the Runner
 writes: mmengine's EMAHook swaps the state dicts when it saves (``state_dict`` = EMA,
 ``ema_state_dict`` = raw), and every flexgen reader must take EMA by default."""
-import importlib.util
 import os.path as osp
 import sys
 
@@ -14,18 +13,10 @@ from PIL import Image
 import flexgen
 from flexgen.apis import init_generator, load_weights
 from flexgen.samplers.guidance import AutoGuidance
+from helpers import load_tool
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 CONFIG = osp.join(ROOT, 'tests', 'configs', 'tiny_shapes_ema.py')
-
-
-def load_tool(name):
-    sys.path.insert(0, osp.join(ROOT, 'tools'))
-    spec = importlib.util.spec_from_file_location(f'flexgen_tool_{name}',
-                                                  osp.join(ROOT, 'tools', f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def train(work_dir, *options):

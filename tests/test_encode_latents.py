@@ -1,6 +1,6 @@
-"""tools/encode_latents.py --format fit: FiT's resize / crop rules, the folder split, latents
-equal to the autoencoder's encoding of the resized (and mirrored) image, readable by
-FiTLatents, resumable and atomic."""
+"""tools/encode_latents.py with the FiT and NiT latent writers: FiT's / NiT's resize and crop
+rules, the folder split, latents equal to the autoencoder's encoding of the resized (and
+mirrored) image, readable by FiTLatents / NiTLatents, resumable and atomic."""
 import importlib.util
 import json
 import os
@@ -14,7 +14,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from flexgen.datasets.fit_latents import FiTLatents
+from flexgen.datasets.fit_latents import FiTLatents, FiTLatentWriter, fit_resize_size
+from flexgen.datasets.image_folder import center_crop_arr
+from flexgen.datasets.nit_latents import nit_resize_size
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 L = 64  # tokens; the tiny VAE downsamples 2x, patch 2: m = 4 px per token side, S = 32 px
@@ -43,7 +45,7 @@ IMAGES = {
 
 @pytest.fixture(scope='module', autouse=True)
 def one_thread():
-    """Tiny convolutions on a shared 2-core machine: threads only contend (50x slower)."""
+    """Tiny convolutions: torch's threads only contend."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -89,17 +91,17 @@ def encode(vae_dir, image):
 
 def test_resize_rule_matches_fit():
     """resize_arr's cases at S = 256, m = 16 (worked out by hand)."""
-    assert tool.fit_resize_size(500, 375, 256, 16) == (288, 208)  # sqrt(4/3)*256 = 295.6
-    assert tool.fit_resize_size(256, 256, 256, 16) == (256, 256)
-    assert tool.fit_resize_size(200, 120, 256, 16) == (192, 112)  # floored only
-    assert tool.fit_resize_size(10, 100, 256, 16) == (16, 160)    # narrow: w -> 16
-    assert tool.fit_resize_size(100, 12, 256, 16) == (128, 16)    # low: h -> 16, w 133 -> 128
-    assert tool.fit_resize_size(1024, 256, 256, 16) == (512, 128)
+    assert fit_resize_size(500, 375, 256, 16) == (288, 208)  # sqrt(4/3)*256 = 295.6
+    assert fit_resize_size(256, 256, 256, 16) == (256, 256)
+    assert fit_resize_size(200, 120, 256, 16) == (192, 112)  # floored only
+    assert fit_resize_size(10, 100, 256, 16) == (16, 160)    # narrow: w -> 16
+    assert fit_resize_size(100, 12, 256, 16) == (128, 16)    # low: h -> 16, w 133 -> 128
+    assert fit_resize_size(1024, 256, 256, 16) == (512, 128)
 
 
 def test_center_crop_is_adms():
     image = Image.fromarray(np.arange(140 * 100 * 3, dtype=np.uint8).reshape(100, 140, 3) % 251)
-    crop = tool.center_crop(image, 32)  # 140x100: BOX-halved to 70x50, BICUBIC to 45x32
+    crop = center_crop_arr(image, 32)  # 140x100: BOX-halved to 70x50, BICUBIC to 45x32
     expected = image.resize((70, 50), Image.BOX).resize((45, 32), Image.BICUBIC)
     assert np.array_equal(np.asarray(crop), np.asarray(expected)[:, 6:38])
 
@@ -125,7 +127,7 @@ def test_encode_then_read_back(tmp_path, image_root, vae_dir):
     for (cls, file), ((w, h), _, (new_w, new_h)) in IMAGES.items():
         if file == 'small.png':
             continue
-        i = by_name[tool.FiTFormat.file_name(f'{cls}/{osp.splitext(file)[0]}')]
+        i = by_name[FiTLatentWriter.file_name(f'{cls}/{osp.splitext(file)[0]}')]
         image = Image.open(image_root / cls / file).convert('RGB')
         resized = image if (new_w, new_h) == (w, h) else image.resize((new_w, new_h),
                                                                        Image.BICUBIC)
@@ -150,17 +152,17 @@ def test_second_run_skips_and_interrupted_run_resumes(tmp_path, image_root, vae_
     assert run(image_root, clean, vae_dir) == dict(total=5, skipped=5, written=0)
     assert {p: os.stat(p).st_mtime_ns for p in clean.rglob('*.safetensors')} == stamps
 
-    # Interrupt the 3rd file write half-way (wide.png's crop, after its resize file): a
-    # temporary file is left, no final file, and wide.png counts as not done.
+    # Interrupt the 3rd file write half-way (wide.png's crop, after its resize file): no
+    # final file, the partial temporary one removed, and wide.png counts as not done.
     out, real_save, saved = tmp_path / 'resumed', safetensors.torch.save_file, []
 
-    def crashing_save(tensors, path):
+    def crashing_save(tensors, path, metadata=None):
         if len(saved) == 2:
             with open(path, 'wb') as f:
                 f.write(b'partial')
             raise KeyboardInterrupt
         saved.append(path)
-        real_save(tensors, path)
+        real_save(tensors, path, metadata=metadata)
 
     monkeypatch.setattr(safetensors.torch, 'save_file', crashing_save)
     with pytest.raises(KeyboardInterrupt):
@@ -168,9 +170,10 @@ def test_second_run_skips_and_interrupted_run_resumes(tmp_path, image_root, vae_
     assert sorted(str(p.relative_to(out)) for p in out.rglob('*.safetensors')) == [
         'from_16_to_64/a_cat%2Fplain.safetensors',
         'greater_than_64_resize/a_cat%2Fwide.safetensors']
-    assert [p.name for p in out.rglob('*.tmp')] == ['a_cat%2Fwide.safetensors.tmp']
+    assert [p.name for p in out.rglob('*') if p.is_file() and p.suffix != '.safetensors'] \
+        == ['meta.json']
     monkeypatch.setattr(safetensors.torch, 'save_file', real_save)
-    FiTLatents(str(out), target_len=L)  # the partial state is readable (the .tmp is ignored)
+    FiTLatents(str(out), target_len=L)  # the partial state is readable
     stats = run(image_root, out, vae_dir)
     assert stats == dict(total=5, skipped=1, written=4)
     files = sorted(p.relative_to(clean) for p in clean.rglob('*.safetensors'))
@@ -255,10 +258,10 @@ def run_nit(image_root, out, vae_dir, *extra):
 
 def test_nit_resize_rule_matches_nit():
     """native_resolution_resize at a = 32, S = 2048 (NiT's preprocessing config)."""
-    assert tool.nit_resize_size(580, 403, 32, 2048) == (576, 384)  # the README's example
-    assert tool.nit_resize_size(20, 50, 32, 2048) == (32, 32)      # sides raised to 32
-    assert tool.nit_resize_size(3000, 2000, 32, 2048) == (2496, 1664)  # area 2048^2
-    assert tool.nit_resize_size(2048, 2048, 32, 2048) == (2048, 2048)
+    assert nit_resize_size(580, 403, 32, 2048) == (576, 384)  # the README's example
+    assert nit_resize_size(20, 50, 32, 2048) == (32, 32)      # sides raised to 32
+    assert nit_resize_size(3000, 2000, 32, 2048) == (2496, 1664)  # area 2048^2
+    assert nit_resize_size(2048, 2048, 32, 2048) == (2048, 2048)
 
 
 def test_nit_encode_then_read_back(tmp_path, image_root, vae_dir):
@@ -297,7 +300,7 @@ def test_nit_encode_then_read_back(tmp_path, image_root, vae_dir):
             size = NIT_NATIVE[name]
             view = image if size == image.size else image.resize(size, Image.BICUBIC)
         else:
-            view = tool.center_crop(image, 16)
+            view = center_crop_arr(image, 16)
         assert plain.get_size(i) == (view.size[1] // 2, view.size[0] // 2)
         assert plain.get_label(i) == line['label'] == plain[i]['data_samples']['label']
         torch.testing.assert_close(plain[i]['inputs'], encode(vae_dir, view),

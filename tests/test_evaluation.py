@@ -179,7 +179,33 @@ def test_generated_class_accuracy(trained, cache_dir, monkeypatch):
     labels = [fresh[i]['data_samples']['label'] for i in range(len(fresh))]
 
     perfect = _evaluate(metric, images, labels)
-    assert set(perfect) == {'gen/accuracy', 'gen/frechet_distance', 'gen/classifier_accuracy'}
+    sizes = sorted({f'{x.shape[1]}x{x.shape[2]}' for x in images})
+    assert sizes == ['16x16', '16x24']
+    assert set(perfect) == {'gen/accuracy', 'gen/frechet_distance', 'gen/classifier_accuracy'} \
+        | {f'gen/{name}/{size}' for name in ('accuracy', 'frechet_distance') for size in sizes}
+    # Per size: the accuracy of that size's images scored alone (a one-size set has no
+    # per-size keys), and the Frechet distance of their features to those of the real
+    # images of that size among the 300 the metric draws (seeded permutation).
+    toy = ToyShapes(num_images=600)
+    drawn = torch.randperm(600, generator=torch.Generator().manual_seed(0))[:300].tolist()
+    for size in sizes:
+        mine = [i for i, x in enumerate(images) if f'{x.shape[1]}x{x.shape[2]}' == size]
+        alone = _evaluate(metric, [images[i] for i in mine], [labels[i] for i in mine])
+        assert set(alone) == {'gen/accuracy', 'gen/frechet_distance', 'gen/classifier_accuracy'}
+        assert alone['gen/accuracy'] == perfect[f'gen/accuracy/{size}']
+        real = [toy[i]['inputs'] for i in drawn
+                if f'{toy.sizes[i][0]}x{toy.sizes[i][1]}' == size]
+        assert 100 < len(real) < 200
+        _, real_features = classify(trained.model, real)
+        _, features = classify(trained.model, [images[i] for i in mine])
+        expected = frechet_distance(*feature_statistics(features),
+                                    *feature_statistics(real_features))
+        assert perfect[f'gen/frechet_distance/{size}'] == pytest.approx(expected, rel=1e-6)
+        assert abs(perfect[f'gen/frechet_distance/{size}']
+                   - alone['gen/frechet_distance']) > 1e-3 * expected  # not the pooled one
+    # A size the real data does not have (an extrapolation): all the drawn real images.
+    pooled, unseen = metric.real_statistics(), metric.real_statistics((32, 32))
+    assert all(np.array_equal(a, b) for a, b in zip(pooled, unseen))
     assert perfect['gen/classifier_accuracy'] == trained.accuracy
     assert abs(perfect['gen/accuracy'] - trained.accuracy) <= 5
 

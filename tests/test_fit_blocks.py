@@ -235,6 +235,8 @@ RELEASED = {'fit_xl_2.py': ((28, 1152, 16, None), 823_599_392, 347),
             'fitv2_3b_2.py': ((40, 2304, 24, 576), 2_971_928_080, 573),
             'fitv2_hr_xl_2.py': ((36, 1152, 16, 288), 671_045_776, 517),
             'fitv2_hr_3b_2.py': ((40, 2304, 24, 576), 2_971_928_080, 573)}
+# FiTv2-XL/2 evaluated at the sizes of FiT's tables (an extrapolation rule, more sizes).
+RELEASED['fitv2_xl_2_multires.py'] = RELEASED['fitv2_xl_2.py']
 
 
 def test_every_fit_config_is_listed():
@@ -311,7 +313,14 @@ def test_config_recipe(path):
         assert cfg.train_cfg.max_iters == 2_000_000
         (warmup,) = cfg.param_scheduler
         assert (warmup.type, warmup.start_factor, warmup.end) == ('LinearLR', 1e-4, 50_000)
-        assert 'trainable' not in model.backbone and 'rule' not in model.backbone.rope
+        assert 'trainable' not in model.backbone
+        if name == 'fitv2_xl_2_multires.py':
+            assert dict(model.backbone.rope.rule) == dict(type='NTKPro2', ori_max_pe_len=16,
+                                                          decouple=True)
+            assert cfg.test_dataloader.dataset.sizes == [(256, 256), (320, 320), (224, 448),
+                                                         (160, 480)]
+        else:
+            assert 'rule' not in model.backbone.rope
         return
     assert cfg.param_scheduler == []
     assert cfg.train_cfg.max_iters == (400_000 if 'xl' in name else 200_000)

@@ -1,5 +1,5 @@
 """FiTLatents reads FiT's latent folders as the reference IN1kLatentDataset does, and
-padded_collate checks FiT's token budget on the jagged batch.
+jagged_collate's max_length checks FiT's token budget on the jagged batch.
 
 The folders are written here by hand in the reference's layout (einops, not flexgen's own
 writer): ``feature [2, h, w, 16]`` = the (c p1 p2) patches of the latent and of a second,
@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 import flexgen.datasets.fit_latents as fit_latents
 from flexgen.datasets.batch_samplers import TokenBudgetBatchSampler
-from flexgen.datasets.collate import jagged_collate, padded_collate
+from flexgen.datasets.collate import jagged_collate
 from flexgen.datasets.fit_latents import FiTFileError, FiTLatents
 from flexgen.registry import DATASETS, FUNCTIONS
 from flexgen.structures import Geometry, patchify
@@ -281,50 +281,59 @@ def test_bad_arguments():
         FiTLatents('.', flip_prob=2)
 
 
-# ---------------------------------------------------------------------- padded_collate
+# ---------------------------------------------------------------------- max_length
 def _item(index, h, w, label=0):
     return dict(inputs=torch.full((4, h, w), float(index)),
                 data_samples=dict(label=label, index=index))
 
 
-def test_padded_collate_mask_and_jagged_batch():
+def test_max_length_keeps_the_jagged_batch():
+    """What the model receives under FiT's context length is the plain jagged batch: the
+    images' own tokens, no pad tokens, its geometry already built (in the data workers)."""
     items = [_item(0, 8, 8), _item(1, 4, 12), _item(2, 16, 16)]  # 16, 12, 64 tokens at p=2
-    batch = padded_collate(items, max_length=64, patch_size=2)
+    batch = jagged_collate(items, patch_size=2, max_length=64)
     plain = jagged_collate(items, patch_size=2)
     assert torch.equal(batch['inputs'].tokens, plain['inputs'].tokens)
     assert torch.equal(batch['inputs'].tokens, patchify([x['inputs'] for x in items], 2).tokens)
+    assert batch['data_samples'].keys() == plain['data_samples'].keys() == {'label', 'index'}
     assert torch.equal(batch['data_samples']['label'], plain['data_samples']['label'])
-    assert batch['data_samples']['num_tokens'].tolist() == [16, 12, 64]
-    mask = batch['data_samples']['mask']
-    assert mask.shape == (3, 64) and mask.dtype == torch.bool
-    assert mask.sum(1).tolist() == [16, 12, 64]
-    assert mask[1, :12].all() and not mask[1, 12:].any()  # FiT pads at the end
-    # What the model receives: a jagged batch whose images hold num_tokens tokens each,
-    # its geometry already built (in the data workers).
     assert batch['inputs'].seqlens_list == [16, 12, 64] and batch['inputs'].patch_size == 2
     assert set(batch['inputs'].geometry.tensors) == set(Geometry.TENSORS)
 
 
-def test_padded_collate_overflow_policies(monkeypatch):
+def test_max_length_oversize_policies(monkeypatch):
     items = [_item(5, 8, 8), _item(7, 18, 16), _item(9, 4, 4)]  # 16, 72, 4 tokens
-    with pytest.raises(ValueError, match=r'max_length=64.*index 7: 18x16 = 72 tokens'):
-        padded_collate(items, max_length=64)
-    monkeypatch.setattr('flexgen.datasets.collate.print_log', lambda *a, **k: None)
-    batch = padded_collate(items, max_length=64, overflow='drop')
+    with pytest.raises(ValueError, match=r'index 7 \(18x16\) has 72 tokens \(patch_size 2\), '
+                                         r'more than max_length=64 \(1 of 3 images'):
+        jagged_collate(items, patch_size=2, max_length=64)
+    logged = []
+    monkeypatch.setattr('flexgen.datasets.collate.print_log',
+                        lambda message, **kwargs: logged.append(message))
+    batch = jagged_collate(items, patch_size=2, max_length=64, oversize='drop')
     assert batch['data_samples']['index'].tolist() == [5, 9]
-    assert batch['data_samples']['mask'].sum(1).tolist() == [16, 4]
-    with pytest.raises(ValueError, match='exceed'):
-        padded_collate([items[1]], max_length=64, overflow='drop')
-    assert padded_collate(items, max_length=1024)['data_samples']['mask'].shape == (3, 1024)
-    with pytest.raises(ValueError, match='overflow'):
-        padded_collate(items, overflow='crop')
+    assert batch['inputs'].seqlens_list == [16, 4]
+    assert logged and 'dropped 1 of 3 images' in logged[0] and 'index 7' in logged[0]
+    with pytest.raises(ValueError, match='every image of the batch exceeds'):
+        jagged_collate([items[1]], patch_size=2, max_length=64, oversize='drop')
+    assert jagged_collate(items, patch_size=2, max_length=72)['inputs'].seqlens_list == \
+        [16, 72, 4]
+    with pytest.raises(ValueError, match='oversize must be one of'):
+        jagged_collate(items, patch_size=2, max_length=64, oversize='crop')
+    with pytest.raises(ValueError, match='give patch_size too'):
+        jagged_collate(items, max_length=64)
+    with pytest.raises(TypeError, match="'overflow' is now called 'oversize'"):
+        jagged_collate(items, patch_size=2, max_length=64, overflow='drop')
 
 
-def test_padded_collate_from_registry_as_mmengine_builds_it():
-    cfg = dict(type='flexgen.padded_collate', max_length=256, patch_size=2)
+def test_max_length_from_registry_as_mmengine_builds_it():
+    cfg = dict(type='flexgen.jagged_collate', patch_size=2, max_length=256)
     fn = FUNCTIONS.get(cfg.pop('type'))
     collate = functools.partial(fn, **cfg)
-    assert collate([_item(0, 32, 32)])['data_samples']['mask'].all()
+    assert collate([_item(0, 32, 32)])['inputs'].seqlens_list == [256]
+    with pytest.raises(ValueError, match='max_length=256'):
+        collate([_item(0, 34, 32)])
+    with pytest.raises(KeyError, match='jagged_collate'):  # the closest registered name
+        FUNCTIONS.get('flexgen.padded_collate')
 
 
 def test_token_budget_packs_from_fit_latents(root):
@@ -334,7 +343,8 @@ def test_token_budget_packs_from_fit_latents(root):
     sampler = TokenBudgetBatchSampler(dataset, max_tokens=128, patch_size=2, seed=0)
     seen = []
     for step, indices in zip(range(3), sampler):
-        tokens = padded_collate([dataset[i] for i in indices], max_length=L)['inputs']
+        tokens = jagged_collate([dataset[i] for i in indices], patch_size=2,
+                                max_length=L)['inputs']
         assert sum(tokens.seqlens_list) <= 128
         expected = [rearrange(latents[ORDER[i]][0], 'c (h p1) (w p2) -> (h w) (c p1 p2)',
                               p1=2, p2=2) for i in indices]

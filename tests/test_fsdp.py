@@ -370,7 +370,7 @@ train_dataloader = dict(
     dataset=dict(type='ProceduralShapes', num_samples=400, seed=0,
                  sizes=[(16, 16), (16, 24), (24, 16), (24, 24)]),
     sampler=dict(type='DefaultSampler', shuffle=True, seed=0),
-    collate_fn=dict(type='flexgen.padded_collate', max_length=144, patch_size=2))
+    collate_fn=dict(type='flexgen.jagged_collate', patch_size=2, max_length=144))
 optim_wrapper = dict(optimizer=dict(lr=1e-3, fused=True))
 param_scheduler = []
 auto_scale_lr = dict(enable=False)

@@ -86,7 +86,7 @@ def meta_state_dict(name):
 
 def test_the_five_sizes_the_tiny_and_the_official_config_exist():
     assert {osp.basename(p) for p in CONFIGS} == set(SIZES) | {
-        'nit_tiny_shapes_pack.py', 'nit_xl_official.py'}
+        'nit_tiny_shapes_pack.py', 'nit_xl_official.py', 'nit_xl_official_multires.py'}
 
 
 @pytest.mark.parametrize('name', sorted(SIZES))

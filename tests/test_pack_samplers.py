@@ -6,16 +6,16 @@ import pytest
 import torch
 from mmengine.logging import MMLogger
 
-import flexgen.datasets.packing as packing
-from flexgen.datasets import pack_samplers
+import flexgen.datasets.packing.online as online_packing
+from flexgen.datasets import base_sampler
 from flexgen.datasets.pack_samplers import OfflinePackSampler, OnlinePackSampler
-from flexgen.datasets.packing import save_sampler_meta
+from flexgen.datasets.packing.sampler_meta import save_sampler_meta
 from flexgen.registry import DATA_SAMPLERS
 from helpers import SizedDataset, Wrapped, take
 
 
 def build(monkeypatch, cls, dataset, rank=0, world_size=1, **kwargs):
-    monkeypatch.setattr(pack_samplers, 'get_dist_info', lambda: (rank, world_size))
+    monkeypatch.setattr(base_sampler, 'get_dist_info', lambda: (rank, world_size))
     return cls(Wrapped(dataset), **kwargs)
 
 
@@ -190,7 +190,7 @@ def test_online_deterministic_by_seed(monkeypatch):
         return take(online(monkeypatch, seed=seed), 30)
     assert run(5) == run(5) and run(5) != run(6)
     # seed=None takes the wrapped sampler's seed (mmengine: the runner's).
-    monkeypatch.setattr(pack_samplers, 'get_dist_info', lambda: (0, 1))
+    monkeypatch.setattr(base_sampler, 'get_dist_info', lambda: (0, 1))
     sampler = OnlinePackSampler(Wrapped(ONLINE, seed=5), max_tokens=512, chunk_packs=16)
     assert take(sampler, 30) == run(5)
 
@@ -214,8 +214,9 @@ def test_online_resume_equals_uninterrupted_and_packs_one_chunk(monkeypatch, sta
     reference = make()
     full = take(reference, start + 12)
     calls = []
-    original = packing.fill_packs
-    monkeypatch.setattr(packing, 'fill_packs', lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = online_packing.fill_packs
+    monkeypatch.setattr(online_packing, 'fill_packs',
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
     resumed = make()
     calls.clear()  # the automatic fill's trials at build
     resumed.set_start_iter(start)
@@ -257,7 +258,7 @@ def test_online_fill_too_high_leaves_images_out_with_a_log_not_a_crash(monkeypat
 
 
 def test_pack_samplers_build_through_the_registry(monkeypatch, meta):
-    monkeypatch.setattr(pack_samplers, 'get_dist_info', lambda: (0, 1))
+    monkeypatch.setattr(base_sampler, 'get_dist_info', lambda: (0, 1))
     wrapped = Wrapped(ONLINE, seed=0)
     sampler = DATA_SAMPLERS.build(dict(type='OnlinePackSampler', max_tokens=512,
                                        chunk_packs=16),

@@ -8,11 +8,13 @@ import os.path as osp
 import numpy as np
 import pytest
 
-from flexgen.datasets.packing import (OnlinePlan, assign_indices, best_fit_stream,
-                                      choose_fill, fill_packs, length_histogram,
-                                      lengths_from_histogram, load_sampler_meta,
-                                      load_size_histogram, lpfhp, online_epoch, pack_offline,
-                                      packing_report, save_sampler_meta, strategies_efficiency)
+from flexgen.datasets.packing.lengths import (data_meta_lengths, length_histogram,
+                                              lengths_from_histogram, load_size_histogram)
+from flexgen.datasets.packing.lpfhp import (assign_indices, lpfhp, pack_offline,
+                                            strategies_efficiency)
+from flexgen.datasets.packing.online import OnlinePlan, best_fit_stream, choose_fill, fill_packs
+from flexgen.datasets.packing.report import online_epoch, packing_report
+from flexgen.datasets.packing.sampler_meta import load_sampler_meta, save_sampler_meta
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 HISTOGRAM = osp.join(ROOT, 'tools', 'data', 'imagenet_like_latent_sizes.json')
@@ -326,7 +328,7 @@ def test_pack_dataset_tool_oversize_and_bad_meta(tmp_path):
     with open(meta, 'a') as f:
         f.write(json.dumps(dict(latent_h=3)) + '\n')
     with pytest.raises(ValueError, match=r"x_meta.jsonl:4: field 'latent_w' must be an int"):
-        tool.read_data_meta(meta)
+        data_meta_lengths(meta)
 
 
 def test_pack_dataset_tool_from_a_flexgen_config(tmp_path):

@@ -311,6 +311,11 @@ def test_rule_configs_and_reference_names():
         rope_for(dict(type='Yarn2', ori_max_pe_len=16))
     with pytest.raises(ValueError, match='ori_max_pe_len is required'):
         rope_for(dict(type='YaRN'))
+    # Plain extrapolation needs no training length ('no' / --interpolation no): plain RoPE.
+    plain = rope_for(dict(type='no', decouple=True))
+    rows, cols, factor = plain.rule.tables(24, 40, 8, 10000.0)
+    assert torch.equal(rows, cols) and factor == 1.0
+    assert torch.equal(rows, plain.rule.tables(2, 2, 8, 10000.0)[0])
     with pytest.raises(ValueError, match='layout'):
         AxialRoPE2D(16, layout='lumina')
     with pytest.raises(ValueError, match='index_mode'):

@@ -47,7 +47,7 @@ def run_tool(tool, *argv):
 def test_every_tool_is_probed():
     assert TOOLS == ['benchmark.py', 'consolidate_checkpoint.py', 'convert_checkpoint.py',
                      'encode_latents.py', 'gpu_check.py', 'memory_plan.py', 'pack_dataset.py',
-                     'sample.py', 'test.py', 'train.py']
+                     'sample.py', 'sweep_extrapolation.py', 'test.py', 'train.py']
 
 
 @pytest.mark.parametrize('tool', TOOLS)

@@ -1,6 +1,6 @@
 """tools/train.py and tools/test.py: config inheritance, CLI options, key checks, real runs
 in subprocesses (one process, and 2-process torchrun DDP on CPU)."""
-import importlib.util
+import inspect
 import json
 import os
 import os.path as osp
@@ -14,20 +14,12 @@ import torch
 
 import flexgen
 from flexgen.engine import AutocastOptimWrapper, FlexCheckpointHook, FlexTrainLoop
+from helpers import load_tool
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TOY_CFG = osp.join('tests', 'configs', 'toy_train.py')
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(
     [osp.join(ROOT, 'tests'), os.environ.get('PYTHONPATH', '')]))
-
-
-def load_tool(name):
-    sys.path.insert(0, osp.join(ROOT, 'tools'))  # tools/test.py imports from train.py
-    spec = importlib.util.spec_from_file_location(f'flexgen_tool_{name}',
-                                                  osp.join(ROOT, 'tools', f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 train_tool = load_tool('train')
@@ -52,13 +44,22 @@ def test_inheritance_and_cli_options_reach_the_runner(tmp_path):
 
 
 def test_resume_flag():
-    cfg = train_tool.Config.fromfile(osp.join(ROOT, TOY_CFG))
-    auto = train_tool.merge_args(cfg.copy(), train_tool.parse_args([TOY_CFG, '--resume']))
+    from flexgen.apis.runners import apply_train_options, load_config
+    cfg = load_config(osp.join(ROOT, TOY_CFG))
+    auto = apply_train_options(cfg.copy(), resume='auto')
     assert auto.resume is True and auto.load_from is None
-    path = train_tool.merge_args(cfg.copy(),
-                                 train_tool.parse_args([TOY_CFG, '--resume', 'a/iter_4.pth']))
+    path = apply_train_options(cfg.copy(), resume='a/iter_4.pth')
     assert path.resume is True and path.load_from == 'a/iter_4.pth'
     assert cfg.copy().get('resume') is False  # without the flag: the config's value
+
+
+def test_config_keys_come_from_the_runner_signature():
+    from mmengine.runner import Runner
+
+    from flexgen.apis.runners import config_keys
+    assert {'train_dataloader', 'param_scheduler', 'randomness'} <= config_keys()
+    assert 'cfg' not in config_keys() and 'self' not in config_keys()
+    assert set(inspect.signature(Runner.__init__).parameters) - {'self', 'cfg'} <= config_keys()
 
 
 def test_misspelled_top_level_key_names_the_valid_one():

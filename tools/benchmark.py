@@ -485,37 +485,16 @@ def bench_host(args):
     import uuid
 
     import torch
-    from mmengine.hooks import Hook
 
     import flexgen
-    from flexgen.models.data_preprocessor import FlexDataPreprocessor
-    from flexgen.utils.host_sync import HostSyncCounter
+    from flexgen.utils.host_sync import count_training_syncs
     flexgen.register_all_modules()
-    sys_path_tools = osp.dirname(osp.abspath(__file__))
     import importlib.util
     spec = importlib.util.spec_from_file_location('flexgen_tool_train',
-                                                  osp.join(sys_path_tools, 'train.py'))
+                                                  osp.join(ROOT, 'tools', 'train.py'))
     train_tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train_tool)
     steps, log_every = 9, 4
-
-    class Phases(Hook):
-        def __init__(self, counter):
-            self.counter = counter
-
-        def before_train_fetch(self, runner):
-            self.counter.phase = 'data'
-
-        def before_train_iter(self, runner, batch_idx, data_batch=None):
-            if runner.iter == 1:
-                self.counter.mark(runner.model, *[v for h in runner.hooks
-                                                  for v in vars(h).values()
-                                                  if isinstance(v, torch.nn.Module)])
-                self.counter.__enter__()
-            self.counter.phase = 'engine'
-
-        def after_train(self, runner):
-            self.counter.__exit__(None, None, None)
 
     def syncs(stock):
         options = ['model.backbone.hidden_size=32', 'model.backbone.depth=2',
@@ -540,29 +519,8 @@ def bench_host(args):
         runner = train_tool.build_runner([config, '--work-dir',
                                           f'/tmp/flexgen_bench_{uuid.uuid4().hex[:8]}',
                                           '--cfg-options', *options])
-        counter = HostSyncCounter('cpu')
-        runner.register_hook(Phases(counter), priority='VERY_HIGH')
-        real_step, real_forward = runner.model.train_step, FlexDataPreprocessor.forward
-
-        def train_step(*a, **k):
-            counter.phase = 'step'
-            try:
-                return real_step(*a, **k)
-            finally:
-                counter.phase = 'engine'
-
-        def forward(self, data, training=False):
-            data = real_forward(self, data, training)
-            counter.mark(data['inputs'].geometry.tensors, data['inputs'].geometry.plans)
-            return data
-
-        runner.model.train_step = train_step
-        FlexDataPreprocessor.forward = forward
-        try:
-            runner.train()
-        finally:
-            FlexDataPreprocessor.forward = real_forward
-        return len(counter.events['step']), len(counter.events['engine'])
+        events = count_training_syncs(runner).events
+        return len(events['step']), len(events['engine'])
 
     print(f'\n== host syncs over training steps 2..{steps} of configs/nit/nit_tiny_shapes_pack.py '
           f'(logger every {log_every}; counted on CPU by flexgen.utils.HostSyncCounter)')

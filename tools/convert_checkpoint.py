@@ -13,10 +13,8 @@ and renamed into place, so an interrupted run never leaves a partial file under 
 """
 import argparse
 import json
-import os
 import os.path as osp
 import sys
-import uuid
 
 
 def parse_args(argv=None):
@@ -33,25 +31,14 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def write_safetensors(tensors: dict, path: str, metadata: dict) -> None:
-    """``save_file`` to a temporary name in the same folder, then ``os.replace``."""
-    from safetensors.torch import save_file
-    directory = osp.dirname(osp.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = osp.join(directory, f'.{osp.basename(path)}.{uuid.uuid4().hex[:8]}.tmp')
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if osp.exists(tmp):
-            os.remove(tmp)
-
-
 def convert(source_kind: str, src: str, dst: str, use_ema: bool = True,
             num_heads: int = None):
     """Convert ``src`` with the converter ``source_kind`` and write ``dst``; returns the
     ``ConvertedCheckpoint``."""
+    from safetensors.torch import save_file
+
     from flexgen.apis.official import build_converter, converter_names, read_checkpoint
+    from flexgen.fileio import atomic_path
     if not dst.endswith('.safetensors'):
         raise ValueError(f'output {dst!r} must end in .safetensors')
     cfg = dict(type=source_kind)
@@ -67,7 +54,8 @@ def convert(source_kind: str, src: str, dst: str, use_ema: bool = True,
     metadata = dict(format='flexgen', converter=type(converter).__name__,
                     source=osp.basename(src), backbone=json.dumps(converted.backbone),
                     info=json.dumps(converted.info))
-    write_safetensors(tensors, dst, metadata)
+    with atomic_path(dst) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
     return converted
 
 

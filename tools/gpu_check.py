@@ -112,23 +112,11 @@ def count_syncs(device, fn, model=None):
                 torch.cuda.set_sync_debug_mode('default')
         found = [w for w in caught if 'called a synchronizing' in str(w.message)]
         return len(found), [str(w.message).splitlines()[0] for w in found[:3]]
-    from flexgen.models.data_preprocessor import FlexDataPreprocessor
-    from flexgen.utils.host_sync import HostSyncCounter
+    from flexgen.utils.host_sync import HostSyncCounter, counting_batches_as_device
     counter = HostSyncCounter(device)
     counter.mark(model)
-    real = FlexDataPreprocessor.forward
-
-    def forward(self, data, training=False):
-        data = real(self, data, training)
-        counter.mark(data['inputs'].geometry.tensors, data['inputs'].geometry.plans)
-        return data
-
-    FlexDataPreprocessor.forward = forward
-    try:
-        with counter:
-            fn()
-    finally:
-        FlexDataPreprocessor.forward = real
+    with counting_batches_as_device(counter), counter:
+        fn()
     events = counter.events['default']
     return len(events), [e.splitlines()[0] for e in events[:3]]
 
@@ -361,7 +349,6 @@ def _check_recipe(name, args, device, peak, compile_blocks=False, flops_per_toke
                    setup_s=setup, flops_per_token=flops_per_token,
                    attention=type(model.backbone.blocks[0].attn.backend).__name__,
                    parameters=sum(p.numel() for p in model.parameters()), ok=True)
-        del model, wrapper, batches
     except Exception as error:  # noqa: BLE001 - report and go on
         row.update(ok=False, note=f'{type(error).__name__}: {str(error)[:300]}')
     return row

@@ -18,7 +18,6 @@ line of each length), which reproduces NiT's files but groups neighbouring lines
 class) in one pack.
 """
 import argparse
-import json
 import os.path as osp
 import sys
 import time
@@ -29,35 +28,11 @@ HISTOGRAM = osp.join(osp.dirname(osp.abspath(__file__)), 'data',
                      'imagenet_like_latent_sizes.json')
 
 
-def read_data_meta(path: str, patch_size: int = 1) -> np.ndarray:
-    """Tokens of every line of a NiT data-meta jsonl: ``(latent_h // p) * (latent_w // p)``."""
-    from flexgen.datasets.packing import token_counts
-    if not osp.isfile(path):
-        raise FileNotFoundError(f'data-meta file not found: {path}')
-    sizes = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f'{path}:{number}: not a JSON object ({error})') from None
-            for key in ('latent_h', 'latent_w'):
-                if not isinstance(item, dict) or not isinstance(item.get(key), int):
-                    raise ValueError(f'{path}:{number}: field {key!r} must be an int, got '
-                                     f'{item.get(key) if isinstance(item, dict) else item!r}')
-            sizes.append((item['latent_h'], item['latent_w']))
-    if not sizes:
-        raise ValueError(f'{path}: no entries')
-    return token_counts(sizes, patch_size)
-
-
 def lengths_from_config(path: str, key: str, patch_size: int) -> np.ndarray:
     """Tokens of every index of the dataset at ``key`` of a flexgen config (``get_size``)."""
     from mmengine.config import Config
 
-    from flexgen.datasets.packing import token_counts
+    from flexgen.datasets.packing.lengths import dataset_token_counts
     from flexgen.registry import DATASETS
     cfg = Config.fromfile(path)
     node = cfg
@@ -65,63 +40,7 @@ def lengths_from_config(path: str, key: str, patch_size: int) -> np.ndarray:
         if part not in node:
             raise KeyError(f'{path}: no {key!r} in the config (missing {part!r})')
         node = node[part]
-    dataset = DATASETS.build(node)
-    if not hasattr(dataset, 'get_size'):
-        raise TypeError(f'{path}: {key} builds {type(dataset).__name__}, which has no '
-                        'get_size(index)')
-    return token_counts([dataset.get_size(i) for i in range(len(dataset))], patch_size)
-
-
-def default_output(data_meta: str, max_len: int) -> str:
-    """NiT's naming: data_meta/<name>_meta.jsonl -> sampler_meta/<name>_LPFHP_<L>.json."""
-    name = osp.basename(data_meta)
-    for suffix in ('_meta.jsonl', '.jsonl'):
-        if name.endswith(suffix):
-            name = name[:-len(suffix)]
-            break
-    root = osp.dirname(osp.dirname(osp.abspath(data_meta)))
-    return osp.join(root, 'sampler_meta', f'{name}_LPFHP_{max_len}.json')
-
-
-def handle_oversize(lengths: np.ndarray, max_len: int, policy: str, source: str) -> np.ndarray:
-    """Lengths with the oversize ones set to 0 (left out) under 'drop'; an error under
-    'error'."""
-    over = np.flatnonzero(lengths > max_len)
-    if len(over) and policy == 'error':
-        raise ValueError(f'{source}: index {over[0]} has {lengths[over[0]]} tokens, more than '
-                         f'--max-seq-len {max_len} ({len(over)} of {len(lengths)} images); '
-                         'use --oversize drop to leave them out')
-    if len(over):
-        print(f'left out {len(over)} images over {max_len} tokens (e.g. index {over[0]})')
-        lengths = lengths.copy()
-        lengths[over] = 0
-    return lengths
-
-
-def pack(lengths: np.ndarray, max_len: int, max_per_pack=None, seed=0, split: int = 1):
-    """LPFHP packs of indices, leaving out images of length 0 (dropped as oversize)."""
-    from flexgen.datasets.packing import pack_offline
-    kept = np.flatnonzero(lengths > 0)
-    if len(kept) == len(lengths):
-        return pack_offline(lengths, max_len, max_per_pack, seed, split)
-    packs = pack_offline(lengths[kept], max_len, max_per_pack, seed, split)
-    return [[int(kept[i]) for i in p] for p in packs]
-
-
-def check(meta_file: str, lengths: np.ndarray, max_len) -> dict:
-    """Coverage, duplicates, budget and fill of a sampler-meta file against ``lengths``."""
-    from flexgen.datasets.packing import load_sampler_meta
-    packs = load_sampler_meta(meta_file)
-    flat = np.fromiter((i for p in packs for i in p), np.int64)
-    if flat.max() >= len(lengths):
-        raise ValueError(f'{meta_file}: index {flat.max()} is beyond the {len(lengths)} images')
-    loads = np.array([lengths[p].sum() for p in packs])
-    result = dict(packs=len(packs), images=len(flat), unique=len(np.unique(flat)),
-                  dataset=len(lengths), tokens=int(loads.sum()), largest_pack=int(loads.max()))
-    if max_len:
-        result.update(max_len=max_len, over_budget=int((loads > max_len).sum()),
-                      efficiency=float(loads.sum() / (len(packs) * max_len)))
-    return result
+    return dataset_token_counts(DATASETS.build(node), patch_size, f'{path}: {key}')
 
 
 def parse_args(argv=None):
@@ -164,33 +83,44 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from flexgen.datasets.packing import length_histogram, packing_report, save_sampler_meta
+    from flexgen.datasets.packing.lengths import (data_meta_lengths, find_oversize,
+                                                  length_histogram)
+    from flexgen.datasets.packing.lpfhp import pack_offline
+    from flexgen.datasets.packing.report import packing_report
+    from flexgen.datasets.packing.sampler_meta import (check_sampler_meta, sampler_meta_path,
+                                                       save_sampler_meta)
     if args.report:
         packing_report(args.histogram, args.lengths, args.kinds,
                        packs_per_step=args.packs_per_step)
         return 0
     if args.data_meta:
-        lengths, source = read_data_meta(args.data_meta, args.patch_size), args.data_meta
+        lengths, source = data_meta_lengths(args.data_meta, args.patch_size), args.data_meta
     elif args.config:
         lengths = lengths_from_config(args.config, args.dataset_key, args.patch_size)
         source = f'{args.config}:{args.dataset_key}'
     else:
         raise SystemExit('pack_dataset.py: give --data-meta or --config (or --report)')
     if args.check:
-        for key, value in check(args.check, lengths, args.max_seq_len).items():
+        for key, value in check_sampler_meta(args.check, lengths, args.max_seq_len).items():
             print(f'{key}: {value:.4%}' if key == 'efficiency' else f'{key}: {value}')
         return 0
-    lengths = handle_oversize(lengths, args.max_seq_len, args.oversize, source)
+    over = find_oversize(lengths, args.max_seq_len, args.oversize, source,
+                         budget=f'--max-seq-len {args.max_seq_len}',
+                         remedy='use --oversize drop to leave them out')
+    if len(over):
+        print(f'left out {len(over)} images over {args.max_seq_len} tokens (e.g. index '
+              f'{over[0]})')
+    kept = np.flatnonzero((lengths > 0) & (lengths <= args.max_seq_len))
     start = time.time()
-    packs = pack(lengths, args.max_seq_len, args.max_per_pack,
-                 None if args.nit_order else args.seed, args.split)
-    out = args.out or (default_output(args.data_meta, args.max_seq_len) if args.data_meta
+    packs = pack_offline(lengths, args.max_seq_len, args.max_per_pack,
+                         None if args.nit_order else args.seed, args.split, indices=kept)
+    out = args.out or (sampler_meta_path(args.data_meta, args.max_seq_len) if args.data_meta
                        else None)
     if out is None:
         raise SystemExit('pack_dataset.py: --out is needed with --config')
     save_sampler_meta(packs, out)
     used = sum(int(lengths[p].sum()) for p in packs)
-    print(f'{source}: {sum(map(len, packs))} images, {len(length_histogram(lengths[lengths > 0]))}'
+    print(f'{source}: {sum(map(len, packs))} images, {len(length_histogram(lengths[kept]))}'
           f' distinct lengths -> {len(packs)} packs of {args.max_seq_len} tokens, '
           f'{used / (len(packs) * args.max_seq_len):.4%} full ({time.time() - start:.1f} s); '
           f'wrote {out}')

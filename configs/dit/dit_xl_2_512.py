@@ -6,4 +6,5 @@ _base_ = './dit_xl_2_256.py'
 _resolution = 512
 train_dataloader = dict(dataset=dict(resolution=_resolution))
 test_dataloader = dict(dataset=dict(sizes=[(_resolution, _resolution)]))
+test_evaluator = dict(reference='data/adm_reference/VIRTUAL_imagenet512.npz')
 train_cfg = dict(max_iters=3_000_000)

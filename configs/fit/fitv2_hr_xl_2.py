@@ -47,6 +47,7 @@ train_dataloader = dict(
     dataset=dict(data_root=_data_root, target_len=_target_len),
     collate_fn=dict(max_length=_target_len))
 test_dataloader = dict(dataset=dict(sizes=[(512, 512)]))
+test_evaluator = dict(reference='data/adm_reference/VIRTUAL_imagenet512.npz')
 
 load_from = 'checkpoints/fitv2_xl_hr_init.pth'
 default_hooks = dict(checkpoint=dict(allow_missing=_reinitialised))

@@ -39,7 +39,7 @@ param_scheduler = [
 ]
 train_cfg = dict(max_iters=_iters, val_interval=_iters)
 val_cfg = dict(_delete_=True, type='ValLoop')
-test_cfg = dict(_delete_=True, type='TestLoop')
+test_cfg = dict(_delete_=True, type='GenerationLoop')
 
 default_hooks = dict(logger=dict(interval=100),
                      checkpoint=dict(interval=1000, max_keep_ckpts=1))

@@ -10,6 +10,9 @@ from mmengine.logging import print_log
 from flexgen.registry import FUNCTIONS
 from flexgen.structures import ImageGroups, patchify
 
+from .base_sampler import positive_int, refuse_unknown
+from .packing.lengths import find_oversize, token_counts
+
 
 def _collate_values(key: str, values: list):
     """One ``data_samples`` field of every item -> one batched value."""
@@ -47,7 +50,9 @@ def _collate_values(key: str, values: list):
 
 
 @FUNCTIONS.register_module()
-def jagged_collate(items: Sequence[dict], patch_size: Optional[int] = None) -> dict:
+def jagged_collate(items: Sequence[dict], patch_size: Optional[int] = None,
+                   max_length: Optional[int] = None, oversize: str = 'error',
+                   **kwargs) -> dict:
     """Items ``dict(inputs, data_samples=dict(...))`` -> one batch for the model.
 
     - ``inputs``: with ``patch_size``, a :class:`~flexgen.structures.TokenBatch` of the
@@ -62,10 +67,21 @@ def jagged_collate(items: Sequence[dict], patch_size: Optional[int] = None) -> d
       ``[H, W, C]``) -> :class:`~flexgen.structures.ImageGroups` (stacked per size), tuples /
       lists of numbers -> ``[B, k]`` (long if all ints), anything else -> a list.
 
+    ``max_length`` (with ``patch_size``) is the most tokens ``(H // p) * (W // p)`` one image
+    may hold: FiT's context length (256; 1024 for its high-resolution fine-tune), which its
+    RoPE and attention cost were sized for. FiT pads every image to it; here the model
+    gets the jagged batch with no pad tokens (an attention backend that wants a rectangle
+    pads inside, to the longest image of the batch, as FiT's training loop truncates its
+    padded batch), and FiT's masked loss, a mean over each image's tokens then over the
+    images, is ``DiffusionGenerator(loss_reduction='image')``. An image over
+    ``max_length`` raises a ValueError naming its dataset index (``oversize='error'``), or
+    is left out of the batch with a logged count (``'drop'``; a batch left empty raises).
+
     Configs name it ``collate_fn=dict(type='flexgen.jagged_collate', patch_size=2)``
     (mmengine looks collate functions up in its root FUNCTIONS registry; the prefix
     selects flexgen's); ``patch_size`` must be the model's.
     """
+    refuse_unknown('jagged_collate', kwargs, dict(overflow='oversize'))
     if len(items) == 0:
         raise ValueError('jagged_collate: got an empty batch')
     inputs: List = [item['inputs'] for item in items]
@@ -74,7 +90,10 @@ def jagged_collate(items: Sequence[dict], patch_size: Optional[int] = None) -> d
     elif not all(isinstance(x, torch.Tensor) for x in inputs):
         kinds = sorted({type(x).__name__ for x in inputs})
         raise ValueError(f'jagged_collate: inputs must be all tensors or all None, got {kinds}')
-    elif patch_size is not None:
+    if max_length is not None:
+        items = _within_length(items, patch_size, max_length, oversize)
+        inputs = [item['inputs'] for item in items]
+    if inputs is not None and patch_size is not None:
         inputs = patchify(inputs, patch_size)
         inputs.geometry.build()
     samples = [item['data_samples'] for item in items]
@@ -88,74 +107,39 @@ def jagged_collate(items: Sequence[dict], patch_size: Optional[int] = None) -> d
                               for key in keys})
 
 
-OVERFLOW_POLICIES = ('error', 'drop')
-
-
-@FUNCTIONS.register_module()
-def padded_collate(items: Sequence[dict], max_length: int = 256, patch_size: int = 2,
-                   overflow: str = 'error') -> dict:
-    """FiT's "pad every image to ``max_length`` tokens" (256; 1024 for the high-resolution
-    fine-tune), as a jagged batch: :func:`jagged_collate` plus the mask of FiT's padded layout.
-
-    Where the padding lives in flexgen: the model always receives a jagged
-    :class:`~flexgen.structures.TokenBatch` (no pad tokens), and an attention backend that
-    wants a rectangle (``'padded'``, FiT's own masked SDPA) pads inside, to the longest
-    image of the batch, as FiT's training loop truncates its padded batch to
-    ``max_b(h_b * w_b)`` tokens. Padding every image to ``max_length`` in the data would only
-    move zeros around. So here ``max_length`` states what FiT's data pipeline states with
-    it: the most tokens one image may hold (its context length, which its RoPE and
-    attention cost were sized for). FiT's masked loss (mean over each image's valid tokens,
-    then over images) is ``DiffusionGenerator(loss_reduction='image')`` on the jagged batch;
-    the mask is added for code that wants FiT's padded view.
-
-    Args:
-        items: dataset items ``dict(inputs=Tensor[C, H, W], data_samples=dict(...))``.
-        max_length: the most tokens ``(H // patch_size) * (W // patch_size)`` of one image.
-        patch_size: the model's patch size (latent cells per token side).
-        overflow: an image of more than ``max_length`` tokens raises a ValueError naming
-            its dataset index (``'error'``), or is left out of the batch (``'drop'``; a
-            batch left empty still raises).
-
-    Returns:
-        :func:`jagged_collate`'s dict (``inputs`` patchified with ``patch_size``, a
-        :class:`~flexgen.structures.TokenBatch`), whose ``data_samples`` also holds ``mask``
-        ``bool [B, max_length]`` (the first ``n_b`` positions True, FiT's layout) and
-        ``num_tokens`` ``long [B]`` (``n_b``).
-    """
-    if not isinstance(max_length, int) or max_length < 1:
-        raise ValueError(f'padded_collate: max_length must be a positive int, got {max_length!r}')
-    if not isinstance(patch_size, int) or patch_size < 1:
-        raise ValueError(f'padded_collate: patch_size must be a positive int, got {patch_size!r}')
-    if overflow not in OVERFLOW_POLICIES:
-        raise ValueError(f'padded_collate: overflow must be one of {OVERFLOW_POLICIES}, '
-                         f'got {overflow!r}')
-    if len(items) == 0:
-        raise ValueError('padded_collate: got an empty batch')
-    kept, counts, too_long = [], [], []
+def _within_length(items: Sequence[dict], patch_size, max_length, oversize: str) -> list:
+    """The items of at most ``max_length`` tokens; the others refused or dropped (logged)."""
+    name = 'jagged_collate'
+    positive_int(name, 'max_length', max_length)
+    if patch_size is None:
+        raise ValueError(f'{name}: max_length={max_length} counts tokens: give patch_size too')
+    p = positive_int(name, 'patch_size', patch_size)
+    shapes = []
     for j, item in enumerate(items):
         x = item['inputs']
         if not isinstance(x, torch.Tensor) or x.dim() != 3:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f'padded_collate: item {j} inputs must be a Tensor[C, H, W], '
-                             f'got {shape}')
-        n = (x.shape[1] // patch_size) * (x.shape[2] // patch_size)
-        if n > max_length:
-            index = item.get('data_samples', {}).get('index', f'(batch position {j})')
-            too_long.append(f'index {index}: {x.shape[1]}x{x.shape[2]} = {n} tokens')
-            continue
-        kept.append(item)
-        counts.append(n)
-    if too_long and (overflow == 'error' or not kept):
-        raise ValueError(f'padded_collate: {len(too_long)} of {len(items)} images exceed '
-                         f'max_length={max_length} tokens at patch_size {patch_size} '
-                         f'({"; ".join(too_long[:4])}); raise max_length, resize the data, '
-                         "or pass overflow='drop'")
-    if too_long:
-        print_log(f'padded_collate: dropped {len(too_long)} of {len(items)} images longer than '
-                  f'max_length={max_length} tokens ({"; ".join(too_long[:4])})',
-                  logger='current', level=logging.WARNING)
-    batch = jagged_collate(kept, patch_size)
-    num_tokens = torch.tensor(counts, dtype=torch.long)
-    batch['data_samples']['num_tokens'] = num_tokens
-    batch['data_samples']['mask'] = torch.arange(max_length)[None, :] < num_tokens[:, None]
-    return batch
+            raise ValueError(f'{name}: max_length needs inputs Tensor[C, H, W], item {j} has '
+                             f'{shape}')
+        shapes.append(tuple(x.shape[1:]))
+    tokens = token_counts(shapes, p)
+
+    def describe(j):
+        index = items[j].get('data_samples', {}).get('index', f'(batch position {j})')
+        return (f'index {index} ({shapes[j][0]}x{shapes[j][1]}) has {int(tokens[j])} tokens '
+                f'(patch_size {p})')
+
+    over = find_oversize(tokens, max_length, oversize, name, describe,
+                         budget=f'max_length={max_length}',
+                         remedy="raise max_length, resize the data, or set oversize='drop'")
+    if len(over) == 0:
+        return list(items)
+    if len(over) == len(items):
+        raise ValueError(f'{name}: every image of the batch exceeds max_length={max_length} '
+                         f'tokens ({describe(int(over[0]))}); raise max_length or resize the '
+                         'data')
+    print_log(f'{name}: dropped {len(over)} of {len(items)} images longer than '
+              f'max_length={max_length} tokens (' + '; '.join(describe(int(j)) for j in over[:4])
+              + ')', logger='current', level=logging.WARNING)
+    dropped = set(over.tolist())
+    return [item for j, item in enumerate(items) if j not in dropped]

@@ -2,7 +2,8 @@
 Diffusion Model"; FiTv2, arXiv 2410.13925), read as the reference ``IN1kLatentDataset`` does.
 
 The format (the released ``imagenet1k_latents_{256,1024}_sd_vae_ft_ema`` sets and what
-``tools/encode_latents.py --format fit`` writes), with ``L`` the token budget (256 or 1024):
+:class:`FiTLatentWriter`, ``tools/encode_latents.py --format fit``, writes), with ``L`` the
+token budget (256 or 1024):
 
 - ``data_root/from_16_to_{L}/``: images of 16 to L tokens, kept at their size;
 - ``data_root/greater_than_{L}_resize/``: larger images resized to about L tokens (aspect kept);
@@ -27,19 +28,24 @@ tokens are turned back into ``latent[c, i*p + p1, j*p + p2] = feature[k, i, j, c
 sequence, and the token grid ``(row, col) = (i, j)`` is the one ``grid`` stores (checked).
 """
 import logging
+import math
 import os
 import os.path as osp
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 from mmengine.logging import print_log
+from PIL import Image
 from safetensors import SafetensorError, safe_open
-from torch.utils.data import Dataset
 
 from flexgen.registry import DATASETS
 from flexgen.rng import stream_id, uniforms
-from flexgen.structures import unpatchify
+from flexgen.structures import patchify, unpatchify
+
+from .base_dataset import FlexDataset
+from .image_folder import center_crop_arr
+from .latent_writer import LatentWriter, save_tensors, with_mirrors
 
 
 CHOICES = ('random', 'resize', 'crop')
@@ -67,7 +73,7 @@ class FiTFileError(ValueError):
 
 
 @DATASETS.register_module()
-class FiTLatents(Dataset):
+class FiTLatents(FlexDataset):
     """FiT / FiTv2 latents from ``data_root`` (format: see the module docstring).
 
     Entries, as the reference lists them (each folder's names sorted, so that index ``i`` is
@@ -189,26 +195,18 @@ class FiTLatents(Dataset):
         return entries
 
     # ------------------------------------------------------------------ metadata
-    @property
-    def metainfo(self) -> dict:
-        return dict(latent_channels=self.latent_channels, patch_size=self.patch_size)
+    METAINFO_KEYS = ('latent_channels', 'patch_size')
 
     def __len__(self) -> int:
         return len(self.entries)
 
-    def _check(self, index) -> int:
-        if not 0 <= index < len(self.entries):
-            raise IndexError(f'FiTLatents: index {index} is out of range for a dataset of '
-                             f'length {len(self.entries)}')
-        return int(index)
-
     def path(self, index: int) -> str:
         """The file item ``index`` reads."""
-        return self._paths[self._check(index)]
+        return self._paths[self.check_index(index)]
 
     def flipped(self, index: int) -> bool:
         """Whether item ``index`` is the mirrored copy (``feature[1]``)."""
-        return bool(self._flip[self._check(index)])
+        return bool(self._flip[self.check_index(index)])
 
     def _open(self, path: str):
         if not osp.isfile(path):
@@ -236,7 +234,7 @@ class FiTLatents(Dataset):
     def get_size(self, index: int) -> Tuple[int, int]:
         """``(H, W)`` of item ``index``'s latent (tokens times ``patch_size``), from the
         header of the file it reads."""
-        index = self._check(index)
+        index = self.check_index(index)
         if self._shapes[index, 0] < 0:
             path = self._paths[index]
             with self._open(path) as handle:
@@ -246,7 +244,7 @@ class FiTLatents(Dataset):
 
     def get_label(self, index: int) -> int:
         """The class of item ``index`` (reads only the ``label`` tensor)."""
-        index = self._check(index)
+        index = self.check_index(index)
         if self._labels[index] < 0:
             path = self._paths[index]
             with self._open(path) as handle:
@@ -266,7 +264,7 @@ class FiTLatents(Dataset):
 
     # ------------------------------------------------------------------ items
     def __getitem__(self, index: int) -> dict:
-        index = self._check(index)
+        index = self.check_index(index)
         path = self._paths[index]
         with self._open(path) as handle:
             h, w = self._read_shape(index, handle, path)
@@ -294,3 +292,124 @@ class FiTLatents(Dataset):
             tokens = tokens.to(self.dtype)
         latent = unpatchify(tokens, torch.tensor([[h, w]]), self.patch_size)[0]
         return dict(inputs=latent.contiguous(), data_samples=dict(label=label, index=index))
+
+
+# ---------------------------------------------------------------------- writing
+def fit_resize_size(width: int, height: int, image_size: int, multiple: int) -> Tuple[int, int]:
+    """FiT's flexible-resolution size ``(W', H')`` of a ``width x height`` image
+    (``fit/data/in1k_dataset.py: resize_arr``; rule in :class:`FiTLatentWriter`);
+    ``image_size`` is S, ``multiple`` is m."""
+    if width * height >= image_size ** 2:
+        new_w = np.sqrt(width / height) * image_size
+        new_h = new_w * height / width
+    elif width < multiple:
+        new_w, new_h = multiple, multiple * height / width
+    elif height < multiple:
+        new_h, new_w = multiple, multiple * width / height
+    else:
+        new_w, new_h = width, height
+    return int(new_w / multiple) * multiple, int(new_h / multiple) * multiple
+
+
+class FiTLatentWriter(LatentWriter):
+    """Writes FiT's latent folders (the format of the module docstring), what
+    :class:`FiTLatents` reads.
+
+    With ``L`` = ``target_len`` tokens, ``d`` the autoencoder's downsampling and ``p`` =
+    ``patch_size``, ``m = d * p`` pixels per token side and ``S = m * sqrt(L)`` (256 px for
+    L = 256 on SD-VAE):
+
+    - each image is resized by FiT's rule (:func:`fit_resize_size`): if ``W * H >= S^2`` to
+      area ``S^2``, aspect kept (``W' = sqrt(W / H) * S``, ``H' = W' H / W``); else a side
+      below ``m`` is raised to ``m`` (aspect kept); then both sides are floored to
+      multiples of ``m`` (BICUBIC, skipped when the size does not change);
+    - an image of more than ``S^2`` pixels goes to ``greater_than_L_resize`` and, centre-
+      cropped to ``S x S`` (ADM's crop, :func:`~flexgen.datasets.image_folder.center_crop_arr`),
+      to ``greater_than_L_crop``; an image of fewer than 16 tokens goes to
+      ``less_than_16``; the others to ``from_16_to_L`` (the reference's encoding script is
+      not released: this split is read off the folder names);
+    - one ``<name>.safetensors`` per image and folder, where ``<name>`` is the image's path
+      under the image root without its extension, ``%`` written ``%25`` and ``/`` written
+      ``%2F`` (``cat/0.jpg`` -> ``cat%2F0``: images of the same file name in different
+      class folders stay apart, and the folders stay flat as FiT's are), holding
+      ``feature`` ``[2, h, w, C*p*p]`` (the image's and its horizontal mirror's latent,
+      each encoded, in patches of ``(c, p1, p2)`` order), ``grid`` ``[2, h*w]`` (column
+      index, row index), ``size`` ``[2]`` = ``(h, w)`` tokens, ``label`` ``[1]``.
+
+    Args:
+        out_dir: the dataset root to write.
+        downsample: the autoencoder's pixels per latent cell (d).
+        target_len: the token budget L (a square number: S = d * p * sqrt(L)).
+        patch_size: p.
+        dtype: the dtype ``feature`` is stored in (a torch dtype name).
+    """
+
+    name = 'fit'
+    FILE_NAMES = 'path under the image root, % as %25, / as %2F'
+
+    def __init__(self, out_dir: str, downsample: int, target_len: int = 256,
+                 patch_size: int = 2, dtype: str = 'float32'):
+        side = math.isqrt(target_len)
+        if side * side != target_len or target_len < 16:
+            raise ValueError(f'--target-len must be a square number >= 16 (FiT: 256 or 1024), '
+                             f'got {target_len}')
+        self.out_dir, self.patch_size, self.dtype = out_dir, patch_size, getattr(torch, dtype)
+        self.target_len, self.multiple = target_len, downsample * patch_size
+        self.image_size = self.multiple * side
+        self.single, self.resize, self.crop = fit_folders(target_len)
+        self.ignored = IGNORED_FOLDER
+        self.folders = (self.single, self.resize, self.crop, IGNORED_FOLDER)
+        for folder in self.folders:
+            os.makedirs(osp.join(out_dir, folder), exist_ok=True)
+
+    def settings(self) -> dict:
+        return dict(format=self.name, target_len=self.target_len, patch_size=self.patch_size,
+                    image_size=self.image_size, dtype=str(self.dtype).replace('torch.', ''),
+                    file_names=self.FILE_NAMES)
+
+    @staticmethod
+    def file_name(name: str) -> str:
+        """The flat file name (without ``.safetensors``) of image ``name`` (its path under
+        the image root, without extension): one-to-one, so no two images share a file."""
+        return name.replace('%', '%25').replace('/', '%2F')
+
+    def _path(self, folder: str, name: str) -> str:
+        return osp.join(self.out_dir, folder, self.file_name(name) + '.safetensors')
+
+    def pending(self, name: str) -> bool:
+        """Whether image ``name`` still needs encoding (its last file is written last)."""
+        done = (osp.exists(self._path(self.single, name))
+                or osp.exists(self._path(self.ignored, name))
+                or osp.exists(self._path(self.crop, name)))
+        return not done
+
+    def prepare(self, image: Image.Image) -> Dict[str, torch.Tensor]:
+        """The pixel images to encode, keyed ``folder`` and ``folder/flipped``."""
+        width, height = image.size
+        new_w, new_h = fit_resize_size(width, height, self.image_size, self.multiple)
+        if new_w == 0 or new_h == 0:
+            raise ValueError(f'{width}x{height} px is too thin for FiT\'s resize rule (it '
+                             f'floors to {new_w}x{new_h} at a multiple of {self.multiple})')
+        resized = image if (new_w, new_h) == (width, height) else \
+            image.resize((new_w, new_h), resample=Image.BICUBIC)
+        views = {}
+        if width * height > self.image_size ** 2:
+            views[self.resize] = resized
+            views[self.crop] = center_crop_arr(image, self.image_size)
+        elif (new_w // self.multiple) * (new_h // self.multiple) < 16:
+            views[self.ignored] = resized
+        else:
+            views[self.single] = resized
+        return with_mirrors(views)
+
+    def write(self, name: str, label: int, latents: Dict[str, torch.Tensor],
+              info: Optional[dict] = None) -> None:
+        # The crop file last: pending() takes it as the sign that the image is complete.
+        for folder in sorted((k for k in latents if '/' not in k), key=lambda k: k == self.crop):
+            pair = patchify([latents[folder], latents[folder + '/flipped']], self.patch_size)
+            h, w = pair.sizes[0].tolist()
+            feature = pair.tokens.reshape(2, h, w, -1).to(self.dtype)
+            save_tensors(dict(feature=feature, grid=raster_grid(h, w),
+                              size=torch.tensor([h, w], dtype=torch.int64),
+                              label=torch.tensor([label], dtype=torch.int64)),
+                         self._path(folder, name))

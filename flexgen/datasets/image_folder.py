@@ -7,10 +7,11 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
 
 from flexgen.registry import DATASETS
 from flexgen.rng import stream_id, uniforms
+
+from .base_dataset import FlexDataset
 
 
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp')
@@ -48,7 +49,7 @@ def capped_size(width: int, height: int, max_pixels: Optional[int]) -> Tuple[int
 
 
 @DATASETS.register_module()
-class ImageFolder(Dataset):
+class ImageFolder(FlexDataset):
     """Images in ``data_root/<class_name>/<files>`` (the ImageNet layout), labelled by class.
 
     Classes are the sorted names of ``data_root``'s sub-folders, or ``classes`` (labels are
@@ -140,25 +141,15 @@ class ImageFolder(Dataset):
                                     f'{root!r} (found {found[:10]})')
         return classes
 
-    @property
-    def metainfo(self) -> dict:
-        return dict(classes=self.classes)
-
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _check(self, index) -> int:
-        if not 0 <= index < len(self.samples):
-            raise IndexError(f'ImageFolder: index {index} is out of range for a dataset of '
-                             f'length {len(self.samples)}')
-        return int(index)
-
     def get_label(self, index: int) -> int:
-        return self.samples[self._check(index)][1]
+        return self.samples[self.check_index(index)][1]
 
     def get_size(self, index: int) -> Tuple[int, int]:
         """(H, W) of item ``index`` without decoding it (see the class docstring for cost)."""
-        index = self._check(index)
+        index = self.check_index(index)
         if self.resolution is not None:
             return self.resolution, self.resolution
         if index not in self._native_sizes:
@@ -182,7 +173,7 @@ class ImageFolder(Dataset):
 
     def load(self, index: int) -> Image.Image:
         """Item ``index`` as a resized, cropped (and maybe mirrored) RGB PIL image."""
-        index = self._check(index)
+        index = self.check_index(index)
         path = self.samples[index][0]
         try:
             with Image.open(path) as image:

@@ -2,7 +2,7 @@
 github WZDTHU/NiT), read as the reference ``ImprovedPackedImageNetLatentDataset`` does.
 
 The format (the released ``GoodEnough/NiT-Preprocessed-ImageNet1K`` set, and what
-``tools/encode_latents.py --format nit`` writes):
+:class:`NiTLatentWriter`, ``tools/encode_latents.py --format nit``, writes):
 
 - a data-meta jsonl, one JSON object per line (per image and geometry): ``latent_file``
   (relative to its type's latent folder), ``type`` (``'native-resolution'``,
@@ -45,12 +45,14 @@ import torch
 from mmengine.logging import print_log
 from PIL import Image
 from safetensors import SafetensorError, safe_open
-from torch.utils.data import Dataset
 
+from flexgen.fileio import atomic_write
 from flexgen.registry import DATASETS
 from flexgen.rng import stream_id, uniforms
 
+from .base_dataset import FlexDataset
 from .image_folder import center_crop_arr
+from .latent_writer import LatentWriter, save_tensors, with_mirrors
 
 NIT_TYPES = ('native-resolution', 'fixed-256x256', 'fixed-512x512')
 IMAGE_MODES = (None, 'path', 'image')
@@ -87,7 +89,7 @@ def load_nit_image(path: str, data_type: str, latent_h: int, latent_w: int, scal
 
 
 @DATASETS.register_module()
-class NiTLatents(Dataset):
+class NiTLatents(FlexDataset):
     """NiT's latents listed by one or more data-meta jsonl files (format: module docstring).
 
     Args:
@@ -164,7 +166,8 @@ class NiTLatents(Dataset):
         self.image_dir, self.image_mode, self.image_scale = image_dir, image_mode, image_scale
         self.flip_prob, self.seed, self.latent_channels = float(flip_prob), seed, latent_channels
         self._index()
-        self._flip = (uniforms(seed, torch.arange(len(self)), _FLIP_STREAM) < self.flip_prob).numpy()
+        draws = uniforms(seed, torch.arange(len(self)), _FLIP_STREAM)
+        self._flip = (draws < self.flip_prob).numpy()
 
     # ------------------------------------------------------------------ the jsonl index
     def _index(self) -> None:
@@ -238,7 +241,7 @@ class NiTLatents(Dataset):
 
     def meta(self, index: int) -> dict:
         """The jsonl line of item ``index`` (re-read from its file)."""
-        index = self._check(index)
+        index = self.check_index(index)
         path = self.meta_files[self._file[index]]
         with open(path, 'rb') as handle:
             handle.seek(int(self._offset[index]))
@@ -249,30 +252,22 @@ class NiTLatents(Dataset):
         return f'line {int(self._line[index])} of {self.meta_files[self._file[index]]!r}'
 
     # ------------------------------------------------------------------ metadata
-    @property
-    def metainfo(self) -> dict:
-        return dict(types=self.types, image_scale=self.image_scale)
+    METAINFO_KEYS = ('types', 'image_scale')
 
     def __len__(self) -> int:
         return len(self._line)
 
-    def _check(self, index) -> int:
-        if not 0 <= index < len(self):
-            raise IndexError(f'NiTLatents: index {index} is out of range for a dataset of '
-                             f'length {len(self)}')
-        return int(index)
-
     def get_size(self, index: int) -> Tuple[int, int]:
         """``(h, w)`` of item ``index``'s latent, from the jsonl."""
-        h, w = self._sizes[self._check(index)].tolist()
+        h, w = self._sizes[self.check_index(index)].tolist()
         return h, w
 
     def data_type(self, index: int) -> str:
-        return self.types[self._type[self._check(index)]]
+        return self.types[self._type[self.check_index(index)]]
 
     def flipped(self, index: int) -> bool:
         """Whether item ``index`` is the mirrored copy (``latent[1]``)."""
-        return bool(self._flip[self._check(index)])
+        return bool(self._flip[self.check_index(index)])
 
     def latent_path(self, index: int, meta: Optional[dict] = None) -> str:
         meta = meta or self.meta(index)
@@ -281,7 +276,7 @@ class NiTLatents(Dataset):
     def get_label(self, index: int) -> int:
         """The class of item ``index``: the jsonl's ``label``, else the file's ``label``
         tensor alone (the latent is not read)."""
-        index = self._check(index)
+        index = self.check_index(index)
         if self._labels[index] < 0:
             path = self.latent_path(index)
             with self._open(path, index) as handle:
@@ -338,7 +333,7 @@ class NiTLatents(Dataset):
 
     # ------------------------------------------------------------------ items
     def __getitem__(self, index: int) -> dict:
-        index = self._check(index)
+        index = self.check_index(index)
         meta = self.meta(index)
         path = self.latent_path(index, meta)
         with self._open(path, index) as handle:
@@ -370,3 +365,149 @@ class NiTLatents(Dataset):
         except (OSError, ValueError) as error:
             raise NiTFileError(f'NiTLatents: cannot read image {path!r} '
                                f'({self._where(index)}): {error}') from error
+
+
+# ---------------------------------------------------------------------- writing
+def nit_resize_size(width: int, height: int, min_image_size: int, max_image_size: int
+                    ) -> Tuple[int, int]:
+    """NiT's ``native_resolution_resize`` size ``(W', H')`` of a ``width x height`` image
+    (rule in :class:`NiTLatentWriter`; ``min_image_size`` is a, ``max_image_size`` is S)."""
+    a = min_image_size
+    if width * height < max_image_size ** 2:
+        return max(1, int(width / a)) * a, max(1, int(height / a)) * a
+    new_w = np.sqrt(width / height) * max_image_size
+    new_h = new_w * height / width
+    return int(new_w / a) * a, int(new_h / a) * a
+
+
+class NiTLatentWriter(LatentWriter):
+    """Writes NiT's latent folders and data-meta jsonl (the format of the module
+    docstring), what :class:`NiTLatents` reads, for every type of ``types``:
+
+    - ``native-resolution``: NiT's ``native_resolution_resize`` (:func:`nit_resize_size`)
+      with ``a = min_image_size`` and ``S = max_image_size``: if ``W * H < S^2`` each side is
+      floored to a multiple of ``a`` (at least ``a``; no crop, the aspect ratio moves
+      slightly), else the image is scaled to area ``S^2`` (aspect kept,
+      ``W' = sqrt(W / H) * S``, ``H' = W' H / W``) and then floored; BICUBIC;
+    - ``fixed-SxS``: ADM's centre crop to ``S x S`` (NiT's 256 / 512 copies of ImageNet);
+    - files ``out_dir/<type>/<class folder>/<stem>.safetensors`` holding ``latent``
+      ``[2, C, h, w]`` (the image's and its mirror's latent) and ``label`` (0-d int64), and
+      the data-meta jsonl ``out_dir/data_meta/<type>_meta.jsonl`` (NiT's fields
+      ``image_file``, ``latent_file``, ``ori_w``, ``ori_h``, ``latent_h``, ``latent_w``,
+      ``image_h``, ``image_w``, ``type``, plus ``label``), and with several types
+      ``out_dir/data_meta/merge_meta.jsonl`` (the types' lines, in ``types`` order). The
+      jsonl files are rewritten by :meth:`finish` from what is on disk (each file's header
+      carries its line), so an interrupted job resumes to the same files.
+
+    Args:
+        out_dir: the dataset root to write.
+        downsample: the autoencoder's pixels per latent cell (d).
+        types: ``'native-resolution'`` and / or ``'fixed-SxS'`` types.
+        patch_size: p (NiT: 1); sizes are multiples of ``d * p``.
+        min_image_size, max_image_size: a and S of the native rule (default ``d * p``, 2048).
+        dtype: the dtype ``latent`` is stored in (a torch dtype name).
+    """
+
+    name = 'nit'
+    NATIVE = NIT_TYPES[0]
+
+    def __init__(self, out_dir: str, downsample: int, types: Sequence[str] = (NATIVE,),
+                 patch_size: int = 1, min_image_size: Optional[int] = None,
+                 max_image_size: int = 2048, dtype: str = 'float32'):
+        self.out_dir, self.patch_size, self.dtype = out_dir, patch_size, getattr(torch, dtype)
+        self.downsample, self.multiple = downsample, downsample * patch_size
+        self.min_image_size = self.multiple if min_image_size is None else min_image_size
+        self.max_image_size = max_image_size
+        if self.min_image_size % self.multiple:
+            raise ValueError(f'--min-image-size {self.min_image_size} is not a multiple of '
+                             f'{self.multiple} (autoencoder downsampling x patch size)')
+        if not types or len(set(types)) != len(types):
+            raise ValueError(f'--nit-types must name distinct types, got {list(types)}')
+        self.types, self.fixed = tuple(types), {}
+        for t in self.types:
+            if t == self.NATIVE:
+                continue
+            side = t[len('fixed-'):].split('x') if t.startswith('fixed-') else []
+            if len(side) != 2 or side[0] != side[1] or not side[0].isdigit() \
+                    or int(side[0]) % self.multiple or int(side[0]) == 0:
+                raise ValueError(f'--nit-types: {t!r} is not {self.NATIVE!r} or '
+                                 f"'fixed-SxS' with S a multiple of {self.multiple}")
+            self.fixed[t] = int(side[0])
+        self.rel: Dict[str, str] = {}  # image name -> image file relative to the image root
+        for t in self.types:
+            os.makedirs(osp.join(out_dir, t), exist_ok=True)
+        os.makedirs(osp.join(out_dir, 'data_meta'), exist_ok=True)
+
+    def settings(self) -> dict:
+        return dict(format=self.name, types=list(self.types), patch_size=self.patch_size,
+                    min_image_size=self.min_image_size, max_image_size=self.max_image_size,
+                    dtype=str(self.dtype).replace('torch.', ''))
+
+    def bind(self, items, image_root: str) -> None:
+        self.rel = {name: osp.relpath(path, image_root).replace(os.sep, '/')
+                    for path, _, name in items}
+
+    def latent_file(self, name: str) -> str:
+        """``<class folder>/<stem>.safetensors``: image ``name`` (its path under the root,
+        without extension) with the extension of a latent file."""
+        return name + '.safetensors'
+
+    def _path(self, data_type: str, name: str) -> str:
+        return osp.join(self.out_dir, data_type, *self.latent_file(name).split('/'))
+
+    def pending(self, name: str) -> bool:
+        return not all(osp.exists(self._path(t, name)) for t in self.types)
+
+    def prepare(self, image: Image.Image) -> Dict[str, torch.Tensor]:
+        """The pixel images to encode, keyed ``type`` and ``type/flipped``."""
+        width, height = image.size
+        views = {}
+        for t in self.types:
+            if t == self.NATIVE:
+                size = nit_resize_size(width, height, self.min_image_size, self.max_image_size)
+                if 0 in size:
+                    raise ValueError(f'{width}x{height} px floors to {size[0]}x{size[1]} under '
+                                     f"NiT's native rule")
+                views[t] = image if size == image.size else \
+                    image.resize(size, resample=Image.BICUBIC)
+            else:
+                views[t] = center_crop_arr(image, self.fixed[t])
+        return with_mirrors(views)
+
+    def info(self, path: str, image: Image.Image) -> dict:
+        return dict(ori_w=image.size[0], ori_h=image.size[1])
+
+    def write(self, name: str, label: int, latents: Dict[str, torch.Tensor],
+              info: Optional[dict] = None) -> None:
+        for t in self.types:  # pending() needs every type's file: order does not matter
+            latent = torch.stack([latents[t], latents[t + '/flipped']]).to(self.dtype)
+            h, w = latent.shape[-2:]
+            line = dict(image_file=self.rel[name], latent_file=self.latent_file(name),
+                        ori_w=int(info['ori_w']), ori_h=int(info['ori_h']),
+                        latent_h=int(h), latent_w=int(w), image_h=int(h) * self.downsample,
+                        image_w=int(w) * self.downsample, type=t, label=int(label))
+            save_tensors(dict(latent=latent, label=torch.tensor(label, dtype=torch.int64)),
+                         self._path(t, name), metadata={'nit_meta': json.dumps(line)})
+
+    def _line(self, data_type: str, name: str) -> dict:
+        path = self._path(data_type, name)
+        with safe_open(path, framework='pt') as handle:
+            meta = handle.metadata() or {}
+        if 'nit_meta' not in meta:
+            raise NiTFileError(f'{path} has no nit_meta header (not written by '
+                               'NiTLatentWriter?)')
+        return json.loads(meta['nit_meta'])
+
+    def finish(self, items) -> Dict[str, str]:
+        """Write the jsonl files from the files on disk; returns ``{type: jsonl path}``."""
+        names = [name for _, _, name in items if not self.pending(name)]
+        written, merged = {}, []
+        for t in self.types:
+            lines = [json.dumps(self._line(t, name)) + '\n' for name in names]
+            written[t] = osp.join(self.out_dir, 'data_meta', f'{t}_meta.jsonl')
+            atomic_write(''.join(lines).encode(), written[t])
+            merged += lines
+        if len(self.types) > 1:
+            written['merge'] = osp.join(self.out_dir, 'data_meta', 'merge_meta.jsonl')
+            atomic_write(''.join(merged).encode(), written['merge'])
+        return written

@@ -1,15 +1,13 @@
-"""Batch samplers that serve token-budget packs (NiT-style packed training).
+"""Data samplers that serve token-budget packs (NiT-style packed training).
 
 Each step gives every rank ``packs_per_step`` packs, as ONE list of dataset indices (the
-packs concatenated). Both samplers here:
+packs concatenated), dealt out of one sequence of global steps as every
+:class:`~flexgen.datasets.base_sampler.GlobalBatchSampler` does. Both samplers here:
 
-- build one infinite sequence of steps, epoch after epoch, the same on every rank: a global
-  step is ``W * P`` packs (W ranks, P packs per rank) and rank ``r`` takes packs
-  ``[r * P, (r + 1) * P)`` of it. A step never spans two epochs and an epoch uses an image
-  at most once, so ranks never share an image; W ranks see at step s exactly what one
-  process with ``packs_per_step = W * P`` sees;
+- never let a step span two epochs, and use an image at most once per epoch, so ranks never
+  share an image;
 - place any step by arithmetic: :meth:`set_start_iter` resumes at a step without replaying
-  or packing anything before it (``FlexTrainLoop`` calls it on resume);
+  or packing anything before it;
 - check every image against the budget when they are built, never mid-epoch. An image
   with more tokens than the budget is an error naming it, or with ``oversize='drop'`` is
   left out, counted in ``num_oversize`` and logged through mmengine's current logger.
@@ -24,111 +22,37 @@ from typing import Iterator, List, Optional
 
 import numpy as np
 import torch
-from mmengine.dist import get_dist_info, sync_random_seed
-from mmengine.logging import MMLogger
-from torch.utils.data import Sampler
 
 from flexgen.registry import DATA_SAMPLERS
 
-from .batch_samplers import _positive_int
-from .packing import (OnlinePlan, choose_fill, default_chunk_packs, load_sampler_meta,
-                      token_counts)
-
-OVERSIZE_POLICIES = ('error', 'drop')
-
-
-def _log(message: str, level=logging.INFO) -> None:
-    MMLogger.get_current_instance().log(level, message)
+from .base_sampler import GlobalBatchSampler, log, positive_int
+from .packing.lengths import check_oversize_policy
+from .packing.online import OnlinePlan, choose_fill, default_chunk_packs
+from .packing.sampler_meta import load_sampler_meta
 
 
-class _PackStreamSampler(Sampler):
-    """Shared machinery: a subclass gives ``_global_packs(step)`` (the W * P packs of
-    global step ``step``) and ``steps_per_epoch``."""
+class _StepPackSampler(GlobalBatchSampler):
+    """Packs placed by arithmetic: a subclass gives ``_global_packs(step)`` (the W * P packs
+    of global step ``step``) and ``steps_per_epoch``."""
 
     def __init__(self, sampler, packs_per_step, batch_size, seed, shuffle):
-        name = type(self).__name__
-        self.sampler = sampler  # mmengine's seed hook reads batch_sampler.sampler
-        self.dataset = getattr(sampler, 'dataset', sampler)
-        self.rank, self.world_size = get_dist_info()
-        if packs_per_step is None:  # NiT: the dataloader batch_size counts packs per device
-            packs_per_step = 1 if batch_size is None else batch_size
-        elif batch_size not in (None, 1, packs_per_step):
-            raise ValueError(f'{name}: packs_per_step={packs_per_step} but the dataloader '
-                             f'batch_size={batch_size}; a step holds packs_per_step packs per '
-                             'rank: set batch_size=None (or the same value)')
-        self.packs_per_step = _positive_int(name, 'packs_per_step', packs_per_step)
+        super().__init__(sampler, seed, shuffle)
+        self.packs_per_step = self.resolve_packs_per_step(packs_per_step, batch_size)
+        self.groups_per_rank = self.packs_per_step
         self.global_packs = self.packs_per_step * self.world_size
-        if seed is None:  # the wrapped sampler's seed (mmengine: the runner's), else a shared one
-            seed = getattr(sampler, 'seed', None)
-        self.seed = sync_random_seed() if seed is None else int(seed)
-        self.shuffle = shuffle
-        self.start_iter = 0
-        self.num_oversize = 0
-
-    def _tokens(self, patch_size: int) -> np.ndarray:
-        name = type(self).__name__
-        if not hasattr(self.dataset, 'get_size'):
-            raise TypeError(f'{name}: the dataset {type(self.dataset).__name__} has no '
-                            'get_size(index) -> (H, W), which the token budget needs')
-        sizes = [self.dataset.get_size(i) for i in range(len(self.dataset))]
-        tokens = token_counts(sizes, patch_size)
-        if len(tokens) and tokens.min() < 1:
-            i = int(np.argmin(tokens))
-            raise ValueError(f'{name}: dataset index {i} of size {tuple(sizes[i])} is smaller '
-                             f'than one patch of {patch_size} x {patch_size}')
-        return tokens
-
-    def _oversize(self, tokens: np.ndarray, max_tokens: int, policy: str,
-                  patch_size: int) -> np.ndarray:
-        """Indices over the budget: an error, or (``'drop'``) counted, logged and returned."""
-        name = type(self).__name__
-        if policy not in OVERSIZE_POLICIES:
-            hint = (' (resizing is the dataset\'s job: make get_size report the resized size)'
-                    if policy == 'resize' else '')
-            raise ValueError(f'{name}: oversize must be one of {OVERSIZE_POLICIES}, got '
-                             f'{policy!r}{hint}')
-        over = np.flatnonzero(tokens > max_tokens)
-        if len(over) and policy == 'error':
-            i = int(over[0])
-            raise ValueError(
-                f'{name}: dataset index {i} of size {tuple(self.dataset.get_size(i))} has '
-                f'{int(tokens[i])} tokens (patch_size {patch_size}), more than the budget '
-                f'max_tokens={max_tokens} ({len(over)} of {len(tokens)} images exceed it); '
-                "raise max_tokens, resize them in the dataset, or set oversize='drop'")
-        if len(over):
-            self.num_oversize = len(over)
-            _log(f'{name}: left out {len(over)} of {len(tokens)} images with more than '
-                 f'max_tokens={max_tokens} tokens (oversize=\'drop\'), e.g. index '
-                 f'{int(over[0])} with {int(tokens[over[0]])} tokens', logging.WARNING)
-        return over
-
-    # ------------------------------------------------------------ position and iteration
-    def set_start_iter(self, start_iter: int) -> None:
-        """Make the next ``__iter__`` start at global step ``start_iter`` (for resuming):
-        the position is arithmetic, no earlier pack is loaded or computed."""
-        if not isinstance(start_iter, (int, np.integer)) or start_iter < 0:
-            raise ValueError(f'{type(self).__name__}.set_start_iter: expected a step >= 0, '
-                             f'got {start_iter!r}')
-        self.start_iter = int(start_iter)
-
-    def set_epoch(self, epoch: int) -> None:
-        """A no-op kept for mmengine's loops: epochs are counted inside (the sampler is
-        infinite and each epoch's order comes from the seed and the epoch)."""
 
     def _global_packs(self, step: int) -> List[List[int]]:
         raise NotImplementedError
 
+    def global_steps(self, start: int) -> Iterator[List[List[int]]]:
+        step = start
+        while True:
+            yield self._global_packs(step)
+            step += 1
+
     def step_packs(self, step: int) -> List[List[int]]:
         """This rank's ``packs_per_step`` packs at global step ``step``."""
-        packs = self._global_packs(step)
-        p = self.packs_per_step
-        return packs[self.rank * p:(self.rank + 1) * p]
-
-    def __iter__(self) -> Iterator[List[int]]:
-        step = self.start_iter
-        while True:
-            yield [i for pack in self.step_packs(step) for i in pack]
-            step += 1
+        return self.rank_groups(self._global_packs(step))
 
     def __len__(self) -> int:
         """Steps in one epoch."""
@@ -136,14 +60,14 @@ class _PackStreamSampler(Sampler):
 
 
 @DATA_SAMPLERS.register_module()
-class OfflinePackSampler(_PackStreamSampler):
+class OfflinePackSampler(_StepPackSampler):
     """Serves packs read from a sampler-meta JSON: NiT's own files, or those
     ``tools/pack_dataset.py`` writes (a list of packs, each a list of dataset indices).
 
     Epoch ``e`` serves the packs in the order ``torch.randperm(num_packs)`` drawn from a
-    generator seeded with ``seed + e`` (NiT's ``get_packed_batch_sampler``), dealt out as
-    the module docstring says: with one pack per step, rank r at step s of the epoch gets
-    pack ``perm[s * W + r]``. An epoch has ``num_packs // (W * P)`` steps; the last
+    generator seeded with ``seed + e`` (NiT's ``get_packed_batch_sampler``), dealt out
+    ``W * P`` packs per global step: with one pack per step, rank r at step s of the epoch
+    gets pack ``perm[s * W + r]``. An epoch has ``num_packs // (W * P)`` steps; the last
     ``num_packs % (W * P)`` packs of its order (a different few each epoch) wait for the
     next epoch, so that a step never spans two epochs and ranks never share an image.
     When ``W * P`` divides ``num_packs`` this is exactly NiT's sampler (which instead deals
@@ -188,12 +112,12 @@ class OfflinePackSampler(_PackStreamSampler):
             raise ValueError(f'{name}: {meta_file}: index {i} is in more than one pack '
                              f'(packs {where}); ranks would share images')
         self.tokens = None
-        self.max_tokens = _positive_int(name, 'max_tokens', max_tokens, allow_none=True)
+        self.max_tokens = positive_int(name, 'max_tokens', max_tokens, allow_none=True)
         if self.max_tokens is not None:
-            self.patch_size = _positive_int(name, 'patch_size', patch_size)
-            self.tokens = self._tokens(self.patch_size)
-            over = set(self._oversize(self.tokens, self.max_tokens, oversize,
-                                      self.patch_size).tolist())
+            self.patch_size = positive_int(name, 'patch_size', patch_size)
+            self.tokens = self.token_counts(self.patch_size)
+            over = set(self.leave_out_oversize(self.tokens, self.max_tokens, oversize,
+                                               self.patch_size).tolist())
             if over:
                 packs = [kept for kept in ([i for i in pack if i not in over] for pack in packs)
                          if kept]
@@ -204,8 +128,8 @@ class OfflinePackSampler(_PackStreamSampler):
                                  f'than max_tokens={self.max_tokens} (patch_size '
                                  f'{self.patch_size}): the file was packed for another '
                                  'budget or dataset')
-        elif oversize not in OVERSIZE_POLICIES:
-            self._oversize(np.zeros(0, np.int64), 1, oversize, patch_size)
+        else:
+            check_oversize_policy(name, oversize)
         if len(packs) < self.global_packs:
             raise ValueError(f'{name}: {meta_file} has {len(packs)} packs, fewer than one step '
                              f'of {self.world_size} rank(s) x {self.packs_per_step} pack(s)')
@@ -236,7 +160,7 @@ class OfflinePackSampler(_PackStreamSampler):
 
 
 @DATA_SAMPLERS.register_module()
-class OnlinePackSampler(_PackStreamSampler):
+class OnlinePackSampler(_StepPackSampler):
     """Packs images into token budgets on the fly from a seeded order: no meta file.
 
     Each epoch's order (a permutation drawn from ``(seed, epoch)``) is cut into chunks of
@@ -291,16 +215,16 @@ class OnlinePackSampler(_PackStreamSampler):
                  shuffle: bool = True):
         super().__init__(sampler, packs_per_step, batch_size, seed, shuffle)
         name = 'OnlinePackSampler'
-        self.max_tokens = _positive_int(name, 'max_tokens', max_tokens)
-        self.patch_size = _positive_int(name, 'patch_size', patch_size)
+        self.max_tokens = positive_int(name, 'max_tokens', max_tokens)
+        self.patch_size = positive_int(name, 'patch_size', patch_size)
         if chunk_packs is None:
             chunk_packs = default_chunk_packs(self.max_tokens)
-        self.chunk_packs = _positive_int(name, 'chunk_packs', chunk_packs)
-        self.max_images = _positive_int(name, 'max_images', max_images, allow_none=True)
-        self.tokens = self._tokens(self.patch_size)
+        self.chunk_packs = positive_int(name, 'chunk_packs', chunk_packs)
+        self.max_images = positive_int(name, 'max_images', max_images, allow_none=True)
+        self.tokens = self.token_counts(self.patch_size)
         if len(self.tokens) == 0:
             raise ValueError(f'{name}: the dataset is empty')
-        over = self._oversize(self.tokens, self.max_tokens, oversize, self.patch_size)
+        over = self.leave_out_oversize(self.tokens, self.max_tokens, oversize, self.patch_size)
         kept = np.setdiff1d(np.arange(len(self.tokens)), over)
         if len(kept) == 0:
             raise ValueError(f'{name}: every image exceeds max_tokens={self.max_tokens}')
@@ -323,11 +247,11 @@ class OnlinePackSampler(_PackStreamSampler):
         self.steps_per_epoch = self.plan.steps_per_epoch
         self.num_left_out = 0
         self._logged_chunk = None
-        _log(f'{name}: {len(kept)} images, {self.plan.total_tokens} tokens -> '
-             f'{self.steps_per_epoch} steps per epoch of {self.world_size} x '
-             f'{self.packs_per_step} packs of {self.max_tokens} tokens, fill '
-             f'{self.fill:.4f}{" (auto)" if fill == "auto" else ""}: '
-             f'{self.plan.efficiency:.3%} of the budget used')
+        log(f'{name}: {len(kept)} images, {self.plan.total_tokens} tokens -> '
+            f'{self.steps_per_epoch} steps per epoch of {self.world_size} x '
+            f'{self.packs_per_step} packs of {self.max_tokens} tokens, fill '
+            f'{self.fill:.4f}{" (auto)" if fill == "auto" else ""}: '
+            f'{self.plan.efficiency:.3%} of the budget used')
 
     def _global_packs(self, step: int) -> List[List[int]]:
         epoch, chunk, _ = self.plan.locate(step)
@@ -335,10 +259,10 @@ class OnlinePackSampler(_PackStreamSampler):
         if left_out and self._logged_chunk != (epoch, chunk):
             self._logged_chunk = (epoch, chunk)
             self.num_left_out += len(left_out)
-            _log(f'OnlinePackSampler: chunk {chunk} of epoch {epoch} could not place '
-                 f'{len(left_out)} image(s) (e.g. index {left_out[0]} with '
-                 f'{int(self.tokens[left_out[0]])} tokens) at fill {self.fill:.4f}; they are '
-                 'left out of this epoch. Lower fill to avoid it.', logging.WARNING)
+            log(f'OnlinePackSampler: chunk {chunk} of epoch {epoch} could not place '
+                f'{len(left_out)} image(s) (e.g. index {left_out[0]} with '
+                f'{int(self.tokens[left_out[0]])} tokens) at fill {self.fill:.4f}; they are '
+                'left out of this epoch. Lower fill to avoid it.', logging.WARNING)
         return self.plan.step(step)
 
     def efficiency(self) -> float:

@@ -4,10 +4,11 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from flexgen.registry import DATASETS
 from flexgen.rng import uniforms
+
+from .base_dataset import FlexDataset
 
 _GRAIN_SIZE = 32768  # at::internal::GRAIN_SIZE: ops on fewer elements run on one thread
 
@@ -40,7 +41,7 @@ def shape_mask(kind: str, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 @DATASETS.register_module()
-class ProceduralShapes(Dataset):
+class ProceduralShapes(FlexDataset):
     """Shapes on a plain background, drawn on the fly: the class is the shape kind.
 
     Each class is one of ``SHAPES`` (disc, square, triangle, cross, ring, two bars),
@@ -55,7 +56,7 @@ class ProceduralShapes(Dataset):
     antialiased: the mask is evaluated on a ``supersample`` x finer grid and average-pooled
     (area coverage), so every pixel is ``bg + coverage * (fg - bg)``.
 
-    Item ``i`` is a pure function of ``(seed, i)`` (SplitMix64 hashes, see
+    Item ``i`` is a pure function of ``(seed, i)`` (keyed hashes,
     :func:`flexgen.rng.uniforms`): its label is ``i % num_classes`` (balanced), its size one
     of ``sizes`` drawn by hash. Nothing is downloaded or stored.
 
@@ -116,36 +117,26 @@ class ProceduralShapes(Dataset):
         self._grid = {n: (torch.arange(n * supersample) + 0.5) / supersample
                       for n in {n for s in self.sizes for n in s}}
 
-    @property
-    def metainfo(self) -> dict:
-        return dict(classes=self.classes)
-
     def __len__(self) -> int:
         return self.num_samples
 
-    def _check(self, index) -> int:
-        if not 0 <= index < self.num_samples:
-            raise IndexError(f'ProceduralShapes: index {index} is out of range for a dataset '
-                             f'of length {self.num_samples}')
-        return int(index)
-
     def get_size(self, index: int) -> Tuple[int, int]:
         """(H, W) of item ``index``, without drawing it."""
-        return self.sizes[self._size_ids[self._check(index)]]
+        return self.sizes[self._size_ids[self.check_index(index)]]
 
     def get_label(self, index: int) -> int:
-        return self._check(index) % len(self.classes)
+        return self.check_index(index) % len(self.classes)
 
     def params(self, index: int) -> dict:
         """The random draws behind item ``index``: radius and centre (px), colours in [0, 1]."""
-        index = self._check(index)
+        index = self.check_index(index)
         return dict(radius=float(self._radius[index]),
                     center=tuple(self._center[index].tolist()),
                     background=self._background[index], foreground=self._foreground[index])
 
     def render(self, indices: Sequence[int]) -> List[torch.Tensor]:
         """Images ``[3, H, W]`` in [-1, 1] of ``indices``, drawn in chunks of one size."""
-        indices = [self._check(i) for i in indices]
+        indices = [self.check_index(i) for i in indices]
         by_size = {}
         for j, i in enumerate(indices):
             by_size.setdefault(self.get_size(i), []).append(j)
@@ -153,8 +144,7 @@ class ProceduralShapes(Dataset):
         for (h, w), where in by_size.items():
             where.sort(key=lambda j: indices[j] % len(self.classes))  # runs of one label
             # Chunks of fewer supersampled points than torch's intra-op grain size run on
-            # one thread: on tensors this small, thread hand-off costs far more than it
-            # saves (25x slower with 2 threads on a busy 2-core machine).
+            # one thread: on tensors this small, thread hand-off costs far more than it saves.
             step = max(1, (_GRAIN_SIZE - 1) // (h * w * self.supersample ** 2))
             for start in range(0, len(where), step):
                 chunk = where[start:start + step]

@@ -82,7 +82,8 @@ class ProgressBarHook(Hook):
     """A progress bar (tqdm on stderr, main process only) over the batches of every
     validation and test run: generating the samples a metric scores takes minutes, and the
     logger prints only once they are scored. Closed after the last batch, before the
-    metrics' own work (a judge trains with its own bar)."""
+    metrics' own work (a judge trains with its own bar). A loop that shows its own
+    progress (``reports_progress = True``, e.g. ``GenerationLoop``) gets no second bar."""
 
     priority = 'NORMAL'
 
@@ -91,6 +92,9 @@ class ProgressBarHook(Hook):
 
     def _before_epoch(self, runner, mode='train'):
         if mode == 'train' or not is_main_process():
+            return
+        loop = runner.val_loop if mode == 'val' else runner.test_loop
+        if getattr(loop, 'reports_progress', False):
             return
         loader = runner.val_dataloader if mode == 'val' else runner.test_dataloader
         self.bar = tqdm(total=len(loader), desc=mode, unit='batch', file=sys.stderr,

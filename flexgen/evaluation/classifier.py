@@ -11,7 +11,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
@@ -21,9 +20,13 @@ import torch.nn.functional as F
 from mmengine.dist import is_main_process
 from mmengine.logging import print_log
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor, nn
 from tqdm import tqdm
+
+from flexgen.fileio import atomic_write
+
+from .utils import user_cache_dir
 
 # Bump when the network or the training recipe changes: old cache files then stop matching.
 CACHE_VERSION = 1
@@ -161,26 +164,11 @@ def _cache_key(config: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
-def _save_atomically(state: dict, path: str, metadata: dict) -> None:
-    directory = os.path.dirname(path) or '.'
-    os.makedirs(directory, exist_ok=True)
-    # A temporary file then os.replace: a reader (another rank, a crashed run) never sees a
-    # half-written file.
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix='.tmp')
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def train_classifier(dataset_cfg: dict, classifier_cfg: Optional[dict] = None, epochs: int = 10,
                      batch_size: int = 64, lr: float = 3e-3, weight_decay: float = 1e-4,
                      holdout_fraction: float = 0.2, max_train_images: Optional[int] = None,
                      noise_std: float = 0.0, seed: int = 0,
-                     cache_dir: str = 'work_dirs/.cache/classifiers') -> TrainedClassifier:
+                     cache_dir: Optional[str] = None) -> TrainedClassifier:
     """Train (or reload) a ``SmallConvClassifier`` on the dataset built from ``dataset_cfg``.
 
     A seeded random ``holdout_fraction`` of the dataset is held out (never trained on) and
@@ -202,7 +190,9 @@ def train_classifier(dataset_cfg: dict, classifier_cfg: Optional[dict] = None, e
             so a generated image with faint residual grain would be judged by its grain,
             not its shape.
         seed: drives the split, the initialisation and the batch order.
-        cache_dir: where the weights are cached.
+        cache_dir: where the weights are cached; default ``user_cache_dir('classifiers')``
+            (``$FLEXGEN_CACHE_DIR``, else ``~/.cache/flexgen``): the same judge for a run
+            from any folder.
     """
     if not 0 < holdout_fraction < 1:
         raise ValueError(f'train_classifier: holdout_fraction must be in (0, 1), '
@@ -215,7 +205,8 @@ def train_classifier(dataset_cfg: dict, classifier_cfg: Optional[dict] = None, e
                                 weight_decay=weight_decay, holdout_fraction=holdout_fraction,
                                 max_train_images=max_train_images, noise_std=noise_std),
                   seed=seed)
-    path = os.path.join(cache_dir, f'{_cache_key(config)}.safetensors')
+    path = os.path.join(cache_dir or user_cache_dir('classifiers'),
+                        f'{_cache_key(config)}.safetensors')
 
     if os.path.isfile(path):
         with safe_open(path, framework='pt') as f:
@@ -250,9 +241,10 @@ def train_classifier(dataset_cfg: dict, classifier_cfg: Optional[dict] = None, e
     holdout_images, holdout_labels = load_items(dataset, holdout)
     logits, _ = classify(model, holdout_images)
     accuracy = 100.0 * (logits.argmax(1) == holdout_labels).double().mean().item()
-    _save_atomically(model.state_dict(), path, dict(
+    # Atomic: a reader (another rank, a crashed run) never sees a half-written file.
+    atomic_write(save({k: v.contiguous() for k, v in model.state_dict().items()}, dict(
         accuracy=repr(accuracy), classes=json.dumps(classes),
-        config=json.dumps(config, sort_keys=True, default=repr)))
+        config=json.dumps(config, sort_keys=True, default=repr))), path)
     print_log(f'Classifier trained on {len(train)} images of {type(dataset).__name__}: '
               f'held-out accuracy {accuracy:.2f}% on {len(holdout)} real images; '
               f'cached in {path}', logger='current')

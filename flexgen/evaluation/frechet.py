@@ -25,9 +25,18 @@ def feature_statistics(features) -> Tuple[np.ndarray, np.ndarray]:
     return features.mean(0), np.cov(features, rowvar=False).reshape(features.shape[1], -1)
 
 
+def _noise_free(values: np.ndarray) -> np.ndarray:
+    """Eigenvalues of a symmetric PSD matrix with the rounding noise of its null space set
+    to 0: below ``d * eps * max`` (numpy's matrix_rank tolerance) a value is zero up to
+    float64 rounding, and the square roots of 2000 such values (a covariance of fewer
+    images than features) would add up to a visible error."""
+    tolerance = len(values) * np.finfo(np.float64).eps * max(float(values.max()), 0.0)
+    return np.where(values > tolerance, values, 0.0)
+
+
 def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
     values, vectors = np.linalg.eigh((matrix + matrix.T) / 2)
-    return (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+    return (vectors * np.sqrt(_noise_free(values))) @ vectors.T
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
@@ -46,6 +55,6 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     # of that matrix's eigenvalues, which a symmetric eigendecomposition gives stably.
     root1 = _psd_sqrt(sigma1)
     middle = root1 @ sigma2 @ root1
-    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
+    trace_sqrt = np.sqrt(_noise_free(np.linalg.eigvalsh((middle + middle.T) / 2))).sum()
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)

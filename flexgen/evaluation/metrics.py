@@ -9,6 +9,11 @@ on that same dataset (cached, trained in seconds on the CPU):
   penultimate features of the generated images and of real images;
 - ``classifier_accuracy``: the classifier's own accuracy on held-out real images, the
   ceiling ``accuracy`` can be read against.
+
+With images of several sizes, ``accuracy/HxW`` and ``frechet_distance/HxW`` give the same
+per size: the features of that size against the real images of the same size among the
+``num_real`` drawn (the judge's pooled features depend on the image size), or against all
+of them for a size the real data does not have (an extrapolation).
 """
 import math
 from typing import Optional, Sequence
@@ -22,6 +27,7 @@ from flexgen.registry import METRICS
 
 from .classifier import TrainedClassifier, classify, load_items, train_classifier
 from .frechet import feature_statistics, frechet_distance
+from .utils import size_key
 
 
 @METRICS.register_module()
@@ -29,13 +35,14 @@ class GeneratedClassAccuracy(BaseMetric):
     """Judges class-conditional generations with a classifier of the real data.
 
     ``process`` takes the generator's predictions: ``data_samples`` is a list of
-    ``dict(image=Tensor[3, H, W] in [0, 1], label=int)`` (any sizes).
+    ``dict(image=Tensor[3, H, W] in [0, 1] or uint8, label=int)`` (any sizes).
 
     Args:
         classifier_dataset: config of the generator's training data, e.g.
             ``dict(type='ProceduralShapes', ...)``; the classifier trains on it and the
             real reference features come from it.
-        cache_dir: where the classifier weights are cached.
+        cache_dir: where the classifier weights are cached (default:
+            ``user_cache_dir('classifiers')``, shared by runs from any folder).
         classifier: keyword arguments of ``SmallConvClassifier`` (e.g. ``widths``).
         train_cfg: keyword arguments of ``train_classifier`` (epochs, lr, batch_size, ...).
         seed: the classifier's seed; the real reference images are drawn with it too.
@@ -46,7 +53,7 @@ class GeneratedClassAccuracy(BaseMetric):
     default_prefix = 'gen'
 
     def __init__(self, classifier_dataset: dict,
-                 cache_dir: str = 'work_dirs/.cache/classifiers',
+                 cache_dir: Optional[str] = None,
                  classifier: Optional[dict] = None, train_cfg: Optional[dict] = None,
                  seed: int = 0, num_real: int = 1000, batch_size: int = 256,
                  collect_device: str = 'cpu', prefix: Optional[str] = None):
@@ -89,12 +96,15 @@ class GeneratedClassAccuracy(BaseMetric):
             images.append(image * 2 - 1)  # the classifier sees real data's [-1, 1]
             labels.append(label)
         logits, features = classify(self.trained.model, images, self.batch_size)
-        for predicted, label, feature in zip(logits.argmax(1).tolist(), labels, features):
-            self.results.append(dict(correct=predicted == label, feature=feature.numpy()))
+        for predicted, label, feature, image in zip(logits.argmax(1).tolist(), labels, features,
+                                                    images):
+            self.results.append(dict(correct=predicted == label, feature=feature.numpy(),
+                                     size=tuple(image.shape[1:])))
 
-    def real_statistics(self):
+    def real_statistics(self, size=None):
         """(mu, sigma) of the classifier features of ``num_real`` real images, drawn with
-        the seed; computed once per metric."""
+        the seed (computed once per metric); with ``size``, of those of that size when
+        there are at least 2, else of all."""
         if self._real_statistics is None:
             from flexgen.registry import DATASETS
             dataset = DATASETS.build(dict(self.classifier_dataset))
@@ -102,18 +112,34 @@ class GeneratedClassAccuracy(BaseMetric):
             indices = torch.randperm(len(dataset), generator=generator)[:self.num_real]
             images, _ = load_items(dataset, indices.tolist())
             _, features = classify(self.trained.model, images, self.batch_size)
-            self._real_statistics = feature_statistics(features)
-        return self._real_statistics
+            sizes = [tuple(image.shape[1:]) for image in images]
+            self._real_statistics = {None: feature_statistics(features)}
+            for key in set(sizes):
+                mine = [i for i, s in enumerate(sizes) if s == key]
+                if len(mine) >= 2:
+                    self._real_statistics[key] = feature_statistics(features[mine])
+        return self._real_statistics.get(size, self._real_statistics[None])
 
-    def compute_metrics(self, results: list) -> dict:
+    def _scores(self, results: list, what: str, size=None) -> dict:
         accuracy = 100.0 * float(np.mean([r['correct'] for r in results])) if results \
             else math.nan
         if len(results) >= 2:
             mu, sigma = feature_statistics(np.stack([r['feature'] for r in results]))
-            distance = frechet_distance(mu, sigma, *self.real_statistics())
+            distance = frechet_distance(mu, sigma, *self.real_statistics(size))
         else:
-            print_log('GeneratedClassAccuracy: fewer than 2 generated images; the Frechet '
-                      'distance is undefined (nan)', logger='current', level=30)
+            print_log(f'GeneratedClassAccuracy: fewer than 2 generated images{what}; the '
+                      'Frechet distance is undefined (nan)', logger='current', level=30)
             distance = math.nan
-        return dict(accuracy=accuracy, frechet_distance=distance,
-                    classifier_accuracy=self.trained.accuracy)
+        return dict(accuracy=accuracy, frechet_distance=distance)
+
+    def compute_metrics(self, results: list) -> dict:
+        out = dict(self._scores(results, ''), classifier_accuracy=self.trained.accuracy)
+        groups = {}
+        for result in results:
+            groups.setdefault(tuple(result.get('size', ())), []).append(result)
+        if len(groups) > 1:
+            for size, group in sorted(groups.items()):
+                key = size_key(size)
+                for name, value in self._scores(group, f' of size {key}', size).items():
+                    out[f'{name}/{key}'] = value
+        return out

@@ -7,43 +7,48 @@ as PNGs named by request index (so the set is the same for any batch size or pro
 count); ``compute_metrics`` (rank 0) packs all of them into ``samples.npz`` when they share
 one size, which the ADM suite and torch-fidelity read.
 """
-import os
+import io
 import os.path as osp
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
-import torch
 from mmengine.dist import get_dist_info
 from mmengine.evaluator import BaseMetric
 from mmengine.logging import print_log
 
+from flexgen.fileio import atomic_write
 from flexgen.registry import METRICS
+
+from .utils import to_uint8
 
 
 @METRICS.register_module()
 class SampleWriter(BaseMetric):
     """Args:
-        out_dir: folder of ``{index:06d}_{label}.png`` files and ``samples.npz``.
+        out_dir: folder of ``{index:06d}_{label}.png`` files and ``samples.npz``; ``None``
+            under ``GenerationLoop`` puts them in ``<its output folder>/png``.
         npz: also write ``samples.npz`` (all images of one size) at the end.
     """
 
     default_prefix = 'samples'
 
-    def __init__(self, out_dir: str, npz: bool = True, collect_device: str = 'cpu',
-                 prefix=None):
+    def __init__(self, out_dir: Optional[str] = None, npz: bool = True,
+                 collect_device: str = 'cpu', prefix=None):
         super().__init__(collect_device=collect_device, prefix=prefix)
         self.out_dir, self.npz = out_dir, npz
 
     def process(self, data_batch, data_samples: Sequence[dict]) -> None:
         from PIL import Image
-        os.makedirs(self.out_dir, exist_ok=True)
+        if self.out_dir is None:
+            raise ValueError('SampleWriter: out_dir is not set; give test_evaluator.out_dir, '
+                             "or test with test_cfg=dict(type='GenerationLoop'), which puts "
+                             'the PNGs in its output folder')
         for sample in data_samples:
-            image = sample['image']
-            pixels = (image.float().clamp(0, 1) * 255).round().to(torch.uint8)
+            pixels = to_uint8(sample['image'].detach().cpu())
             name = f"{int(sample['index']):06d}_{int(sample['label'])}.png"
-            tmp = osp.join(self.out_dir, f'.{name}.tmp')
-            Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy()).save(tmp, format='PNG')
-            os.replace(tmp, osp.join(self.out_dir, name))
+            buffer = io.BytesIO()
+            Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(buffer, format='PNG')
+            atomic_write(buffer.getvalue(), osp.join(self.out_dir, name))
             self.results.append(name)
 
     def compute_metrics(self, results: list) -> dict:
@@ -55,9 +60,9 @@ class SampleWriter(BaseMetric):
                       for n in names]
             if len({im.shape for im in images}) == 1:
                 path = osp.join(self.out_dir, 'samples.npz')
-                tmp = path + '.tmp.npz'
-                np.savez(tmp, arr_0=np.stack(images))
-                os.replace(tmp, path)
+                buffer = io.BytesIO()
+                np.savez(buffer, arr_0=np.stack(images))
+                atomic_write(buffer.getvalue(), path)
                 print_log(f'SampleWriter: {len(images)} samples -> {path}', logger='current')
             else:
                 print_log('SampleWriter: samples of several sizes, no samples.npz (PNGs only)',

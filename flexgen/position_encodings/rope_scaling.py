@@ -112,7 +112,9 @@ class RoPEScaling:
 
     # ---------------------------------------------------------------- shared
     def scale(self, length):
-        """``max(length / L, 1)``."""
+        """``max(length / L, 1)``; 1 without a training length (plain extrapolation)."""
+        if self.ori_max_pe_len is None:
+            return 1.0
         return max(length / self.ori_max_pe_len, 1.0)
 
     def axis_scales(self, h, w):

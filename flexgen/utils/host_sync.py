@@ -18,6 +18,7 @@ It counts, as the GPU would sync for them:
 Each count keeps a short stack, so a test failure says where. ``phase`` names the part
 of the code being counted (e.g. ``'step'`` vs ``'engine'``).
 """
+import contextlib
 import traceback
 import weakref
 from collections import defaultdict
@@ -146,3 +147,65 @@ class HostSyncCounter(TorchFunctionMode):
         if name in ('to', 'cuda', 'tensor', 'as_tensor'):
             return target is not None and target == self.device
         return False
+
+
+# ----------------------------------------------------------------------------- runners
+@contextlib.contextmanager
+def counting_batches_as_device(counter: HostSyncCounter):
+    """While active, the batch flexgen's data preprocessor moves counts as on the device
+    with its geometry (on a CPU the move keeps the geometry's tensors as they are)."""
+    from flexgen.models.data_preprocessor import FlexDataPreprocessor
+    real = FlexDataPreprocessor.forward
+
+    def forward(self, data, training=False):
+        data = real(self, data, training)
+        inputs = data.get('inputs') if isinstance(data, dict) else None
+        if hasattr(inputs, 'geometry'):
+            counter.mark(inputs.geometry.tensors, inputs.geometry.plans)
+        return data
+
+    FlexDataPreprocessor.forward = forward
+    try:
+        yield counter
+    finally:
+        FlexDataPreprocessor.forward = real
+
+
+def count_training_syncs(runner, start_iter: int = 1) -> HostSyncCounter:
+    """Train ``runner`` counting host syncs from iteration ``start_iter`` (the first ones
+    build optimizer state) in phases: ``'step'`` (``model.train_step``: forward, backward,
+    optimizer), ``'checkpoint'`` (saving), ``'data'`` (loading and collating, host work:
+    not a sync on a GPU machine) and ``'engine'`` (everything else: hooks, logging)."""
+    from mmengine.hooks import Hook
+    counter = HostSyncCounter('cpu')
+
+    class Phases(Hook):
+        def before_train_fetch(self, runner):  # FlexTrainLoop's hook point
+            counter.phase = 'data'
+
+        def before_train_iter(self, runner, batch_idx, data_batch=None):
+            if runner.iter == start_iter:
+                counter.mark(runner.model, *[value for hook in runner.hooks
+                                             for value in vars(hook).values()
+                                             if isinstance(value, torch.nn.Module)])
+                counter.__enter__()
+            counter.phase = 'engine'
+
+        def after_train(self, runner):
+            counter.__exit__(None, None, None)
+
+    def in_phase(name, fn):
+        def wrapped(*args, **kwargs):
+            counter.phase = name
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                counter.phase = 'engine'
+        return wrapped
+
+    runner.register_hook(Phases(), priority='VERY_HIGH')
+    runner.model.train_step = in_phase('step', runner.model.train_step)
+    runner.save_checkpoint = in_phase('checkpoint', runner.save_checkpoint)
+    with counting_batches_as_device(counter):
+        runner.train()
+    return counter

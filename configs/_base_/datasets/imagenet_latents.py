@@ -3,11 +3,10 @@
 # fly by the model's autoencoder (as DiT's / SiT's train.py do). Global batch 256 = 32 per
 # GPU x 8 GPUs; on another GPU count set train_dataloader.batch_size to 256 / GPUs.
 #
-# Generation requests for FID-50K: 50 images per class at the training resolution (the
-# evaluation protocol of DiT / SiT: 50,000 samples, compared with ADM's ImageNet
-# reference batch). tools/test.py writes them as PNGs + samples.npz (SampleWriter) for ADM's
-# evaluation suite; an in-process FID metric with local Inception weights can replace it.
-# No validation during training (sampling 50K images is a job of its own).
+# Testing: FID-50K at the training resolution (imagenet_fid50k.py). No validation during
+# training (sampling 50K images is a job of its own).
+_base_ = ['./imagenet_fid50k.py']
+
 _resolution = 256
 _data_root = 'data/imagenet/train'
 
@@ -21,12 +20,3 @@ train_dataloader = dict(
     sampler=dict(type='DefaultSampler', shuffle=False),  # order: the batch sampler's
     batch_sampler=dict(type='BucketBatchSampler'),      # shuffled; exact resume
     collate_fn=dict(type='flexgen.jagged_collate'))
-
-test_dataloader = dict(
-    batch_size=32,
-    num_workers=2,
-    dataset=dict(type='GenerationRequests', num_classes=1000,
-                 sizes=[(_resolution, _resolution)], num_per_class=50, seed=0),
-    sampler=dict(type='DefaultSampler', shuffle=False),
-    collate_fn=dict(type='flexgen.jagged_collate'))
-test_evaluator = dict(type='SampleWriter', out_dir='work_dirs/samples')

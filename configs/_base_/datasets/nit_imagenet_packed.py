@@ -12,6 +12,8 @@
 #                 train_dataloader.batch_sampler.meta_file=...
 # A missing file stops the build with an error naming it; image_dir (REPA's original
 # images) has no default and must be given.
+_base_ = ['./imagenet_fid50k.py']
+
 _root = 'data/imagenet1k'
 _vae = 'dc-ae-f32c32-sana-1.1-diffusers'
 _types = ['native-resolution', 'fixed-256x256', 'fixed-512x512']
@@ -38,3 +40,11 @@ train_dataloader = dict(
     # patchified and its geometry built in the workers; the REPA images grouped per size
     collate_fn=dict(type='flexgen.jagged_collate', patch_size=1))
 
+# Testing: FID-50K (imagenet_fid50k.py) at 256 x 256; tools/test.py --sizes / --cfg-scale /
+# --sampler give the other resolutions' settings (README, "Reproducing the papers' numbers").
+# 256 x 256 is compared with ADM's 256 x 256 reference batch, every other size with the
+# 512 x 512 one (NiT's README does not say which reference its other resolutions used).
+test_evaluator = dict(reference={
+    '_delete_': True,
+    '256x256': 'data/adm_reference/VIRTUAL_imagenet256_labeled.npz',
+    'default': 'data/adm_reference/VIRTUAL_imagenet512.npz'})

@@ -7,7 +7,9 @@ param_scheduler = []
 
 train_cfg = dict(type='FlexTrainLoop', max_iters=400_000, val_interval=50_000)
 val_cfg = dict(type='ValLoop')
-test_cfg = dict(type='TestLoop')
+# Generators are tested by generating their requests (GenerationLoop: sharded, resumable,
+# ADM's .npz and a per-size table); see tools/test.py.
+test_cfg = dict(type='GenerationLoop')
 
 # mmengine's momentum is 1 - decay: averaged = (1 - m) * averaged + m * current.
 custom_hooks = [dict(type='FlexEMAHook', momentum=1e-4, priority='ABOVE_NORMAL')]

@@ -17,9 +17,9 @@ optim_wrapper = dict(
 param_scheduler = []
 
 train_cfg = dict(type='FlexTrainLoop', max_iters=2_000_000, val_interval=2_000_000)
-# Evaluation (FID-50K of generated samples) runs apart from training.
+# Evaluation (FID-50K of generated samples) runs apart from training: tools/test.py.
 val_cfg = None
-test_cfg = None
+test_cfg = dict(type='GenerationLoop')
 
 # mmengine's momentum is 1 - decay.
 custom_hooks = [dict(type='FlexEMAHook', momentum=1e-4, priority='ABOVE_NORMAL')]

@@ -1,0 +1,111 @@
+"""Writing pre-encoded latents (``tools/encode_latents.py``): what a format's writer
+provides, and what the writers share. Each format's writer lives next to its reader
+(:class:`~flexgen.datasets.fit_latents.FiTLatentWriter`,
+:class:`~flexgen.datasets.nit_latents.NiTLatentWriter`)."""
+import os
+import os.path as osp
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import safetensors.torch
+import torch
+from PIL import Image
+
+from flexgen.fileio import atomic_path
+
+from .image_folder import IMG_EXTENSIONS
+
+
+class LatentWriter:
+    """Base class of a latent format's writer. The encoding job calls, in order:
+
+    - :meth:`bind` once, with every image ``(path, label, name)`` of :func:`list_images`;
+    - :meth:`pending` per image: False skips an image whose files are all written (resume);
+    - :meth:`prepare` and :meth:`info` per image, in the loader workers: the pixel views to
+      encode, ``{key: Tensor[3, H, W] in [-1, 1]}``, and any facts about the image that
+      :meth:`write` needs;
+    - :meth:`write` per image with the encoded views ``{key: latent [C, h, w]}``; every
+      file goes through :func:`save_tensors` (atomic), the one that marks the image done
+      last;
+    - :meth:`finish` once at the end (index files).
+
+    :meth:`settings` are the values an output folder was written with; a rerun with other
+    ones must not mix into it.
+    """
+
+    name = ''
+
+    def settings(self) -> dict:
+        raise NotImplementedError
+
+    def bind(self, items: List[Tuple[str, int, str]], image_root: str) -> None:
+        """Called once with every image of the job."""
+
+    def pending(self, name: str) -> bool:
+        raise NotImplementedError
+
+    def prepare(self, image: Image.Image) -> Dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def info(self, path: str, image: Image.Image) -> Optional[dict]:
+        return None
+
+    def write(self, name: str, label: int, latents: Dict[str, torch.Tensor],
+              info: Optional[dict] = None) -> None:
+        raise NotImplementedError
+
+    def finish(self, items: List[Tuple[str, int, str]]):
+        """Called once at the end of the job."""
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB PIL image -> ``[3, H, W]`` float32 in [-1, 1] (ToTensor, Normalize(0.5, 0.5))."""
+    array = np.asarray(image.convert('RGB'), dtype=np.float32)
+    return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1
+
+
+def with_mirrors(views: Dict[str, Image.Image]) -> Dict[str, torch.Tensor]:
+    """Each view as a tensor under its key, and its horizontal mirror under
+    ``key + '/flipped'`` (both formats store the latent of the image and of its mirror)."""
+    out = {}
+    for key, view in views.items():
+        x = to_tensor(view)
+        out[key], out[key + '/flipped'] = x, x.flip(-1)
+    return out
+
+
+def save_tensors(tensors: Dict[str, torch.Tensor], path: str,
+                 metadata: Optional[Dict[str, str]] = None) -> None:
+    """A safetensors file written atomically (:func:`flexgen.fileio.atomic_path`)."""
+    with atomic_path(path) as tmp:
+        safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
+                                    metadata=metadata)
+
+
+def list_images(root: str) -> Tuple[List[str], List[Tuple[str, int, str]]]:
+    """``(classes, [(path, label, name)])`` of an ImageNet-style folder: classes are the
+    sorted sub-folder names (label = position), images are found recursively (any case of
+    the extensions of :data:`~flexgen.datasets.image_folder.IMG_EXTENSIONS`), class by
+    class, folder by folder, file by file. ``name`` is the image's path under ``root``
+    without its extension, ``/``-separated (it names the output files), so two images in
+    one folder that differ only in extension are refused."""
+    if not osp.isdir(root):
+        raise FileNotFoundError(f'image root {root!r} is not a directory')
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    if not classes:
+        raise FileNotFoundError(f'image root {root!r} has no class sub-folders')
+    items, seen = [], {}
+    for label, cls in enumerate(classes):
+        for folder, _, files in sorted(os.walk(osp.join(root, cls))):
+            for file in sorted(files):
+                if not file.lower().endswith(IMG_EXTENSIONS):
+                    continue
+                path = osp.join(folder, file)
+                name = osp.splitext(osp.relpath(path, root))[0].replace(os.sep, '/')
+                if name in seen:
+                    raise ValueError(f'{path!r} and {seen[name]!r} differ only in their '
+                                     f'extension; the output files are named by the path '
+                                     f'without it ({name!r}): rename one')
+                seen[name] = path
+                items.append((path, label, name))
+    return classes, items
