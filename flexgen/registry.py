@@ -7,7 +7,8 @@ registries of its own for the building blocks of diffusion transformers:
 ==========================  ==========================================================
 registry                    what registers there
 ==========================  ==========================================================
-MODELS                      generators, backbones, blocks, MLPs, modulation, autoencoders
+MODELS                      generators, backbones, blocks, MLPs, modulation, autoencoders,
+                            losses
 POSITION_ENCODINGS          absolute sin-cos, 2D axial RoPE (and its extrapolation rules)
 ATTENTION_BACKENDS          how block-diagonal attention over a jagged batch is computed
 TRANSPORTS                  noise processes: rectified flow, DDPM, interpolants
@@ -54,6 +55,7 @@ from mmengine.registry import VISUALIZERS as MMENGINE_VISUALIZERS
 from mmengine.registry import \
     WEIGHT_INITIALIZERS as MMENGINE_WEIGHT_INITIALIZERS
 from mmengine.registry import build_from_cfg
+from mmengine.utils import ManagerMixin
 
 SCOPE = 'flexgen'
 
@@ -62,8 +64,9 @@ class FlexRegistry(Registry):
     """An mmengine `Registry` whose failed look-ups say what was meant.
 
     mmengine answers an unknown `type` with a bare "X is not in the registry"; a
-    flexgen registry names itself, its scope and the closest registered names, and an
-    unexpected constructor argument is reported with the arguments the class takes.
+    flexgen registry names itself, its scope and the closest registered names, and a
+    config whose keys do not fit its class's constructor is reported for that class (not
+    for the config it is nested in) with the arguments the class takes.
     """
 
     def _all_names(self):
@@ -94,25 +97,55 @@ class FlexRegistry(Registry):
                 'be imported first, e.g. with custom_imports in the config.')
 
 
-def _build_with_hints(cfg, registry, default_args=None):
-    """`build_from_cfg` that names the class and its accepted arguments when a
-    config key does not fit the constructor (a misspelled field)."""
+def _signature_problem(obj_cls, args, registry):
+    """Why ``obj_cls(**args)`` does not fit its signature (unknown or missing arguments),
+    or None. Checked before the call, so that a mismatch inside the constructor (a nested
+    build, a bug) is never blamed on this config."""
+    if not callable(obj_cls) or (inspect.isclass(obj_cls) and issubclass(obj_cls, ManagerMixin)):
+        return None  # ManagerMixin classes are built through get_instance(name, ...)
     try:
-        return build_from_cfg(cfg, registry, default_args)
-    except TypeError as error:
-        if 'unexpected keyword argument' not in str(error):
-            raise
-        obj_type = cfg.get('type') if hasattr(cfg, 'get') else None
-        cls = registry.get(obj_type) if isinstance(obj_type, str) else obj_type
-        if not inspect.isclass(cls):
-            raise
-        accepted = [p for p in inspect.signature(cls).parameters
-                    if p not in ('self', 'args', 'kwargs')]
-        bad = str(error).split("'")[-2] if str(error).count("'") >= 2 else ''
-        close = difflib.get_close_matches(bad, accepted, n=1, cutoff=0.5)
-        hint = f" Did you mean '{close[0]}'?" if close else ''
-        raise TypeError(f'{error}.{hint} `{cls.__name__}` ({registry.name} registry) '
-                        f'accepts: {", ".join(accepted)}.') from error
+        params = inspect.signature(obj_cls).parameters
+    except (TypeError, ValueError):  # builtins without a signature
+        return None
+    named = [name for name, p in params.items()
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    unknown = [] if takes_any else [key for key in args if key not in named]
+    missing = [name for name in named if params[name].default is inspect.Parameter.empty
+               and name not in args]
+    if not unknown and not missing:
+        return None
+    name = getattr(obj_cls, '__name__', repr(obj_cls))
+    sentences = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, named, n=1, cutoff=0.5)
+        sentences.append(f'unexpected argument {key!r}.' +
+                         (f" Did you mean '{close[0]}'?" if close else ''))
+    if missing:
+        sentences.append(f'missing argument{"s" if len(missing) > 1 else ""} '
+                         f'{", ".join(repr(m) for m in missing)}.')
+    return (f'`{name}` ({registry.name} registry): {" ".join(sentences)} `{name}` accepts: '
+            f'{", ".join(named) or "no arguments"}{" (and any keyword)" if takes_any else ""}.')
+
+
+def _build_with_hints(cfg, registry, default_args=None):
+    """`build_from_cfg` that first checks the config's keys against the constructor of the
+    class it names and reports a mismatch at this level only: the class, its registry,
+    the closest accepted names and every accepted argument. Errors raised while the
+    class builds itself (its own nested configs included) propagate unchanged."""
+    if isinstance(cfg, dict) and isinstance(registry, Registry):
+        args = dict(cfg)
+        for key, value in (default_args or {}).items():
+            args.setdefault(key, value)
+        obj_type = args.pop('type', None)
+        scope = args.pop('_scope_', None)
+        if obj_type is not None:
+            with registry.switch_scope_and_registry(scope) as scoped:
+                obj_cls = scoped.get(obj_type) if isinstance(obj_type, str) else obj_type
+            problem = _signature_problem(obj_cls, args, scoped)
+            if problem:
+                raise TypeError(problem)
+    return build_from_cfg(cfg, registry, default_args)
 
 
 def _build_model_with_hints(cfg, registry, default_args=None):
@@ -141,8 +174,9 @@ DATA_SAMPLERS = _child('data sampler', MMENGINE_DATA_SAMPLERS, ['flexgen.dataset
 TRANSFORMS = _child('transform', MMENGINE_TRANSFORMS, ['flexgen.datasets'])
 
 # ----------------------------------------------------------------- models
-MODELS = _child('model', MMENGINE_MODELS, ['flexgen.models'], _build_model_with_hints)
-MODEL_WRAPPERS = _child('model_wrapper', MMENGINE_MODEL_WRAPPERS, ['flexgen.models'])
+MODELS = _child('model', MMENGINE_MODELS, ['flexgen.models', 'flexgen.losses'],
+                _build_model_with_hints)
+MODEL_WRAPPERS = _child('model_wrapper', MMENGINE_MODEL_WRAPPERS, ['flexgen.engine'])
 WEIGHT_INITIALIZERS = _child('weight initializer', MMENGINE_WEIGHT_INITIALIZERS,
                              ['flexgen.models'])
 TASK_UTILS = _child('task util', MMENGINE_TASK_UTILS, ['flexgen.models'])
@@ -161,7 +195,7 @@ EVALUATOR = _child('evaluator', MMENGINE_EVALUATOR, ['flexgen.evaluation'])
 VISUALIZERS = _child('visualizer', MMENGINE_VISUALIZERS, ['flexgen.engine'])
 VISBACKENDS = _child('vis_backend', MMENGINE_VISBACKENDS, ['flexgen.engine'])
 LOG_PROCESSORS = _child('log_processor', MMENGINE_LOG_PROCESSORS, ['flexgen.engine'])
-INFERENCERS = _child('inferencer', MMENGINE_INFERENCERS, ['flexgen.apis'])
+INFERENCERS = _child('inferencer', MMENGINE_INFERENCERS, [])
 FUNCTIONS = _child('function', MMENGINE_FUNCTIONS, ['flexgen.datasets'])
 
 # ----------------------------------------------------------------- flexgen's own
@@ -171,9 +205,9 @@ POSITION_ENCODINGS = FlexRegistry('position encoding', scope=SCOPE,
 ATTENTION_BACKENDS = FlexRegistry('attention backend', scope=SCOPE,
                                   locations=['flexgen.models.layers'],
                                   build_func=_build_with_hints)
-TRANSPORTS = FlexRegistry('transport', scope=SCOPE, locations=['flexgen.schedulers'],
+TRANSPORTS = FlexRegistry('transport', scope=SCOPE, locations=['flexgen.transports'],
                           build_func=_build_with_hints)
-TIME_SAMPLERS = FlexRegistry('time sampler', scope=SCOPE, locations=['flexgen.schedulers'],
+TIME_SAMPLERS = FlexRegistry('time sampler', scope=SCOPE, locations=['flexgen.transports'],
                              build_func=_build_with_hints)
 SAMPLERS = FlexRegistry('sampler', scope=SCOPE, locations=['flexgen.samplers'],
                         build_func=_build_with_hints)

@@ -7,8 +7,10 @@ import torch
 
 import flexgen.models.layers.attention_backends as backends
 from flexgen.models.layers.attention_backends import AutoAttention, build_attention_backend
+from flexgen.models.layers.attention_base import AttentionBackend
 from flexgen.models.layers.attention_flex import (FlexAttention, document_block_mask,
                                                   flex_attention_available)
+from flexgen.registry import ATTENTION_BACKENDS
 from flexgen.structures import TokenBatch
 from helpers import per_image_attention
 
@@ -212,6 +214,43 @@ def test_auto_choices_by_device_dtype_and_batch():
     assert AutoAttention.choose('cuda', torch.bfloat16, uniform=True) == 'sdpa'
 
 
+def test_auto_candidates_come_from_the_registry():
+    cuda = torch.device('cuda')
+    assert AutoAttention.candidates(cuda, torch.bfloat16) == ['flash_varlen', 'xformers', 'flex']
+    assert AutoAttention.candidates(cuda, torch.float16) == ['flash_varlen', 'xformers', 'flex']
+    assert AutoAttention.candidates(cuda, torch.float32) == ['flex']
+    assert AutoAttention.candidates(torch.device('cpu'), torch.bfloat16) == []
+
+
+class _ContractPackedAttention(AttentionBackend):
+    """A backend written from the contract: per-image attention, declared a packed kernel
+    for float64 on CPU and preferred to every other."""
+
+    auto_priority = -1
+    calls = 0
+
+    @classmethod
+    def runs_packed(cls, device, dtype):
+        return device.type == 'cpu' and dtype == torch.float64
+
+    def __call__(self, q, k, v, batch):
+        type(self).calls += 1
+        return per_image_attention(q, k, v, batch)
+
+
+def test_auto_takes_a_new_backend_that_declares_itself(monkeypatch):
+    monkeypatch.setitem(ATTENTION_BACKENDS._module_dict, '_contract_packed',
+                        _ContractPackedAttention)
+    assert AutoAttention.choose('cpu', torch.float64) == '_contract_packed'
+    assert AutoAttention.choose('cpu', torch.float32) == 'sdpa'
+    assert AutoAttention.choose('cpu', torch.float64, uniform=True) == 'sdpa'
+    assert AutoAttention.candidates(torch.device('cuda'), torch.float32) == ['flex']
+    batch, q, k, v, _ = _pack(PACKS['mixed'], requires_grad=False)
+    out = build_attention_backend('auto')(q, k, v, batch)
+    assert _ContractPackedAttention.calls == 1
+    torch.testing.assert_close(out, per_image_attention(q, k, v, batch))
+
+
 def test_registered_names_build():
     assert isinstance(build_attention_backend('flex'), FlexAttention)
     assert isinstance(build_attention_backend(dict(type='auto')), AutoAttention)
@@ -385,7 +424,8 @@ def test_auto_takes_flash_varlen_under_autocast_with_a_float32_qk_norm(monkeypat
     from flexgen.position_encodings.rope import AxialRoPE2D
     monkeypatch.setitem(sys.modules, 'flash_attn', _fake_flash_attn())
     monkeypatch.setattr(varlen, '_require_cuda', lambda *args: None)
-    monkeypatch.setattr(backends, '_has_varlen_kernels', lambda device: True)
+    monkeypatch.setattr(varlen.FlashVarlenAttention, 'runs_packed',
+                        classmethod(lambda cls, device, dtype: dtype == torch.bfloat16))
     torch.manual_seed(0)
     layer = Attention(32, 2, qk_norm='layernorm_affine', backend='auto')
     for norm in (layer.q_norm, layer.k_norm):

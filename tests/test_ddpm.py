@@ -11,12 +11,12 @@ import pytest
 import torch
 
 import flexgen.samplers.ddpm  # noqa: F401  (registers DDPMAncestral, DDIM)
-import flexgen.schedulers.ddpm  # noqa: F401
+import flexgen.transports.ddpm  # noqa: F401
 from flexgen.registry import SAMPLERS, TRANSPORTS, build
 from flexgen.samplers.ddpm import DDIM, DDPMAncestral
-from flexgen.schedulers.ddpm import (DDPM, cosine_betas, discretized_gaussian_log_likelihood,
+from flexgen.transports.ddpm import (DDPM, cosine_betas, discretized_gaussian_log_likelihood,
                                      linear_betas, space_timesteps)
-from flexgen.schedulers.interpolants import Interpolant
+from flexgen.transports.interpolants import Interpolant
 from flexgen.structures import Geometry, unpatchify
 
 MU, S = 1.5, 0.5
@@ -255,7 +255,7 @@ def test_continuous_time_velocity_score_denoised():
 def test_euler_ode_on_the_continuous_velocity_reaches_the_exact_map():
     """The probability-flow ODE from t = 1 to t = 0 in the continuous abar(t) maps x to
     a0 MU + sqrt(V0 / V1) (x - a1 MU): Euler on ``transport.velocity`` converges to it."""
-    from flexgen.samplers.euler import EulerODE
+    from flexgen.samplers.ode import EulerODE
     transport = DDPM(variance='fixed_small')
     x = torch.randn(2000, 1, generator=gen(6), dtype=torch.float64)
     (a0, b0), (a1, b1) = transport.alpha_sigma(0.0), transport.alpha_sigma(1.0)

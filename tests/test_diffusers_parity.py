@@ -21,7 +21,7 @@ import flexgen
 from flexgen.models.backbones.flex_dit import FlexDiT
 from flexgen.models.converters.dit_sit import DiTConverter
 from flexgen.registry import SAMPLERS, TRANSPORTS
-from flexgen.schedulers.ddpm import linear_betas, space_timesteps
+from flexgen.transports.ddpm import linear_betas, space_timesteps
 from flexgen.structures import patchify, unpatchify
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))

@@ -337,7 +337,7 @@ def test_config_recipe(path):
 def test_config_generator_builds_and_trains_one_step(path):
     """Each config's generator at a tiny width (and no VAE): the loss on a mixed-size
     batch of latents is finite and gives every trainable parameter a gradient."""
-    from tools.train import check_config_keys
+    from flexgen.apis.runners import check_config_keys
     cfg = Config.fromfile(path)
     check_config_keys(cfg, path)
     cfg.model.backbone.update(hidden_size=32, depth=2, num_heads=2)

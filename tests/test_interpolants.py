@@ -8,11 +8,12 @@ import math
 import pytest
 import torch
 
-import flexgen.schedulers.interpolants  # noqa: F401  (registers Interpolant)
-import flexgen.schedulers.rectified_flow  # noqa: F401
+import flexgen.transports.interpolants  # noqa: F401  (registers Interpolant)
+import flexgen.transports.rectified_flow  # noqa: F401
 from flexgen.registry import TRANSPORTS, build
-from flexgen.schedulers.interpolants import DIFFUSION_FORMS, Interpolant
-from flexgen.schedulers.rectified_flow import RectifiedFlow
+from flexgen.transports.gaussian import DIFFUSION_FORMS
+from flexgen.transports.interpolants import Interpolant
+from flexgen.transports.rectified_flow import RectifiedFlow
 
 MU, S = 1.5, 0.5
 PATHS = ('linear', 'gvp', 'vp')

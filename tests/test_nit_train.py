@@ -128,7 +128,7 @@ def test_repa_configuration_errors():
                           repa=dict(type='REPAHead', encoder=encoder(), feature_block=5)))
     class NoTarget:  # a transport that cannot say what the network regresses
         pass
-    with pytest.raises(ValueError, match='training_target'):
+    with pytest.raises(TypeError, match='training_target'):
         MODELS.build(dict(type='DiffusionGenerator', backbone=nit_backbone(),
                           transport=NoTarget(), direction_loss=dict(type='DirectionLoss')))
 

@@ -12,15 +12,18 @@ import torch
 from flexgen.samplers.likelihood import ode_likelihood
 from flexgen.samplers.ode import (AdaptiveODE, EulerODE, HeunODE, dopri5, eps_interval,
                                   time_grid)
-from flexgen.samplers.euler import shifted_times
-from flexgen.schedulers import interpolants
+from flexgen.transports import interpolants
+from flexgen.transports.base import Transport
+from flexgen.transports.gaussian import GaussianTransport
+from flexgen.transports.time_samplers import time_shift
 
 MU, S = 1.5, 0.5
 
 
-class GaussianLinear:
+class GaussianLinear(GaussianTransport):
     """Test-local transport: the linear path on N(MU, S^2) data whose "network" output is
-    the exact velocity; score, denoised and the SDE diffusion in closed form."""
+    the exact velocity; score, denoised and the SDE diffusion in closed form (what the
+    samplers use of a GaussianTransport)."""
 
     prediction = 'velocity'
 
@@ -84,7 +87,6 @@ def latents(n=2000, seed=1):
 
 # ------------------------------------------------------------------------- time grids
 def test_time_grid_ends_shift_and_eps():
-    assert torch.equal(shifted_times(4, 3.0), time_grid(4, 3.0))
     t = time_grid(4, shift=3.0, t_min=0.1, t_max=0.9)
     assert t[0].item() == 0.9 and t[-1].item() == 0.1 and len(t) == 5
     u = 3 * 0.5 / (1 + 2 * 0.5)
@@ -93,6 +95,14 @@ def test_time_grid_ends_shift_and_eps():
     s, sit_t = 0.3, 1 - torch.linspace(1, 0, 11, dtype=torch.float64)
     lightning = 1 - s * sit_t / (1 + (s - 1) * sit_t)
     assert torch.allclose(time_grid(10, 1 / s), lightning, atol=1e-14)
+    # one time shift for training and sampling: the grid is time_shift of the uniform grid,
+    # shift 1 leaves it bitwise unchanged and the ends stay exact for every shift
+    u = torch.linspace(1.0, 0.0, 51, dtype=torch.float64)
+    assert torch.equal(time_grid(50), u) and torch.equal(time_shift(u, 1.0), u)
+    for shift in (1 / 3, 0.3, 3.0, 7.3):
+        grid = time_grid(50, shift)
+        assert torch.equal(grid, time_shift(u, shift))
+        assert grid[0].item() == 1.0 and grid[-1].item() == 0.0
     assert eps_interval(0.01) == (0.01, 0.99) and eps_interval((0.001, 0.0)) == (0.001, 1.0)
     with pytest.raises(ValueError, match='sample_eps'):
         eps_interval(0.7)
@@ -104,7 +114,7 @@ def test_samplers_use_the_transport_interval_unless_given():
     transport = GaussianLinear(sample_interval=(0.001, 1.0))
     assert HeunODE(num_steps=5).times(transport)[-1].item() == 0.001
     assert HeunODE(num_steps=5, sample_eps=0.01).times(transport).tolist()[::5] == [0.99, 0.01]
-    assert EulerODE(num_steps=5).times(object())[-1].item() == 0.0  # no interval: [0, 1]
+    assert EulerODE(num_steps=5).times(Transport())[-1].item() == 0.0  # the base's [0, 1]
 
 
 # ------------------------------------------------------------------------- fixed step

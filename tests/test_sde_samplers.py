@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from flexgen.samplers.sde import EulerMaruyamaSDE, HeunSDE
-from flexgen.schedulers import interpolants
+from flexgen.transports import interpolants
+from flexgen.transports.gaussian import DIFFUSION_FORMS
 from test_ode_samplers import MU, S, GaussianLinear, exact_output
 
 FORMS = ('constant', 'SBDM', 'sigma', 'linear', 'decreasing', 'increasing-decreasing')
@@ -152,7 +153,7 @@ def test_interpolant_every_diffusion_form(path):
     x = start(n)
     for prediction in ('velocity', 'noise'):
         transport = interpolants.Interpolant(path, prediction)
-        for form in interpolants.DIFFUSION_FORMS:
+        for form in DIFFUSION_FORMS:
             for cls in SAMPLERS:
                 out = cls(num_steps=100, diffusion_form=form, last_step='Euler')(
                     exact_output(transport), transport, x.clone(),

@@ -6,7 +6,7 @@ import torch
 
 from flexgen.registry import TIME_SAMPLERS, build
 from flexgen.rng import KeyedDraws, mix
-from flexgen.schedulers.time_samplers import (DiscreteUniformTime, LogitNormalTime,
+from flexgen.transports.time_samplers import (DiscreteUniformTime, LogitNormalTime,
                                               ResolutionShiftedTime, ShiftedTime, UniformTime,
                                               time_shift)
 

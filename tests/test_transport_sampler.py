@@ -8,8 +8,8 @@ x(0) = mu + s x(1).
 import torch
 
 from flexgen.rng import KeyedDraws, mix
-from flexgen.samplers import ClassifierFreeGuidance, EulerODE, shifted_times
-from flexgen.schedulers import LogitNormalTime, RectifiedFlow, UniformTime
+from flexgen.samplers import ClassifierFreeGuidance, EulerODE, time_grid
+from flexgen.transports import LogitNormalTime, RectifiedFlow, UniformTime
 from flexgen.structures import TokenBatch
 
 MU, S = 1.5, 0.5
@@ -52,8 +52,8 @@ def test_euler_converges_at_first_order_to_the_exact_map():
     assert errors[-1] < 0.06
 
 
-def test_shifted_times():
-    t = shifted_times(4, shift=3.0)
+def test_shifted_time_grid():
+    t = time_grid(4, shift=3.0)
     assert t[0] == 1 and t[-1] == 0
     assert torch.allclose(t[2], torch.tensor(3 * 0.5 / (1 + 2 * 0.5), dtype=torch.float64))
 

@@ -390,12 +390,8 @@ def bench_sampling(args):
     from flexgen.models.generator import DiffusionGenerator
     from flexgen.samplers.ode import AdaptiveODE, dopri5
     from flexgen.structures import patchify
-    try:
-        from flexgen.schedulers.interpolants import Interpolant
-        transport = Interpolant('linear', 'velocity')
-    except ImportError:  # before interpolants existed: no score, so no SDE rows
-        from flexgen.schedulers import RectifiedFlow
-        transport = RectifiedFlow()
+    from flexgen.transports.interpolants import Interpolant
+    transport = Interpolant('linear', 'velocity')
     nfe, n_img, size = args.nfe, args.sampling_images, args.sampling_size
     model = DiffusionGenerator(
         backbone=dict(type='FlexDiT', in_channels=4, patch_size=2, hidden_size=128, depth=4,
@@ -431,8 +427,6 @@ def bench_sampling(args):
 
     rows = []
     for name, sampler in sampler_table(nfe):
-        if hasattr(sampler, 'diffusion_form') and not hasattr(transport, 'score'):
-            continue
         counted = CountingModel(network_fn)
         with torch.no_grad():
             sampler(counted, transport, batch.tokens, noise_like=seeded_noise(1))  # warm-up

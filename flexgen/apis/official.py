@@ -24,6 +24,7 @@ import torch
 from mmengine.config import Config
 
 from flexgen.fileio import load_checked, read_checkpoint
+from flexgen.models.converters.base import CheckpointConverter
 from flexgen.registry import CHECKPOINT_CONVERTERS, MODELS
 
 # Backbone settings that choose how a number is computed, not which number: never checked.
@@ -44,9 +45,13 @@ def converter_names() -> List[str]:
 
 def build_converter(converter):
     """A converter from a registered name (any case: ``'dit'`` is ``'DiT'``), a config
-    dict (``dict(type='DiT', num_heads=4)``) or a converter object (returned as is)."""
-    if converter is None or callable(converter):
+    dict (``dict(type='DiT', num_heads=4)``) or a :class:`CheckpointConverter` (returned
+    as is)."""
+    if converter is None or isinstance(converter, CheckpointConverter):
         return converter
+    if not isinstance(converter, (str, dict)):
+        raise TypeError(f'converter must be a registered name, a config dict or a '
+                        f'CheckpointConverter, got {type(converter).__name__}')
     import_converters()
     cfg = dict(type=converter) if isinstance(converter, str) else dict(converter)
     by_lower = {name.lower(): name for name in CHECKPOINT_CONVERTERS.module_dict}
@@ -60,7 +65,7 @@ def matching_converters(checkpoint: dict) -> list:
     found = []
     for name in converter_names():
         converter = build_converter(name)
-        if hasattr(converter, 'matches') and converter.matches(checkpoint):
+        if converter.matches(checkpoint):
             found.append(converter)
     return found
 

@@ -11,7 +11,7 @@ from mmengine.hooks import EMAHook, Hook, IterTimerHook, RuntimeInfoHook
 from mmengine.model import is_model_wrapper
 from tqdm import tqdm
 
-from flexgen.apis.inference import image_grid, save_png
+from flexgen.utils.images import image_grid, save_png
 from flexgen.registry import HOOKS
 
 

@@ -1,6 +1,6 @@
 from .autoencoders import DiffusersAutoencoder, IdentityAutoencoder
 from .backbones import FlexDiT
-from .blocks import AdaLNZeroBlock, FinalLayer
+from .blocks import AdaLNZeroBlock, TransformerBlock
 from .data_preprocessor import FlexDataPreprocessor
 from .generator import DiffusionGenerator
 from .layers import *  # noqa: F401,F403
@@ -8,5 +8,5 @@ from .repa import REPAHead, REPAProjector
 from .vision_encoders import DINOv2Encoder, RADIOEncoder, TimmViTEncoder
 
 __all__ = ['DiffusersAutoencoder', 'IdentityAutoencoder', 'FlexDiT', 'AdaLNZeroBlock',
-           'FinalLayer', 'FlexDataPreprocessor', 'DiffusionGenerator', 'REPAHead', 'REPAProjector', 'DINOv2Encoder',
-           'RADIOEncoder', 'TimmViTEncoder']
+           'TransformerBlock', 'FinalLayer', 'FlexDataPreprocessor', 'DiffusionGenerator',
+           'REPAHead', 'REPAProjector', 'DINOv2Encoder', 'RADIOEncoder', 'TimmViTEncoder']

@@ -12,6 +12,7 @@ from flexgen.registry import (GUIDANCE, MODELS, SAMPLERS, TIME_SAMPLERS, TRANSPO
                               build)
 from flexgen.rng import KeyedDraws, mix
 from flexgen.structures import Geometry, TokenBatch, patchify, unpatchify
+from flexgen.transports.base import Transport
 
 TRAINING_KEYS = ('seed', 'step', 'index')
 
@@ -53,7 +54,7 @@ class DiffusionGenerator(BaseModel):
             ``'token'`` (mean over all tokens; NiT's packs).
         direction_loss: e.g. ``dict(type='DirectionLoss', weight=1.0)``: NiT's
             ``1 - cos(v_pred, v)`` per token (over the latent channels of each pixel),
-            reduced like the denoising loss; needs a transport with ``training_target``.
+            reduced like the denoising loss (against the transport's ``training_target``).
         repa: e.g. ``dict(type='REPAHead', encoder=..., feature_block=8, weight=1.0)``
             (``hidden_size`` defaults to the backbone's): REPA's alignment of the hidden
             tokens after block ``feature_block`` with a frozen encoder's features of the
@@ -78,6 +79,10 @@ class DiffusionGenerator(BaseModel):
         self.backbone = MODELS.build(backbone)
         self.autoencoder = MODELS.build(autoencoder)
         self.transport = build(TRANSPORTS, transport)
+        if not isinstance(self.transport, Transport):
+            raise TypeError(f'DiffusionGenerator: transport must be a flexgen Transport '
+                            f'(flexgen.transports.base: interpolate, training_target, loss, '
+                            f'velocity), got {type(self.transport).__name__}')
         self.time_sampler = build(TIME_SAMPLERS, time_sampler)
         self.sampler = build(SAMPLERS, sampler)
         self.guidance = build(GUIDANCE, guidance)
@@ -89,9 +94,6 @@ class DiffusionGenerator(BaseModel):
         self.patch_size = self.backbone.patch_size
         self.direction_loss = None
         if direction_loss is not None:
-            if not hasattr(self.transport, 'training_target'):
-                raise ValueError(f'direction_loss needs a transport with training_target '
-                                 f'(an Interpolant), got {type(self.transport).__name__}')
             self.direction_loss = MODELS.build(
                 dict(dict(channels=self.backbone.in_channels), **direction_loss))
         self.repa = None

@@ -15,10 +15,11 @@ passes through (``'ddim50'`` for ADM's integer-stride DDIM steps, ``'10,15,20'``
 import torch
 
 from flexgen.registry import SAMPLERS
+from flexgen.transports.ddpm import DDPM
 
 
 def respaced_schedule(transport, num_steps, sampler_name):
-    if not hasattr(transport, 'respace'):
+    if not isinstance(transport, DDPM):
         raise TypeError(f'{sampler_name} walks the discrete steps of a DDPM transport; got '
                         f'{type(transport).__name__} (use an ODE / SDE sampler for it)')
     spec = str(num_steps) if isinstance(num_steps, int) else num_steps

@@ -15,6 +15,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from flexgen.registry import SAMPLERS
+from flexgen.transports.time_samplers import time_shift
 
 VelocityFn = Callable[[torch.Tensor, float], torch.Tensor]
 
@@ -33,33 +34,28 @@ def eps_interval(sample_eps=0.0):
 
 def sampling_interval(sample_eps, transport):
     """``(t_min, t_max)``: from ``sample_eps`` if given, else the transport's
-    ``sample_interval`` (``Interpolant`` follows SiT's defaults), else ``(0, 1)``."""
+    ``sample_interval`` (``Interpolant`` follows SiT's defaults; no transport: ``(0, 1)``)."""
     if sample_eps is not None:
         return eps_interval(sample_eps)
-    t_min, t_max = getattr(transport, 'sample_interval', (0.0, 1.0))
+    t_min, t_max = (0.0, 1.0) if transport is None else transport.sample_interval
     return float(t_min), float(t_max)
 
 
 def time_grid(num_steps, shift=1.0, t_min=0.0, t_max=1.0):
     """``num_steps + 1`` decreasing float64 times from ``t_max`` to ``t_min``.
 
-    A uniform grid ``u`` on [1, 0] is warped by ``u' = s u / (1 + (s - 1) u)`` (Esser et al.
-    2024, SD3 eq. 23; ``shift > 1`` spends more steps near the noise) and then mapped onto
-    ``[t_min, t_max]``, so the ends stay exact. LightningDiT's shift ``s`` is given in
-    SiT's time (t = 0 noise): it equals flexgen's ``shift = 1 / s``.
+    A uniform grid ``u`` on [1, 0] is warped by the time shift
+    :func:`~flexgen.transports.time_samplers.time_shift` (``shift > 1`` spends more steps
+    near the noise) and then mapped onto ``[t_min, t_max]``, so the ends stay exact.
+    LightningDiT's shift ``s`` is given in SiT's time (t = 0 noise): it equals flexgen's
+    ``shift = 1 / s``.
     """
     if int(num_steps) != num_steps or num_steps < 1:
         raise ValueError(f'num_steps must be a positive integer, got {num_steps!r}')
     if not shift > 0:
         raise ValueError(f'shift must be positive, got {shift!r}')
-    u = torch.linspace(1.0, 0.0, int(num_steps) + 1, dtype=torch.float64)
-    u = shift * u / (1 + (shift - 1) * u)
+    u = time_shift(torch.linspace(1.0, 0.0, int(num_steps) + 1, dtype=torch.float64), shift)
     return t_min + (t_max - t_min) * u
-
-
-def shifted_times(num_steps, shift=1.0):
-    """``num_steps + 1`` times from 1 to 0 warped by the time shift (see :func:`time_grid`)."""
-    return time_grid(num_steps, shift)
 
 
 # --------------------------------------------------------------------------- solvers
@@ -231,7 +227,7 @@ class _FixedStepODE:
         num_steps: steps on the grid.
         shift: time shift of the grid (1 = uniform; see :func:`time_grid`).
         sample_eps: stop short of the ends (see :func:`eps_interval`); ``None`` takes
-            the transport's ``sample_interval`` (``[0, 1]`` if it has none).
+            the transport's ``sample_interval``.
     """
 
     def __init__(self, num_steps=50, shift=1.0, sample_eps=None):

@@ -29,6 +29,7 @@ ends at t = 0).
 import torch
 
 from flexgen.registry import SAMPLERS
+from flexgen.transports.gaussian import GaussianTransport
 from .ddpm import require_noise_like
 from .ode import eps_interval, sampling_interval, time_grid
 
@@ -107,10 +108,9 @@ class _SDESampler:
         return time_grid(self.num_steps - 1, self.shift, t_min, t_max)
 
     def __call__(self, model_fn, transport, noise, noise_like=None, callback=None):
-        for name in ('velocity', 'score', 'sde_diffusion'):
-            if not hasattr(transport, name):
-                raise TypeError(f'{type(self).__name__} needs a transport with `{name}` '
-                                f'(e.g. Interpolant); {type(transport).__name__} has none')
+        if not isinstance(transport, GaussianTransport):
+            raise TypeError(f'{type(self).__name__} needs a GaussianTransport (score, '
+                            f'sde_diffusion; e.g. Interpolant), got {type(transport).__name__}')
         require_noise_like(noise_like, type(self).__name__)
         times = self.times(transport)
 

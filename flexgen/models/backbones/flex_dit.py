@@ -2,8 +2,7 @@
 import torch.nn as nn
 
 from flexgen.registry import MODELS, POSITION_ENCODINGS
-from ..blocks import FinalLayer
-from ..layers import LabelEmbedder, PatchEmbed, TimestepEmbedder
+from ..blocks import build_block
 
 
 @MODELS.register_module()
@@ -13,9 +12,22 @@ class FlexDiT(nn.Module):
     ``forward(batch, t, y)`` maps the tokens of a :class:`~flexgen.structures.TokenBatch`
     (patches in ``(c, p1, p2)`` order) with per-image model times ``t`` ``[B]`` and labels
     ``y`` ``[B]`` (``num_classes`` = no class) to ``p*p*out_channels`` values per token.
-    Configurations choose the block (``block``), the absolute position embedding
-    (``pos_embed``, e.g. ``SinCos2D``; DiT / SiT) and/or the rotary one (``rope``, e.g.
-    ``AxialRoPE2D``; FiT / NiT).
+    Configurations choose the block (``block``, see :mod:`flexgen.models.blocks.base` for
+    what a block receives and provides), the absolute position embedding (``pos_embed``,
+    e.g. ``SinCos2D``; DiT / SiT) and/or the rotary one (``rope``, e.g. ``AxialRoPE2D``;
+    FiT / NiT). The other parts are registered modules too, each built from its config
+    with the sizes the backbone knows:
+
+    - ``patch_embed`` (``PatchEmbed``): ``in_channels``, ``patch_size``, ``hidden_size``;
+      ``forward(tokens) -> [N, D]``; module ``x_embedder``.
+    - ``t_embedder`` (``TimestepEmbedder``): ``hidden_size``; ``forward(model_t) -> [B, D]``.
+    - ``y_embedder`` (``LabelEmbedder``): ``num_classes``, ``hidden_size``;
+      ``forward(labels) -> [B, D]``, label ``num_classes`` is "no class".
+    - ``final_layer`` (``FinalLayer``): ``hidden_size``, ``out_features``;
+      ``forward(x, c, batch) -> [N, out_features]``.
+
+    Initialisation (DiT's): every ``nn.Linear`` gets xavier-uniform weights and zero
+    biases, then each part's own ``init_weights()`` runs, where it has one.
 
     Args:
         time_scale: the model time fed to the timestep sinusoid is ``time_scale * t`` for
@@ -41,6 +53,9 @@ class FlexDiT(nn.Module):
             options) compiles each block with dynamic token counts; the blocks share one
             compiled graph, and the attention kernel call stays outside it (its segment
             plan changes with every pack), so packs of any lengths reuse the compilation.
+        mlp, qk_norm, modulation, attn_backend: options shared by every block, each
+            passed to blocks whose constructor takes it (``mlp_ratio`` goes into ``mlp``).
+        patch_embed, t_embedder, y_embedder, final_layer: the parts' configs (see above).
     """
 
     def __init__(self, in_channels, patch_size, hidden_size, depth, num_heads, num_classes,
@@ -48,8 +63,10 @@ class FlexDiT(nn.Module):
                  block=dict(type='AdaLNZeroBlock'), mlp=dict(type='GeluMlp'), qk_norm=None,
                  modulation=dict(type='AdaLNZero'), attn_backend='sdpa',
                  pos_embed=dict(type='SinCos2D'), rope=None, time_scale=1000.0,
-                 time_flip=False, output_scale=1.0, frequency_embedding_size=256,
-                 global_modulation=None, time_max=None, trainable=None, compile_blocks=False):
+                 time_flip=False, output_scale=1.0, global_modulation=None, time_max=None,
+                 trainable=None, compile_blocks=False, patch_embed=dict(type='PatchEmbed'),
+                 t_embedder=dict(type='TimestepEmbedder'),
+                 y_embedder=dict(type='LabelEmbedder'), final_layer=dict(type='FinalLayer')):
         super().__init__()
         self.in_channels, self.patch_size = in_channels, patch_size
         self.out_channels = (out_channels or in_channels) * (2 if learn_sigma else 1)
@@ -58,23 +75,31 @@ class FlexDiT(nn.Module):
         self.time_scale, self.time_flip, self.output_scale = time_scale, time_flip, output_scale
         self.time_max = time_max
 
-        self.x_embedder = PatchEmbed(in_channels, patch_size, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size, frequency_embedding_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size)
+        self.x_embedder = MODELS.build(dict(patch_embed, in_channels=in_channels,
+                                            patch_size=patch_size, hidden_size=hidden_size))
+        self.t_embedder = MODELS.build(dict(t_embedder, hidden_size=hidden_size))
+        self.y_embedder = MODELS.build(dict(y_embedder, num_classes=num_classes,
+                                            hidden_size=hidden_size))
         self.pos_embed = (POSITION_ENCODINGS.build(dict(pos_embed, dim=hidden_size))
                           if pos_embed else None)
         self.rope = (POSITION_ENCODINGS.build(dict(rope, head_dim=hidden_size // num_heads))
                      if rope else None)
         mlp = dict(mlp, mlp_ratio=mlp_ratio) if 'mlp_ratio' not in mlp else mlp
         self.blocks = nn.ModuleList(
-            MODELS.build(dict(block, hidden_size=hidden_size, num_heads=num_heads, mlp=mlp,
-                              qk_norm=qk_norm, modulation=modulation,
-                              attn_backend=attn_backend))
+            build_block(block, hidden_size, num_heads, mlp=mlp, qk_norm=qk_norm,
+                        modulation=modulation, attn_backend=attn_backend)
             for _ in range(depth))
-        self.global_adaLN_modulation = (
-            MODELS.build(dict(global_modulation, hidden_size=hidden_size, num_chunks=6))
-            if global_modulation else None)
-        self.final_layer = FinalLayer(hidden_size, patch_size ** 2 * self.out_channels)
+        self.global_adaLN_modulation = None
+        if global_modulation:
+            chunks = {getattr(b, 'modulation_chunks', None) for b in self.blocks}
+            if len(chunks) != 1 or None in chunks:
+                raise ValueError(f'FlexDiT: global_modulation needs blocks that declare '
+                                 f'modulation_chunks (flexgen.models.blocks.base); '
+                                 f'{type(self.blocks[0]).__name__} declares {chunks}')
+            self.global_adaLN_modulation = MODELS.build(
+                dict(global_modulation, hidden_size=hidden_size, num_chunks=chunks.pop()))
+        self.final_layer = MODELS.build(dict(final_layer, hidden_size=hidden_size,
+                                             out_features=patch_size ** 2 * self.out_channels))
         self.initialize_weights()
         if trainable is not None:
             self.freeze_all_but(trainable)
@@ -85,27 +110,24 @@ class FlexDiT(nn.Module):
                 block.compile(**options)
 
     def initialize_weights(self):
-        """DiT's initialisation: xavier linears, N(0, 0.02) embeddings, zero adaLN and
-        output layers (every block starts as the identity, the output at zero)."""
+        """DiT's initialisation: xavier-uniform weights and zero biases for every
+        ``nn.Linear``, then each part's ``init_weights()`` (N(0, 0.02) embeddings, zero
+        adaLN and output layers: every block starts as the identity, the output at zero).
+
+        The parts run in DiT's order of random draws (label table, then timestep MLP).
+        Named apart from mmengine's ``init_weights``, which the Runner calls on a model's
+        children at the start of training and which would draw the weights a second time.
+        """
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        modulations = [block.adaLN_modulation for block in self.blocks]
-        if self.global_adaLN_modulation is not None:
-            modulations.append(self.global_adaLN_modulation)
-        for modulation in modulations:
-            last = modulation[-1]
-            nn.init.zeros_(last.weight)
-            if last.bias is not None:
-                nn.init.zeros_(last.bias)
-        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        parts = (self.x_embedder, self.pos_embed, self.rope, self.y_embedder, self.t_embedder,
+                 *self.blocks, self.global_adaLN_modulation, self.final_layer)
+        for part in parts:
+            if part is not None and hasattr(part, 'init_weights'):
+                part.init_weights()
 
     def freeze_all_but(self, trainable):
         """Freeze every parameter whose name contains none of the substrings ``trainable``."""
@@ -136,9 +158,8 @@ class FlexDiT(nn.Module):
             x = x + self.pos_embed(batch.positions).to(x.dtype)
         rope = self.rope(batch) if self.rope is not None else None
         c = self.condition(t, y)
-        # Positional only (mmengine's activation checkpointing passes no keywords); a
-        # block without a global modulation is called as DiT's, so custom blocks need no
-        # extra argument.
+        # The block contract (flexgen.models.blocks.base): positional arguments, the
+        # global modulation only when there is one.
         extra = (() if self.global_adaLN_modulation is None else
                  (self.global_adaLN_modulation(c),))
         features = None

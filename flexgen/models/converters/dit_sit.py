@@ -27,14 +27,12 @@ reproduce the reference network exactly:
 """
 import math
 import warnings
-from dataclasses import dataclass, field
-from typing import Dict
 
 import torch
 
-from flexgen.fileio import select_weights
 from flexgen.registry import CHECKPOINT_CONVERTERS
 from flexgen.structures import grid_positions
+from .base import CheckpointConverter, ConvertedCheckpoint, unwrap_state_dict
 
 # Heads of the reference model sizes (DiT Table 1); a width not listed needs num_heads
 # from the config (the weights do not reveal it).
@@ -47,33 +45,6 @@ HEADS_BY_WIDTH = {384: 6, 768: 12, 1024: 16, 1152: 16}
 # is dropped with a warning, anything further off is not a sin-cos table and is refused.
 POS_EMBED_EXACT = 1e-6
 POS_EMBED_DRIFT = 1e-3
-
-
-@dataclass
-class ConvertedCheckpoint:
-    """A converter's result.
-
-    Attributes:
-        state_dict: ``FlexDiT`` keys and tensors (load into ``generator.backbone``).
-        backbone: the ``FlexDiT`` constructor settings the weights imply (architecture and
-            boundary settings); ``num_heads`` only where the width is a reference size or
-            the converter was given it.
-        info: facts about the source: ``grid_size`` (the square patch grid of the stored
-            ``pos_embed``, i.e. the training resolution) and ``pos_embed_max_deviation``.
-    """
-    state_dict: Dict[str, torch.Tensor]
-    backbone: dict
-    info: dict = field(default_factory=dict)
-
-
-def unwrap_state_dict(checkpoint: dict, use_ema: bool = True) -> Dict[str, torch.Tensor]:
-    """The network state dict inside a reference checkpoint: a plain state dict (the
-    released files), a training checkpoint ``{'model', 'ema', 'opt', 'args'}`` or an
-    mmengine one (EMA weights unless ``use_ema=False``; see
-    :func:`flexgen.fileio.select_weights`); a ``module.`` prefix (DDP) is removed."""
-    if not isinstance(checkpoint, dict):
-        raise TypeError(f'expected a checkpoint dict, got {type(checkpoint).__name__}')
-    return select_weights(checkpoint, use_ema)[0]
 
 
 def expected_keys(depth: int, pos_embed: bool = True) -> set:
@@ -130,7 +101,7 @@ def final_rows_to_flexgen(tensor: torch.Tensor, patch_size: int) -> torch.Tensor
             .reshape((area * out_channels,) + rest).contiguous())
 
 
-class DiTFamilyConverter:
+class DiTFamilyConverter(CheckpointConverter):
     """Reference ``DiT`` / ``SiT`` network state dict -> ``FlexDiT`` state dict and settings.
 
     ``converter(checkpoint, use_ema=True) -> ConvertedCheckpoint``; ``checkpoint`` is what

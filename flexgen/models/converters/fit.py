@@ -22,13 +22,13 @@ Reference quirks that change outputs are explicit options, off by default:
 import torch
 
 from flexgen.registry import CHECKPOINT_CONVERTERS
-from .dit_sit import ConvertedCheckpoint, unwrap_state_dict
+from .base import CheckpointConverter, ConvertedCheckpoint, unwrap_state_dict
 
 # Widths whose head count the released checkpoints fix (the weights cannot tell it).
 HEADS_BY_WIDTH = {1152: 16, 2304: 24}
 
 
-class _FiTConverter:
+class _FiTConverter(CheckpointConverter):
     """Shared by both versions: ``converter(checkpoint, use_ema=True) ->
     ConvertedCheckpoint`` whose ``backbone`` holds every ``FlexDiT`` setting the
     converted state dict loads into with ``strict=True`` (architecture, RoPE, boundary).

@@ -34,7 +34,7 @@ from typing import Dict
 import torch
 
 from flexgen.registry import CHECKPOINT_CONVERTERS
-from .dit_sit import ConvertedCheckpoint, unwrap_state_dict
+from .base import CheckpointConverter, ConvertedCheckpoint, unwrap_state_dict
 
 INDEX_MODES = ('nit_legacy', 'rowcol')
 # NiT's block keys (without the adaLN, whose form depends on AdaLN-LoRA).
@@ -87,7 +87,7 @@ def is_official_nit(state_dict: dict) -> bool:
 
 
 @CHECKPOINT_CONVERTERS.register_module(name='NiT')
-class NiTConverter:
+class NiTConverter(CheckpointConverter):
     """Reference ``NiT`` state dict -> :class:`NiTConvertedCheckpoint`.
 
     ``converter(checkpoint, use_ema=True)``: ``checkpoint`` is the released safetensors

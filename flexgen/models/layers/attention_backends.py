@@ -13,16 +13,20 @@ Every backend computes, for each image i of a :class:`~flexgen.structures.TokenB
 - ``flex`` (``attention_flex.py``): torch FlexAttention with a document block mask.
 - ``flash_varlen``, ``xformers`` (``attention_varlen.py``): the GPU varlen kernels, optional
   extras (``pip install flexgen[gpu]``).
-- ``auto``: flash-attn on CUDA when installed, else ``sdpa``.
+- ``auto``: per call, dense ``sdpa`` for equal lengths, else the preferred packed kernel
+  that runs on the device and dtype (see :class:`AutoAttention`).
 
-A backend is a callable ``(q, k, v, batch) -> out`` on ``[N, heads, head_dim]`` tensors.
-A new one is one class here (or in your own module) and one config line.
+A backend (:mod:`.attention_base`) is a callable ``(q, k, v, batch) -> out`` on
+``[N, heads, head_dim]`` tensors. A new one is one class here (or in your own module)
+and one config line.
 """
+import inspect
+
 import torch
 import torch.nn.functional as F
-from torch import Tensor
 
 from flexgen.registry import ATTENTION_BACKENDS
+from .attention_base import AttentionBackend
 
 
 def _sdpa(q, k, v):
@@ -102,7 +106,7 @@ def _run_view(x, start, count, n):
 
 
 @ATTENTION_BACKENDS.register_module(name='per_image')
-class PerImageAttention:
+class PerImageAttention(AttentionBackend):
     """One dense SDPA call per image: the plainest loop, the reference for the others."""
 
     def __call__(self, q, k, v, batch):
@@ -112,7 +116,7 @@ class PerImageAttention:
 
 
 @ATTENTION_BACKENDS.register_module(name='sdpa')
-class SDPAAttention:
+class SDPAAttention(AttentionBackend):
     """Dense SDPA per run or per group of equal-length images: cost ``sum n_i^2``, never
     ``(sum n_i)^2``.
 
@@ -135,8 +139,8 @@ class SDPAAttention:
     better default: no gathers, within ~5% of the per-image limit on an ImageNet-like
     pack; ``'grouped'`` makes fewer kernel calls and wins only when the cores are
     oversubscribed (each call then waits for its threads). GPUs run fewer, larger
-    launches better, so ``'auto'`` takes ``'grouped'`` there (not measured: no GPU here).
-    ``tools/benchmark.py`` measures both.
+    launches better, so ``'auto'`` takes ``'grouped'`` there. ``tools/benchmark.py``
+    measures both.
 
     Args:
         strategy: ``'auto'`` (``'runs'`` on CPU, ``'grouped'`` elsewhere), ``'runs'`` or
@@ -192,7 +196,7 @@ def _segment_sdpa(q, k, v, segments, order):
 
 
 @ATTENTION_BACKENDS.register_module(name='padded')
-class PaddedAttention:
+class PaddedAttention(AttentionBackend):
     """Pad every image to the longest and mask, as FiT does (Lu et al. 2024, section 3.2).
 
     :meth:`attend` is FiT's masked computation on a padded batch: valid tokens attend to
@@ -230,18 +234,19 @@ class PaddedAttention:
 
 
 @ATTENTION_BACKENDS.register_module(name='auto')
-class AutoAttention:
+class AutoAttention(AttentionBackend):
     """The fastest exact backend for the device, dtype and batch of each call.
 
     - a uniform batch (every image the same length: DiT): ``'sdpa'``, one dense batched
       call (torch's flash / memory-efficient kernels on a GPU);
-    - CUDA, float16 / bfloat16: ``'flash_varlen'`` when flash-attn is installed, else
-      ``'xformers'`` when xformers is;
-    - CUDA otherwise: ``'flex'`` (compiled FlexAttention with a document mask: 4.7x
-      faster than grouped ``'sdpa'`` on a 16k-token ImageNet-like pack on an H200,
-      tools/gpu_check.py), ``'sdpa'`` where this torch has no FlexAttention;
-    - CPU: ``'sdpa'`` (the fastest CPU path in ``tools/benchmark.py``; ``'flex'`` has
-      no CPU backward, and its compiled CPU forward measured slower than ``'sdpa'``).
+    - otherwise the registered packed kernels (:mod:`.attention_base`) that run on the
+      device and dtype, by ``auto_priority``, the first one installed: on CUDA in
+      float16 / bfloat16 ``'flash_varlen'``, ``'xformers'``, then ``'flex'``; on CUDA in
+      float32 ``'flex'`` (compiled FlexAttention with a document mask: 4.7x faster than
+      grouped ``'sdpa'`` on a 16k-token ImageNet-like pack on an H200,
+      tools/gpu_check.py);
+    - none of them: ``'sdpa'`` (on CPU the fastest path in ``tools/benchmark.py``;
+      ``'flex'`` has no CPU backward, and its compiled CPU forward measured slower).
 
     Never the dense masked SDPA over the whole pack, which costs ``(sum n_i)^2``.
     """
@@ -250,17 +255,24 @@ class AutoAttention:
         self._chosen = {}
 
     @staticmethod
+    def candidates(device, dtype):
+        """The registered packed kernels for ``device`` and ``dtype``, preferred first."""
+        ranked = sorted((cls.auto_priority, name)
+                        for name, cls in ATTENTION_BACKENDS.module_dict.items()
+                        if inspect.isclass(cls) and issubclass(cls, AttentionBackend)
+                        and cls.auto_priority is not None and cls.runs_packed(device, dtype))
+        return [name for _, name in ranked]
+
+    @staticmethod
     def choose(device, dtype, uniform=False):
         """The backend name ``'auto'`` uses for tensors on ``device`` of ``dtype`` (the
         autocast dtype where autocast is on for the device)."""
         device = torch.device(device)
-        if uniform or not _has_varlen_kernels(device):
+        if uniform:
             return 'sdpa'
         if torch.is_autocast_enabled(device.type):
             dtype = torch.get_autocast_dtype(device.type)
-        candidates = ('flash_varlen', 'xformers', 'flex') if dtype in (
-            torch.float16, torch.bfloat16) else ('flex',)
-        for name in candidates:
+        for name in AutoAttention.candidates(device, dtype):
             try:
                 build_attention_backend(name)
             except ImportError:
@@ -277,22 +289,10 @@ class AutoAttention:
         return self._chosen[key](q, k, v, batch)
 
 
-def _has_varlen_kernels(device) -> bool:
-    """Whether the varlen kernels (flash-attn, xformers) can run on ``device``."""
-    return device.type == 'cuda'
-
-
-def _register_optional_backends():
-    # 'flex', 'flash_varlen' and 'xformers' live in their own modules (importable without
-    # their kernels); make sure they are registered however this module was reached.
-    from . import attention_flex, attention_varlen  # noqa: F401
-
-
 def build_attention_backend(cfg):
     """A backend from a name (``'sdpa'``), a config dict, or a ready callable."""
     if isinstance(cfg, str):
         cfg = dict(type=cfg)
     if isinstance(cfg, dict):
-        _register_optional_backends()
         return ATTENTION_BACKENDS.build(cfg)
     return cfg

@@ -24,6 +24,7 @@ import torch
 from flexgen.registry import ATTENTION_BACKENDS
 from flexgen.structures import host_to_device
 from .attention_backends import SDPAAttention
+from .attention_base import AttentionBackend
 
 _COMPILED = {}        # the compiled kernel, one per process (shared by every layer)
 _COMPILE_FAILED = set()  # device types where compiling failed: every layer falls back
@@ -90,8 +91,9 @@ def _compiled_flex_attention():
 
 
 @ATTENTION_BACKENDS.register_module(name='flex')
-class FlexAttention:
-    """Block-diagonal attention with ``flex_attention`` and a document block mask.
+class FlexAttention(AttentionBackend):
+    """Block-diagonal attention with ``flex_attention`` and a document block mask;
+    ``'auto'``'s choice on CUDA after the varlen kernels (and the only one in float32).
 
     Args:
         block_size: tile size of the block mask (FlexAttention's default 128; smaller
@@ -100,6 +102,12 @@ class FlexAttention:
             ``False`` runs eager FlexAttention, which on CPU materialises the whole
             score matrix: for tests and debugging only.
     """
+
+    auto_priority = 2
+
+    @classmethod
+    def runs_packed(cls, device, dtype):
+        return device.type == 'cuda'
 
     def __init__(self, block_size=128, compile=True):
         if not flex_attention_available():

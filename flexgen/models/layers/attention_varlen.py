@@ -15,8 +15,10 @@ is built; nothing else in flexgen needs them.
 import torch
 
 from flexgen.registry import ATTENTION_BACKENDS
+from .attention_base import AttentionBackend
 
 _EXTRA = 'pip install flexgen[gpu]'
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def _require_cuda(name, q):
@@ -27,8 +29,15 @@ def _require_cuda(name, q):
 
 
 @ATTENTION_BACKENDS.register_module(name='flash_varlen')
-class FlashVarlenAttention:
-    """Packed attention with ``flash_attn_varlen_func`` (FlashAttention-2)."""
+class FlashVarlenAttention(AttentionBackend):
+    """Packed attention with ``flash_attn_varlen_func`` (FlashAttention-2); ``'auto'``'s
+    first choice on CUDA in float16 / bfloat16."""
+
+    auto_priority = 0
+
+    @classmethod
+    def runs_packed(cls, device, dtype):
+        return device.type == 'cuda' and dtype in _HALF
 
     def __init__(self):
         try:
@@ -42,7 +51,7 @@ class FlashVarlenAttention:
 
     def __call__(self, q, k, v, batch):
         _require_cuda('flash_varlen', q)
-        if q.dtype not in (torch.float16, torch.bfloat16):
+        if q.dtype not in _HALF:
             raise TypeError(f"attention backend 'flash_varlen' computes in float16 / bfloat16 "
                             f"only, got {q.dtype}: run the model under torch.autocast(dtype="
                             f"torch.bfloat16) as NiT does, or use backend='auto', which "
@@ -67,9 +76,15 @@ def block_diagonal_mask(batch):
 
 
 @ATTENTION_BACKENDS.register_module(name='xformers')
-class XFormersAttention:
+class XFormersAttention(AttentionBackend):
     """Packed attention with xformers' ``memory_efficient_attention`` and a
-    block-diagonal bias."""
+    block-diagonal bias; ``'auto'``'s second choice on CUDA in float16 / bfloat16."""
+
+    auto_priority = 1
+
+    @classmethod
+    def runs_packed(cls, device, dtype):
+        return device.type == 'cuda' and dtype in _HALF
 
     def __init__(self):
         try:

@@ -10,23 +10,37 @@ import torch.nn as nn
 from flexgen.registry import MODELS
 
 
+def zero_linear(layer: nn.Linear) -> None:
+    """Zero a linear layer's weight and bias."""
+    nn.init.zeros_(layer.weight)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+
+
 @MODELS.register_module()
 class AdaLNZero(nn.Sequential):
-    """``SiLU -> Linear(D, k*D)``, the last layer zero-initialised by the backbone
-    (so every block starts as the identity: DiT, section 3.2)."""
+    """``SiLU -> Linear(D, k*D)``; :meth:`init_weights` zeroes the linear layer, so every
+    block starts as the identity (DiT, section 3.2)."""
 
     def __init__(self, hidden_size, num_chunks=6, bias=True):
         super().__init__(nn.SiLU(), nn.Linear(hidden_size, num_chunks * hidden_size, bias=bias))
+
+    def init_weights(self):
+        zero_linear(self[-1])
 
 
 @MODELS.register_module()
 class AdaLNLoRA(nn.Sequential):
     """``SiLU -> Linear(D, r) -> Linear(r, k*D)``: a rank-``r`` factorised adaLN
-    (FiTv2, Wang et al. 2024, section 3.3; NiT-XXL)."""
+    (FiTv2, Wang et al. 2024, section 3.3; NiT-XXL); :meth:`init_weights` zeroes the
+    output layer (adaLN-Zero)."""
 
     def __init__(self, hidden_size, rank, num_chunks=6, bias=True):
         super().__init__(nn.SiLU(), nn.Linear(hidden_size, rank, bias=bias),
                          nn.Linear(rank, num_chunks * hidden_size, bias=bias))
+
+    def init_weights(self):
+        zero_linear(self[-1])
 
 
 class _PerImageMulAdd(torch.autograd.Function):

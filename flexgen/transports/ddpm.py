@@ -36,7 +36,7 @@ import torch
 
 from flexgen.registry import TRANSPORTS
 
-from .interpolants import GaussianTransport, as_time, at_least_float32
+from .gaussian import GaussianTransport, as_time, at_least_float32
 
 _PREDICTIONS = ('eps', 'x0', 'v')
 _VARIANCES = ('fixed_small', 'fixed_large', 'learned_range')
