@@ -223,3 +223,15 @@ def build(registry, cfg, **default_args):
     if cfg is None or not isinstance(cfg, dict):
         return cfg
     return registry.build(cfg, default_args=default_args or None)
+
+
+def build_part(registry, cfg, base, owner, role, provides=''):
+    """`build` a part that must follow the contract `base`: a TypeError naming `owner`,
+    the `role` it plays, the base class's module and what it `provides` otherwise (None
+    passes through)."""
+    part = build(registry, cfg)
+    if part is not None and not isinstance(part, base):
+        provides = f': {provides}' if provides else ''
+        raise TypeError(f'{owner}: {role} must be a {base.__name__} (the contract in '
+                        f'{base.__module__}{provides}), got {type(part).__name__}')
+    return part

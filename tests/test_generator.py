@@ -129,3 +129,33 @@ def test_latent_inputs_skip_the_encoder_but_generation_decodes():
     assert torch.equal(a, b)
     latents.autoencoder.decode = lambda lats: list(lats)
     assert torch.equal(latents.generate([1], [(4, 4)], seeds=[3], guidance=None)[0], -a)
+
+
+def test_parts_that_do_not_follow_their_contract_are_refused_by_name():
+    """Transport, time sampler, sampler and guidance are checked against their base
+    classes when the generator is built (and a sampler / guidance given to generate)."""
+    from flexgen.registry import MODELS, SAMPLERS, TIME_SAMPLERS
+
+    @SAMPLERS.register_module(name='_NotASampler', force=True)
+    class NotASampler:
+        def __call__(self, model_fn, transport, noise, noise_like=None, callback=None):
+            return noise
+
+    @TIME_SAMPLERS.register_module(name='_NotATimeSampler', force=True)
+    class NotATimeSampler:
+        def __call__(self, draws, seqlens=None):
+            return draws.uniform('time')
+
+    backbone = dict(type='FlexDiT', in_channels=3, patch_size=2, hidden_size=16, depth=1,
+                    num_heads=2, num_classes=4, pos_embed=None, rope=dict(type='AxialRoPE2D'))
+    base = dict(type='DiffusionGenerator', backbone=backbone, transport=dict(type='RectifiedFlow'))
+    with pytest.raises(TypeError, match=r'DiffusionGenerator: sampler must be a Sampler \(the '
+                                        r'contract in flexgen.samplers.base\), got NotASampler'):
+        MODELS.build(dict(base, sampler=dict(type='_NotASampler')))
+    with pytest.raises(TypeError, match=r'time_sampler must be a TimeSampler .*NotATimeSampler'):
+        MODELS.build(dict(base, time_sampler=dict(type='_NotATimeSampler')))
+    model = MODELS.build(base)
+    with pytest.raises(TypeError, match=r'generate: sampler must be a Sampler .*function'):
+        model.generate([1], [(4, 4)], [0], sampler=lambda *args, **kwargs: None)
+    with pytest.raises(TypeError, match=r'generate: guidance must be a Guidance .*object'):
+        model.generate([1], [(4, 4)], [0], guidance=object())

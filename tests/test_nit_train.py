@@ -16,6 +16,7 @@ from mmengine.hooks import Hook
 
 import flexgen
 from flexgen.registry import HOOKS, MODELS
+from flexgen.samplers import Sampler
 from flexgen.structures import patchify
 from helpers import train_ok
 
@@ -147,12 +148,13 @@ def test_generate_feeds_float64_time_so_dit_steps_are_exact():
     model.backbone.register_forward_pre_hook(lambda m, args: given.append(args[1]))
     model.backbone.t_embedder.register_forward_pre_hook(lambda m, args: embedded.append(args[0]))
 
-    def every_step(model_fn, transport, x, noise_like=None, callback=None):
-        for k in steps:
-            model_fn(x, k / 1000)
-        return x
+    class EveryStep(Sampler):
+        def __call__(self, model_fn, transport, x, noise_like=None, callback=None):
+            for k in steps:
+                model_fn(x, k / 1000)
+            return x
 
-    model.generate([1], [(4, 4)], seeds=[0], sampler=every_step, guidance=None)
+    model.generate([1], [(4, 4)], seeds=[0], sampler=EveryStep(), guidance=None)
     assert all(t.dtype == torch.float64 for t in given)
     assert torch.equal(torch.cat(given), torch.tensor(steps, dtype=torch.float64) / 1000)
     assert torch.cat(embedded).tolist() == [float(k) for k in steps]

@@ -9,10 +9,13 @@ from mmengine.model import BaseModel
 
 from flexgen.losses.reduction import global_counts, jagged_mean
 from flexgen.registry import (GUIDANCE, MODELS, SAMPLERS, TIME_SAMPLERS, TRANSPORTS,
-                              build)
+                              build_part)
 from flexgen.rng import KeyedDraws, mix
+from flexgen.samplers.base import Sampler
+from flexgen.samplers.guidance_base import Guidance
 from flexgen.structures import Geometry, TokenBatch, patchify, unpatchify
 from flexgen.transports.base import Transport
+from flexgen.transports.time_sampler_base import TimeSampler
 
 TRAINING_KEYS = ('seed', 'step', 'index')
 
@@ -78,14 +81,13 @@ class DiffusionGenerator(BaseModel):
         super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
         self.backbone = MODELS.build(backbone)
         self.autoencoder = MODELS.build(autoencoder)
-        self.transport = build(TRANSPORTS, transport)
-        if not isinstance(self.transport, Transport):
-            raise TypeError(f'DiffusionGenerator: transport must be a flexgen Transport '
-                            f'(flexgen.transports.base: interpolate, training_target, loss, '
-                            f'velocity), got {type(self.transport).__name__}')
-        self.time_sampler = build(TIME_SAMPLERS, time_sampler)
-        self.sampler = build(SAMPLERS, sampler)
-        self.guidance = build(GUIDANCE, guidance)
+        name = 'DiffusionGenerator'
+        self.transport = build_part(TRANSPORTS, transport, Transport, name, 'transport',
+                                    'interpolate, training_target, loss, velocity')
+        self.time_sampler = build_part(TIME_SAMPLERS, time_sampler, TimeSampler, name,
+                                       'time_sampler')
+        self.sampler = build_part(SAMPLERS, sampler, Sampler, name, 'sampler')
+        self.guidance = build_part(GUIDANCE, guidance, Guidance, name, 'guidance')
         if loss_reduction not in ('image', 'token'):
             raise ValueError(f"loss_reduction must be 'image' or 'token', got {loss_reduction!r}")
         self.class_dropout_prob, self.loss_reduction = class_dropout_prob, loss_reduction
@@ -275,8 +277,10 @@ class DiffusionGenerator(BaseModel):
         (:mod:`flexgen.rng`). Images of different sizes are generated together in one
         jagged batch. ``sampler`` / ``guidance`` override the configured ones for this call.
         """
-        sampler = build(SAMPLERS, sampler) if sampler is not None else self.sampler
-        guidance = self.guidance if guidance == 'default' else build(GUIDANCE, guidance)
+        sampler = (self.sampler if sampler is None else
+                   build_part(SAMPLERS, sampler, Sampler, 'generate', 'sampler'))
+        guidance = (self.guidance if guidance == 'default' else
+                    build_part(GUIDANCE, guidance, Guidance, 'generate', 'guidance'))
         device = next(self.backbone.parameters()).device
         labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
         self.check_labels(labels, 'generate')

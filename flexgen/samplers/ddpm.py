@@ -17,6 +17,8 @@ import torch
 from flexgen.registry import SAMPLERS
 from flexgen.transports.ddpm import DDPM
 
+from .base import Sampler
+
 
 def respaced_schedule(transport, num_steps, sampler_name):
     if not isinstance(transport, DDPM):
@@ -35,7 +37,7 @@ def require_noise_like(noise_like, sampler_name):
 
 
 @SAMPLERS.register_module()
-class DDPMAncestral:
+class DDPMAncestral(Sampler):
     """Ancestral sampling with the transport's variance (fixed or learned).
 
     Args:
@@ -61,7 +63,7 @@ class DDPMAncestral:
 
 
 @SAMPLERS.register_module()
-class DDIM:
+class DDIM(Sampler):
     """DDIM; ``eta = 0`` is deterministic (the probability-flow ODE discretised in
     ``(sigma / alpha, x / alpha)``), ``eta = 1`` matches ancestral sampling's variance.
 

@@ -18,49 +18,14 @@ import torch.nn as nn
 from flexgen.fileio import CheckpointError, load_checked, read_checkpoint, select_weights
 from flexgen.registry import GUIDANCE, MODELS
 
-
-class _Guidance:
-    """Args:
-        scale: guidance scale ``s``; 1 is the main (conditional) model alone, one
-            evaluation per step.
-        interval: ``(low, high)`` in flexgen time (t = 1 noise), both ends included;
-            outside it, the main model alone.
-        channels: latent channels to guide (DiT's legacy ``(0, 1, 2)``); ``None`` guides
-            every predicted channel. Other channels and extra output columns (learned
-            variance) come from the main (conditional) branch unchanged.
-    """
-
-    def __init__(self, scale=1.0, interval=(0.0, 1.0), channels=None):
-        self.scale, self.interval = float(scale), tuple(float(v) for v in interval)
-        if len(self.interval) != 2 or self.interval[0] > self.interval[1]:
-            raise ValueError(f'{type(self).__name__}: interval must be (low, high) with '
-                             f'low <= high, got {interval!r}')
-        self.channels = None if channels is None else tuple(int(c) for c in channels)
-
-    def active(self, t):
-        low, high = self.interval
-        return self.scale != 1.0 and low <= t <= high
-
-    def columns(self, guided_width, patch_area):
-        """Token columns to guide: ``(c, p1, p2)`` order puts channel ``c`` at columns
-        ``c * p*p`` to ``(c + 1) * p*p``."""
-        if self.channels is None:
-            return slice(0, guided_width)
-        return torch.cat([torch.arange(c * patch_area, (c + 1) * patch_area)
-                          for c in self.channels])
-
-    def combine(self, strong, weak, columns):
-        """``strong`` with ``weak + s (strong - weak)`` on ``columns``."""
-        out = strong.clone()
-        out[:, columns] = weak[:, columns] + self.scale * (strong[:, columns] - weak[:, columns])
-        return out
+from .guidance_base import Guidance
 
 
 @GUIDANCE.register_module()
-class ClassifierFreeGuidance(_Guidance):
+class ClassifierFreeGuidance(Guidance):
     """Classifier-free guidance ``u + s (c - u)`` (``c``, ``u``: the network with and
     without the class), both branches in one doubled batch. Arguments: ``scale``,
-    ``interval``, ``channels`` (see ``_Guidance``)."""
+    ``interval``, ``channels`` (see :class:`Guidance`)."""
 
     def wrap(self, network, batch, labels, null_label, guided_width, patch_area):
         """``model_fn(x_tokens, t)`` for a sampler: ``network(batch, t [B], y [B])`` with
@@ -82,7 +47,7 @@ class ClassifierFreeGuidance(_Guidance):
 
 
 @GUIDANCE.register_module()
-class AutoGuidance(_Guidance):
+class AutoGuidance(Guidance):
     """Autoguidance (Karras et al. 2024): ``weak + s (main - weak)`` where ``weak`` is a
     second, weaker model of the same task (fewer parameters and / or fewer training
     steps), both called with the class. The weak model is frozen, in eval mode and kept

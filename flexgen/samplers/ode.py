@@ -17,6 +17,8 @@ import torch
 from flexgen.registry import SAMPLERS
 from flexgen.transports.time_samplers import time_shift
 
+from .base import Sampler
+
 VelocityFn = Callable[[torch.Tensor, float], torch.Tensor]
 
 
@@ -220,7 +222,7 @@ def transport_velocity(model_fn, transport) -> VelocityFn:
     return velocity_fn
 
 
-class _FixedStepODE:
+class _FixedStepODE(Sampler):
     """Shared arguments of the fixed-grid ODE samplers.
 
     Args:
@@ -266,7 +268,7 @@ class HeunODE(_FixedStepODE):
 
 
 @SAMPLERS.register_module()
-class AdaptiveODE:
+class AdaptiveODE(Sampler):
     """Adaptive Dormand-Prince 5(4) ODE sampler (SiT's default ``dopri5``), with
     torchdiffeq's ``atol`` / ``rtol`` semantics (see :func:`dopri5`).
 

@@ -30,6 +30,7 @@ import torch
 
 from flexgen.registry import SAMPLERS
 from flexgen.transports.gaussian import GaussianTransport
+from .base import Sampler
 from .ddpm import require_noise_like
 from .ode import eps_interval, sampling_interval, time_grid
 
@@ -63,7 +64,7 @@ def heun_sde(drift_fn, diffusion_fn, x, times, noise_like, callback=None):
 
 
 # --------------------------------------------------------------------------- samplers
-class _SDESampler:
+class _SDESampler(Sampler):
     """Shared arguments of the SDE samplers.
 
     Args:

@@ -5,9 +5,10 @@ from .ddpm import DDPM, DiffusionSchedule, space_timesteps
 from .gaussian import GaussianTransport
 from .interpolants import Interpolant
 from .rectified_flow import RectifiedFlow
+from .time_sampler_base import TimeSampler
 from .time_samplers import (DiscreteUniformTime, LogitNormalTime, ResolutionShiftedTime,
                             ShiftedTime, UniformTime, time_shift)
 
 __all__ = ['Transport', 'GaussianTransport', 'DDPM', 'DiffusionSchedule', 'space_timesteps',
-           'Interpolant', 'RectifiedFlow', 'DiscreteUniformTime', 'LogitNormalTime',
+           'Interpolant', 'RectifiedFlow', 'TimeSampler', 'DiscreteUniformTime', 'LogitNormalTime',
            'ResolutionShiftedTime', 'ShiftedTime', 'UniformTime', 'time_shift']

@@ -1,16 +1,10 @@
-"""Training-time distributions of ``t`` in [0, 1] (t = 0 data, t = 1 noise).
-
-A time sampler draws one ``t`` per image from the batch's keyed draws:
-``sampler(draws, seqlens=None) -> [B]``, where ``draws`` is a
-:class:`~flexgen.rng.KeyedDraws` of the images' keys (``(seed, step, index)`` in training),
-so an image's time depends on its key alone, not on what else is in the batch.
-``seqlens`` (tokens per image, ``[B]``) is needed only by resolution-dependent samplers.
-"""
+"""Training-time distributions of ``t`` in [0, 1] (t = 0 data, t = 1 noise); what a time
+sampler is: :mod:`flexgen.transports.time_sampler_base`."""
 import torch
 
 from flexgen.registry import TIME_SAMPLERS, build
 
-STREAM = 'time'  # the KeyedDraws stream every time sampler draws from
+from .time_sampler_base import STREAM, TimeSampler
 
 
 def time_shift(t, shift):
@@ -22,7 +16,7 @@ def time_shift(t, shift):
 
 
 @TIME_SAMPLERS.register_module()
-class UniformTime:
+class UniformTime(TimeSampler):
     """``t ~ U[t_min, t_max]``."""
 
     def __init__(self, t_min=0.0, t_max=1.0):
@@ -33,7 +27,7 @@ class UniformTime:
 
 
 @TIME_SAMPLERS.register_module()
-class LogitNormalTime:
+class LogitNormalTime(TimeSampler):
     """``t = sigmoid(mean + std * n)``, ``n ~ N(0, 1)`` (Esser et al. 2024, SD3 eq. 19;
     FiTv2's and NiT's "lognorm")."""
 
@@ -45,7 +39,7 @@ class LogitNormalTime:
 
 
 @TIME_SAMPLERS.register_module()
-class DiscreteUniformTime:
+class DiscreteUniformTime(TimeSampler):
     """A DDPM step ``k ~ U{0, ..., T-1}`` as flexgen time ``t = k / T`` (DiT's
     ``randint(0, 1000)``; pair with ``DDPM(num_timesteps=T)``)."""
 
@@ -61,7 +55,7 @@ class DiscreteUniformTime:
 
 
 @TIME_SAMPLERS.register_module()
-class ShiftedTime:
+class ShiftedTime(TimeSampler):
     """Another sampler's draws warped by ``t' = s t / (1 + (s - 1) t)`` (SD3 eq. 23).
 
     Args:
@@ -79,7 +73,7 @@ class ShiftedTime:
 
 
 @TIME_SAMPLERS.register_module()
-class ResolutionShiftedTime:
+class ResolutionShiftedTime(TimeSampler):
     """Another sampler's draws shifted per image by a shift that grows with its token count
     ``n`` (more pixels keep more signal at equal noise, so large images train noisier).
 
@@ -130,5 +124,5 @@ class ResolutionShiftedTime:
         return time_shift(t.double(), shift).to(t.dtype)
 
 
-__all__ = ['time_shift', 'UniformTime', 'LogitNormalTime', 'DiscreteUniformTime',
+__all__ = ['TimeSampler', 'time_shift', 'UniformTime', 'LogitNormalTime', 'DiscreteUniformTime',
            'ShiftedTime', 'ResolutionShiftedTime']
