@@ -116,3 +116,17 @@ def test_ddp_two_processes_equal_one_at_the_same_global_batch(tmp_path):
     for key in ('state_dict', 'ema_state_dict'):
         for name, value in one[key].items():
             torch.testing.assert_close(ddp[key][name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_end_distributed_destroys_the_process_group_a_run_left():
+    """Tools end their distributed runs by destroying the group (a live gloo group at
+    interpreter exit can abort a finished rank); without one it does nothing."""
+    import torch.distributed as dist
+
+    from flexgen.apis.runners import end_distributed
+    end_distributed()
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{free_port()}', rank=0,
+                            world_size=1)
+    assert dist.is_initialized()
+    end_distributed()
+    assert not dist.is_initialized()

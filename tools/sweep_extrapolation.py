@@ -79,3 +79,5 @@ def main(argv=None):
 
 if __name__ == '__main__':
     main()
+    from flexgen.apis.runners import end_distributed
+    end_distributed()

@@ -53,3 +53,5 @@ def main(argv=None):
 
 if __name__ == '__main__':
     main()
+    from flexgen.apis.runners import end_distributed
+    end_distributed()

@@ -129,6 +129,16 @@ def init_cpu_distributed(launcher: str) -> None:
         torch.distributed.init_process_group('gloo')
 
 
+def end_distributed() -> None:
+    """Destroy the process group of a finished run, on every rank together: a gloo group
+    left alive at interpreter exit can abort the process ("terminate called without an
+    active exception") after the work is done, which torchrun reports as a failure."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def build_runner(cfg: Config, filename: Optional[str] = None):
     """Check the config's keys, set up a CPU run under torchrun, and build (not run) the
     config's ``runner_type``, else flexgen's Runner (a readable console, sharding)."""
