@@ -160,6 +160,17 @@ def check_sqrt_interpolation(tmp_path, monkeypatch):
                        generate_ok(plain_model, (2,), [(32, 32)])[0])
     assert not torch.equal(generate_ok(model, (2,), [(48, 64)])[0],
                            generate_ok(plain_model, (2,), [(48, 64)])[0])
+    # tools/sample.py --interpolation takes the new name (the config imports it)
+    grids = {}
+    for rule in ('SqrtInterpolation', 'no'):
+        out = str(tmp_path / f'{rule}.png')
+        monkeypatch.setattr(sys, 'argv', [
+            'sample.py', write_config('sqrt_interpolation', tmp_path),
+            osp.join(runner.work_dir, 'iter_4.pth'), '--classes', '2', '--height', '48',
+            '--width', '64', '--interpolation', rule, '--ori-max-pe-len', '8', '--out', out])
+        load_tool('sample').main()
+        grids[rule] = np.asarray(Image.open(out))
+    assert not np.array_equal(grids['SqrtInterpolation'], grids['no'])
 
 
 def check_x_prediction_flow(tmp_path, monkeypatch):
