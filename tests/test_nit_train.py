@@ -100,6 +100,33 @@ def test_repa_and_direction_terms_are_their_formulas():
     assert model.backbone.blocks[2].attn.qkv.weight.grad is None
 
 
+
+def test_repa_sees_the_clean_pixels_not_an_autoencoder_round_trip():
+    """Pixel-space training with an encoding autoencoder: REPA's vision encoder gets the
+    input images themselves (a decode(encode(x)) would be a blurred reconstruction)."""
+    class Halving(torch.nn.Module):
+        downsample, latent_channels = 2, 3
+
+        def encode(self, images, generator=None):
+            return [F.avg_pool2d(im[None], 2)[0] for im in images]
+
+        def decode(self, latents):
+            return [F.interpolate(lat[None], scale_factor=2.0)[0] for lat in latents]
+
+    MODELS.register_module('_HalvingAutoencoder', module=Halving, force=True)
+    model = generator(direction=False, autoencoder=dict(type='_HalvingAutoencoder'))
+    g = torch.Generator().manual_seed(5)
+    images = [torch.rand(3, h, w, generator=g) * 2 - 1 for h, w in [(16, 24), (16, 16)]]
+    samples = dict(label=torch.tensor([1, 3]), seed=0, step=0, index=torch.tensor([0, 1]))
+    seen = []
+    encoder = model.repa.encoders[0]
+    encoder.register_forward_pre_hook(lambda m, args: seen.append(args))
+    model.loss(images, samples)
+    (given, grids), = seen
+    assert len(given) == 2 and all(torch.equal(a, b) for a, b in zip(given, images))
+    assert [tuple(s) for s in torch.as_tensor(grids).tolist()] == [(4, 6), (4, 4)]
+
+
 def test_extra_terms_leave_the_denoising_loss_unchanged_and_log_their_sum():
     images, samples = batch_of_images()
     plain = generator(repa=False, direction=False).loss(images, samples)

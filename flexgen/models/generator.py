@@ -160,8 +160,10 @@ class DiffusionGenerator(BaseModel):
         return jagged_mean(per_token, batch.seqlens, self.loss_reduction, batch.image_ids,
                            normalizers[self.loss_reduction])
 
-    def _repa_images(self, batch: TokenBatch, data_samples):
-        """The clean images REPA's encoder sees, one per training image."""
+    def _repa_images(self, inputs, data_samples):
+        """The clean images REPA's encoder sees, one per training image: the dataset's
+        ``data_samples['image']``, else the pixel inputs themselves (never an autoencoder
+        round trip: REPA aligns with features of the real image)."""
         images = data_samples.get('image')
         if images is not None:
             return images
@@ -169,7 +171,9 @@ class DiffusionGenerator(BaseModel):
             raise ValueError("repa: the batch has no data_samples['image'] (the clean images "
                              'for the vision encoder); latent datasets must provide them, '
                              "e.g. NiTLatents(image_mode='image', image_dir=...)")
-        return self.autoencoder.decode(unpatchify(batch.tokens, batch.sizes, self.patch_size))
+        if isinstance(inputs, TokenBatch):  # pixels patchified by the collate (downsample 1)
+            return unpatchify(inputs.tokens, inputs.sizes, inputs.patch_size or self.patch_size)
+        return list(inputs)
 
     def parse_losses(self, losses):
         """mmengine's sum of every ``loss*`` term; the log's ``loss`` is that sum and the
@@ -238,7 +242,7 @@ class DiffusionGenerator(BaseModel):
         labels = labels.to(device, non_blocking=True)
         draws = self.training_draws(data_samples, device)
         # REPA's targets first: the frozen encoder's work is queued before the backbone's.
-        targets = (self.repa.targets(self._repa_images(batch, data_samples), batch)
+        targets = (self.repa.targets(self._repa_images(inputs, data_samples), batch)
                    if self.repa is not None else None)
         t = self.transport.train_time(self.time_sampler(draws, seqlens=batch.seqlens))
         drop = draws.uniform('label_drop') < self.class_dropout_prob
