@@ -27,6 +27,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from mmengine.utils import apply_to
 from torch import Tensor
 
 
@@ -56,27 +57,13 @@ def host_to_device(tensor: Tensor, device) -> Tensor:
 
 def _move(value, device, non_blocking=False):
     """Tensors inside plain containers / named tuples moved to ``device``."""
-    if isinstance(value, Tensor):
-        return value.to(device, non_blocking=non_blocking)
-    if isinstance(value, tuple) and hasattr(value, '_fields'):
-        return type(value)(*(_move(v, device, non_blocking) for v in value))
-    if isinstance(value, (list, tuple)):
-        return type(value)(_move(v, device, non_blocking) for v in value)
-    if isinstance(value, dict):
-        return {k: _move(v, device, non_blocking) for k, v in value.items()}
-    return value
+    return apply_to(value, lambda x: isinstance(x, Tensor),
+                    lambda x: x.to(device, non_blocking=non_blocking))
 
 
 def _pin(value):
-    if isinstance(value, Tensor):
-        return value.pin_memory()
-    if isinstance(value, tuple) and hasattr(value, '_fields'):
-        return type(value)(*(_pin(v) for v in value))
-    if isinstance(value, (list, tuple)):
-        return type(value)(_pin(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _pin(v) for k, v in value.items()}
-    return value
+    """Tensors inside plain containers / named tuples in pinned host memory."""
+    return apply_to(value, lambda x: isinstance(x, Tensor), Tensor.pin_memory)
 
 
 class Geometry:
@@ -318,6 +305,16 @@ class TokenBatch:
                           patch_size=batches[0].patch_size if batches else None)
 
 
+def channels_first(image):
+    """A numpy image ``[H, W, C]`` (a decoded file) -> a tensor ``[C, H, W]`` of its
+    values (copied only when needed: read-only arrays of PIL images get one); tensors and
+    other arrays' dims pass through."""
+    if not isinstance(image, np.ndarray):
+        return image
+    tensor = torch.from_numpy(np.require(image, requirements=['C', 'W']))
+    return tensor.permute(2, 0, 1) if tensor.dim() == 3 else tensor
+
+
 class ImageGroups:
     """Images of several sizes stacked per size: ``images[g]`` ``[k_g, C, H_g, W_g]`` holds
     the images at batch positions ``index[g]`` ``[k_g]`` (what the collate makes of a
@@ -335,9 +332,7 @@ class ImageGroups:
         groups = defaultdict(list)
         tensors = []
         for i, item in enumerate(items):
-            if isinstance(item, np.ndarray):
-                item = torch.from_numpy(np.require(item, requirements=['C', 'W']))
-                item = item.permute(2, 0, 1) if item.dim() == 3 else item
+            item = channels_first(item)
             tensors.append(item)
             groups[(tuple(item.shape), item.dtype)].append(i)
         return cls([torch.stack([tensors[i] for i in ids]) for ids in groups.values()],

@@ -11,7 +11,7 @@ from mmengine.hooks import EMAHook, Hook, IterTimerHook, RuntimeInfoHook
 from mmengine.model import is_model_wrapper
 from tqdm import tqdm
 
-from flexgen.utils.images import image_grid, save_png
+from flexgen.utils.images import image_grid, save_png, to_uint8
 from flexgen.registry import HOOKS
 
 
@@ -63,10 +63,10 @@ class SamplePreviewHook(Hook):
         grid = image_grid([((im.float().cpu() + 1) / 2).clamp(0, 1) for im in images],
                           ncols=len(classes))
         path = osp.join(runner.work_dir, self.out_dir, f'iter_{step}.png')
-        save_png(grid, path)
-        # The PNG's pixels (save_png's rounding), [H, W, 3] uint8 as the visualizer takes them.
-        pixels = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-        runner.visualizer.add_image('preview', pixels, step=step)
+        pixels = to_uint8(grid)
+        save_png(pixels, path)
+        # The PNG's pixels, [H, W, 3] as the visualizer takes them.
+        runner.visualizer.add_image('preview', pixels.permute(1, 2, 0).numpy(), step=step)
         runner.logger.info(f'sample preview: {path}')
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):

@@ -18,8 +18,7 @@ from mmengine.logging import print_log
 
 from flexgen.fileio import atomic_write
 from flexgen.registry import METRICS
-
-from .utils import to_uint8
+from flexgen.utils.images import save_png
 
 
 @METRICS.register_module()
@@ -38,17 +37,13 @@ class SampleWriter(BaseMetric):
         self.out_dir, self.npz = out_dir, npz
 
     def process(self, data_batch, data_samples: Sequence[dict]) -> None:
-        from PIL import Image
         if self.out_dir is None:
             raise ValueError('SampleWriter: out_dir is not set; give test_evaluator.out_dir, '
                              "or test with test_cfg=dict(type='GenerationLoop'), which puts "
                              'the PNGs in its output folder')
         for sample in data_samples:
-            pixels = to_uint8(sample['image'].detach().cpu())
             name = f"{int(sample['index']):06d}_{int(sample['label'])}.png"
-            buffer = io.BytesIO()
-            Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(buffer, format='PNG')
-            atomic_write(buffer.getvalue(), osp.join(self.out_dir, name))
+            save_png(sample['image'], osp.join(self.out_dir, name))
             self.results.append(name)
 
     def compute_metrics(self, results: list) -> dict:

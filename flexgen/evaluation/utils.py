@@ -7,17 +7,7 @@ from typing import Dict, Tuple
 import numpy as np
 import torch
 
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Images in [0, 1] (float, any shape) -> uint8 ``round(255 x)``, halves rounded up.
-
-    This is DiT's / ADM's ``clamp(127.5 x' + 128, 0, 255)`` on images ``x'`` in [-1, 1]
-    (their truncation after ``+ 128`` rounds ``127.5 x' + 127.5`` half up). uint8 input
-    passes through unchanged.
-    """
-    if images.dtype == torch.uint8:
-        return images
-    return (images.float() * 255 + 0.5).floor().clamp(0, 255).to(torch.uint8)
+from flexgen.utils.images import to_uint8  # noqa: F401 (re-exported: the evaluators' pixels)
 
 
 def size_key(size) -> str:

@@ -47,7 +47,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from flexgen.registry import MODELS
-from flexgen.structures import ImageGroups
+from flexgen.structures import ImageGroups, channels_first
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -89,14 +89,16 @@ def as_pixels(image) -> Tensor:
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f'as_pixels: a numpy image must be uint8 [H, W, 3], got '
                              f'{image.dtype} {image.shape}')
-        # Copies only when needed: read-only arrays (np.asarray of a PIL image) get one.
-        image = torch.from_numpy(np.require(image, requirements=['C', 'W'])).permute(2, 0, 1)
+        image = channels_first(image)
     if not isinstance(image, Tensor) or image.dim() != 3 or image.shape[0] != 3:
         shape = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
         raise ValueError(f'as_pixels: expected an image [3, H, W], got {shape}')
-    if image.dtype == torch.uint8:
-        return image.float() / 127.5 - 1
-    return image.float()
+    return _signed_float(image)
+
+
+def _signed_float(pixels: Tensor) -> Tensor:
+    """uint8 pixels (0..255) -> float32 in [-1, 1]; float pixels (already so) as float32."""
+    return pixels.float() / 127.5 - 1 if pixels.dtype == torch.uint8 else pixels.float()
 
 
 def load_state_dict_file(path: str) -> Dict[str, Tensor]:
@@ -209,8 +211,7 @@ class FrozenVisionEncoder(nn.Module):
     def preprocess(self, images: Tensor, size: Tuple[int, int]) -> Tensor:
         """``[k, 3, H, W]`` (float in [-1, 1], or uint8) -> normalised ``[k, 3, *size]``
         (normalised first, then resized, as REPA; the two commute)."""
-        x = images.to(self.mean.device, non_blocking=True)
-        x = x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x.float()
+        x = _signed_float(images.to(self.mean.device, non_blocking=True))
         x = ((x + 1) / 2 - self.mean) / self.std
         if tuple(x.shape[-2:]) != tuple(size):
             align_corners = False if self.interpolation in ('bilinear', 'bicubic') else None

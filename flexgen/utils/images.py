@@ -20,9 +20,22 @@ def image_grid(images: Sequence[torch.Tensor], ncols: int, pad: int = 2) -> torc
     return grid
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] (float, any shape) -> uint8 ``round(255 x)``, halves rounded up.
+
+    This is DiT's / ADM's ``clamp(127.5 x' + 128, 0, 255)`` on images ``x'`` in [-1, 1]
+    (their truncation after ``+ 128`` rounds ``127.5 x' + 127.5`` half up), the pixels
+    FID reference statistics are computed from. uint8 input passes through unchanged.
+    """
+    if images.dtype == torch.uint8:
+        return images
+    return (images.float() * 255 + 0.5).floor().clamp(0, 255).to(torch.uint8)
+
+
 def save_png(image: torch.Tensor, path: str) -> None:
-    """Write ``[3, H, W]`` in [0, 1] as an 8-bit PNG (atomically)."""
+    """Write ``[3, H, W]`` (float in [0, 1], or uint8) as an 8-bit PNG, atomically, with
+    :func:`to_uint8`'s rounding."""
     from PIL import Image
-    array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    array = to_uint8(image.detach().cpu()).permute(1, 2, 0).numpy()
     with atomic_path(path) as tmp:
         Image.fromarray(array).save(tmp, format='PNG')
