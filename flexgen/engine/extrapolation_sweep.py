@@ -21,7 +21,7 @@ from flexgen.position_encodings.rope_scaling import REFERENCE_NAMES, build_rope_
 from flexgen.registry import DATASETS, LOOPS
 
 from .generation_loop import (GenerationLoop, _unwrap, check_sizes, default_out_dir,
-                              generation_manifest)
+                              generation_manifest, weights_digest)
 
 DECOUPLE_MODES = ('both', 'on', 'off')
 
@@ -99,9 +99,10 @@ class ExtrapolationSweep(GenerationLoop):
         runner.call_hook('before_test_epoch')
         runner.model.eval()
         rank, world = get_dist_info()
+        weights = weights_digest(runner.model)  # once: the variants share the weights
         holder = [self.out_dir]
         if self.out_dir is None:
-            base = generation_manifest(runner.cfg.model, requests_cfg, runner.model)
+            base = generation_manifest(runner.cfg.model, requests_cfg, weights)
             holder = [default_out_dir(osp.join(runner.work_dir, 'sweep'),
                                       dict(base, variants=variants, precision=self.precision,
                                            shard_size=self.shard_size))]
@@ -116,7 +117,7 @@ class ExtrapolationSweep(GenerationLoop):
                 model_cfg = copy.deepcopy(runner.cfg.model)
                 model_cfg['backbone']['rope']['rule'] = variant['rule']
                 folder = osp.join(sweep_dir, variant['name'])
-                result = self.generate(requests, model_cfg, requests_cfg, folder)
+                result = self.generate(requests, model_cfg, requests_cfg, folder, weights)
                 folders.append(dict(variant, out_dir=folder))
                 for row in result['rows']:
                     rows.append(dict(rule=variant['rule']['type'],

@@ -23,12 +23,17 @@ def _as_dict(cfg) -> dict:
     return cfg.to_dict() if hasattr(cfg, 'to_dict') else dict(cfg)
 
 
-def generation_manifest(model_cfg, dataset_cfg, model) -> dict:
+def weights_digest(model) -> str:
+    """The digest of the weights in use (every rank calls it: gathering sharded weights
+    is a collective)."""
+    return state_dict_digest(_unwrap(model).state_dict())
+
+
+def generation_manifest(model_cfg, dataset_cfg, weights: str) -> dict:
     """What generated images depend on: the model config (network, transport, sampler,
-    guidance, autoencoder), a digest of the weights in use and the request set. (The
-    shard size and precision are added by ``run_generation``.)"""
-    return dict(model=_as_dict(model_cfg), requests=_as_dict(dataset_cfg),
-                weights=state_dict_digest(_unwrap(model).state_dict()))
+    guidance, autoencoder), the :func:`weights_digest` and the request set. (The shard
+    size and precision are added by ``run_generation``.)"""
+    return dict(model=_as_dict(model_cfg), requests=_as_dict(dataset_cfg), weights=weights)
 
 
 def check_sizes(model, sizes) -> None:
@@ -105,20 +110,21 @@ class GenerationLoop(BaseLoop):
         return metrics
 
     def generate(self, requests, model_cfg, requests_cfg, out_dir: Optional[str] = None,
-                 root: str = 'samples') -> dict:
+                 weights: Optional[str] = None) -> dict:
         """Generate ``requests`` with the runner's model (whose config, as far as the
-        images are concerned, is ``model_cfg``) into ``out_dir`` (default
-        ``work_dir/<root>/<hash of the settings>``), evaluate, write the table."""
+        images are concerned, is ``model_cfg``; ``weights`` its :func:`weights_digest`,
+        computed here if not given) into ``out_dir`` (default
+        ``work_dir/samples/<hash of the settings>``), evaluate, write the table."""
         runner = self.runner
         model = _unwrap(runner.model)
         check_sizes(model, {tuple(requests.get_size(i)) for i in range(len(requests))})
         _, world = get_dist_info()
         device = next(model.parameters()).device
         precision = resolve_precision(self.precision, device)
-        # Every rank digests the weights (gathering sharded ones is a collective); rank 0's
-        # folder is everyone's.
-        manifest = generation_manifest(model_cfg, requests_cfg, runner.model)
-        holder = [out_dir or default_out_dir(osp.join(runner.work_dir, root), dict(
+        manifest = generation_manifest(model_cfg, requests_cfg,
+                                       weights or weights_digest(runner.model))
+        # Rank 0's folder is everyone's.
+        holder = [out_dir or default_out_dir(osp.join(runner.work_dir, 'samples'), dict(
             manifest, shard_size=self.shard_size, precision=precision))]
         if world > 1:
             broadcast_object_list(holder)

@@ -31,7 +31,8 @@ from flexgen.registry import METRICS
 from .frechet import frechet_distance
 from .utils import parse_size_key, size_key, to_uint8
 from .inception import InceptionFeatures, import_torch_fidelity, resolve_weights
-from .reference import InceptionStatistics, ReferenceReader, statistics_from_features
+from .reference import (InceptionStatistics, ReferenceReader, npz_needs,
+                        statistics_from_features)
 
 ALL_SCORES = ('fid', 'sfid', 'is', 'precision', 'recall')
 
@@ -139,13 +140,7 @@ class InceptionMetrics(BaseMetric):
             except Exception as error:
                 raise ValueError(f'InceptionMetrics: reference {source!r} is not a readable '
                                  f'.npz: {error}') from error
-            needs = []
-            if ({'precision', 'recall'} & set(scores)) and 'arr_0' not in keys:
-                needs.append('precision / recall need its images (arr_0)')
-            if 'sfid' in scores and not ({'mu_s', 'sigma_s'} <= keys or 'arr_0' in keys):
-                needs.append('sfid needs mu_s / sigma_s or images (arr_0)')
-            if not ({'mu', 'sigma'} <= keys or 'arr_0' in keys):
-                needs.append('FID needs mu / sigma or images (arr_0)')
+            needs = npz_needs(keys, scores)
             if needs:
                 raise ValueError(f'InceptionMetrics: reference {source!r} has keys '
                                  f'{sorted(keys)}: {"; ".join(needs)}')

@@ -31,6 +31,21 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp')
 POOL_DIM, SPATIAL_DIM = 2048, 2023
 
 
+def npz_needs(keys, scores: Iterable[str] = ('fid',)) -> List[str]:
+    """What an ADM-style reference ``.npz`` with ``keys`` lacks for ``scores`` (empty when
+    it can give them all): FID its ``mu`` / ``sigma`` or images ``arr_0``, sFID
+    ``mu_s`` / ``sigma_s`` or images, precision / recall the images."""
+    keys, scores = set(keys), set(scores)
+    needs = []
+    if {'precision', 'recall'} & scores and 'arr_0' not in keys:
+        needs.append('precision / recall need its images (arr_0, uint8 [N, H, W, 3])')
+    if 'sfid' in scores and not ({'mu_s', 'sigma_s'} <= keys or 'arr_0' in keys):
+        needs.append('sfid needs mu_s / sigma_s or images (arr_0)')
+    if not ({'mu', 'sigma'} <= keys or 'arr_0' in keys):
+        needs.append('FID needs mu / sigma (Inception statistics) or images (arr_0)')
+    return needs
+
+
 @dataclass
 class InceptionStatistics:
     """What FID, sFID and precision / recall need of one image set.
@@ -184,11 +199,10 @@ class ReferenceReader:
         with data:
             keys = set(data.files)
             has_stats, has_images = {'mu', 'sigma'} <= keys, 'arr_0' in keys
-            if not has_stats and not has_images:
-                raise ValueError(
-                    f'reference {path!r} holds neither arr_0 (uint8 images [N, H, W, 3]) nor '
-                    f'mu and sigma (Inception statistics), the keys of ADM reference '
-                    f'batches; found {sorted(keys)}')
+            needs = npz_needs(keys)
+            if needs:
+                raise ValueError(f'reference {path!r} has keys {sorted(keys)}: '
+                                 f'{"; ".join(needs)}')
             stored = {}
             if has_stats:
                 stored['mu'] = _check_shape(path, 'mu', data['mu'], (POOL_DIM,))
