@@ -15,7 +15,7 @@ from mmengine.hooks import EMAHook
 from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 
-from flexgen.fileio import CheckpointError
+from flexgen.fileio import CheckpointError, weights_problems
 from flexgen.registry import HOOKS
 
 
@@ -115,13 +115,12 @@ class ShardedEMA:
         if strict and (missing or unexpected):
             raise KeyError(f'ShardedEMA.load_state_dict: missing {sorted(missing)[:5]}, '
                            f'unexpected {sorted(unexpected)[:5]}')
-        misshapen = [f'{name} {tuple(state_dict[f"module.{name}"].shape)} != '
-                     f'{tuple(average.shape)}' for name, average in self.averages.items()
-                     if f'module.{name}' in state_dict
-                     and tuple(state_dict[f'module.{name}'].shape) != tuple(average.shape)]
-        if misshapen:
-            raise CheckpointError('its weights do not fit the model (shape mismatches: '
-                                  + ', '.join(misshapen[:8]) + ')')
+        given = {name: state_dict[f'module.{name}'] for name in self.averages
+                 if f'module.{name}' in state_dict}
+        problems = weights_problems({name: self.averages[name] for name in given}, given)
+        if problems:
+            raise CheckpointError('its weights do not fit the model (' + '; '.join(problems)
+                                  + ')')
         if 'steps' in state_dict:
             self.steps = torch.as_tensor(state_dict['steps'], dtype=torch.long).cpu().clone()
         for name, average in self.averages.items():

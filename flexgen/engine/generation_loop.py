@@ -39,8 +39,7 @@ def generation_manifest(model_cfg, dataset_cfg, weights: str) -> dict:
 def check_sizes(model, sizes) -> None:
     """Every ``(H, W)`` is divisible by the model's pixels per token (autoencoder
     downsampling x patch size): refused before anything is generated, not at that size."""
-    step = getattr(getattr(model, 'autoencoder', None), 'downsample', 1) * \
-        getattr(model, 'patch_size', 1)
+    step = getattr(model, 'pixels_per_token', 1)
     bad = sorted({tuple(size) for size in sizes if size[0] % step or size[1] % step})
     if bad:
         raise ValueError(f'sizes {[f"{h}x{w}" for h, w in bad]} are not divisible by {step} '

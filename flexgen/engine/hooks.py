@@ -5,14 +5,14 @@ import sys
 import time
 from contextlib import nullcontext
 
-import torch
 from mmengine.dist import is_main_process
 from mmengine.hooks import EMAHook, Hook, IterTimerHook, RuntimeInfoHook
 from mmengine.model import is_model_wrapper
 from tqdm import tqdm
 
-from flexgen.utils.images import image_grid, save_png, to_uint8
 from flexgen.registry import HOOKS
+from flexgen.utils.images import image_grid, save_png, to_uint8
+from flexgen.utils.tf32 import set_tf32_flags, tf32_flags
 
 
 @HOOKS.register_module()
@@ -132,19 +132,6 @@ class TrainStepTimerHook(IterTimerHook):
 
     def before_train_fetch(self, runner):
         self.t = time.time()
-
-
-
-def tf32_flags():
-    """``(torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)``."""
-    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-
-
-def set_tf32_flags(matmul: bool, cudnn: bool) -> None:
-    # The legacy switches, as DiT / SiT: once torch's newer fp32_precision API is used, the
-    # legacy getters (which torch's inductor still reads) raise; these setters keep both valid.
-    torch.backends.cuda.matmul.allow_tf32 = matmul
-    torch.backends.cudnn.allow_tf32 = cudnn
 
 
 @HOOKS.register_module()

@@ -42,6 +42,7 @@ from mmengine.logging import print_log
 from tqdm import tqdm
 
 from flexgen.fileio import atomic_path, atomic_write, is_temporary
+from flexgen.utils.tf32 import set_tf32_flags, tf32_flags
 
 from .utils import hwc_uint8, size_key
 
@@ -86,11 +87,8 @@ def plan_shards(requests, shard_size: int) -> List[Shard]:
 
 def tokens_per_image(model, size) -> Optional[int]:
     """Backbone tokens of one ``(H, W)`` image (``None`` if the model does not say)."""
-    step = getattr(getattr(model, 'autoencoder', None), 'downsample', None)
-    patch = getattr(model, 'patch_size', None)
-    if step is None or patch is None:
-        return None
-    return (size[0] // (step * patch)) * (size[1] // (step * patch))
+    step = getattr(model, 'pixels_per_token', None)
+    return None if step is None else (size[0] // step) * (size[1] // step)
 
 
 def aspect_ratio(size) -> str:
@@ -120,7 +118,6 @@ def precision_context(precision: str, device: torch.device):
         with torch.autocast(device.type, dtype=dtype):
             yield
         return
-    from flexgen.engine.hooks import set_tf32_flags, tf32_flags
     saved = tf32_flags()
     set_tf32_flags(precision == 'tf32', precision == 'tf32')
     try:

@@ -106,6 +106,12 @@ class DiffusionGenerator(BaseModel):
                 raise ValueError(f'repa.feature_block={self.repa.feature_block} is not a block '
                                  f'of the backbone (1..{depth})')
 
+    @property
+    def pixels_per_token(self) -> int:
+        """Image pixels along each side of one token: autoencoder downsampling x patch
+        size (every generated size is a multiple of it)."""
+        return self.autoencoder.downsample * self.patch_size
+
     # ------------------------------------------------------------------ helpers
     @staticmethod
     def training_draws(data_samples: dict, device) -> KeyedDraws:
@@ -299,7 +305,7 @@ class DiffusionGenerator(BaseModel):
         if len(seeds) != len(labels):
             raise ValueError(f'generate: {len(labels)} labels but {len(seeds)} seeds (one '
                              'seed per image)')
-        step = self.autoencoder.downsample * self.patch_size
+        step = self.pixels_per_token
         for h, w in sizes.tolist():
             if h <= 0 or w <= 0 or h % step or w % step:
                 raise ValueError(f'generate: size {h}x{w} is not a positive multiple of '
