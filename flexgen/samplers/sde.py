@@ -127,9 +127,8 @@ class _SDESampler(Sampler):
                     f'with sample_eps (data_eps, noise_eps)')
 
         def drift_fn(x, t):
-            out = model_fn(x, t)
-            return (transport.velocity(out, x, t) -
-                    diffusion_fn(x, t) * transport.score(out, x, t))
+            return transport.sde_drift(model_fn(x, t), x, t, self.diffusion_form,
+                                       self.diffusion_norm)
 
         x = self.step(drift_fn, diffusion_fn, noise, times, noise_like, callback)
         if self.last_step is None:
@@ -141,8 +140,8 @@ class _SDESampler(Sampler):
         elif self.last_step == 'Euler':
             x = x - self.last_step_size * transport.velocity(out, x, t)
         else:  # 'Mean'
-            x = x - self.last_step_size * (transport.velocity(out, x, t) -
-                                           diffusion_fn(x, t) * transport.score(out, x, t))
+            x = x - self.last_step_size * transport.sde_drift(out, x, t, self.diffusion_form,
+                                                              self.diffusion_norm)
         if callback is not None:
             callback(self.num_steps - 1, x)
         return x
