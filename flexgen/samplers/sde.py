@@ -30,8 +30,7 @@ import torch
 
 from flexgen.registry import SAMPLERS
 from flexgen.transports.gaussian import GaussianTransport
-from .base import Sampler
-from .ddpm import require_noise_like
+from .base import Sampler, require_noise_like
 from .ode import eps_interval, sampling_interval, time_grid
 
 LAST_STEPS = (None, 'Mean', 'Tweedie', 'Euler')
