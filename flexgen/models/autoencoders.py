@@ -102,7 +102,6 @@ def _load_diffusers_model(kind: str, path, subfolder: Optional[str], torch_dtype
     if os.path.isdir(path):
         return cls.from_pretrained(path, **kwargs)
     where = _where(path, subfolder)
-    _check_model_path(path, subfolder)
     try:
         # The cache first: a downloaded model then loads offline without retrying the network.
         return cls.from_pretrained(path, local_files_only=True, **kwargs)
