@@ -6,6 +6,7 @@ import diffusers
 import pytest
 import torch
 
+from flexgen.models import autoencoders
 from flexgen.models.autoencoders import DiffusersAutoencoder, IdentityAutoencoder
 from flexgen.registry import MODELS
 
@@ -208,3 +209,16 @@ def test_given_shapes_are_checked_when_the_network_loads(saved, field, value):
     with pytest.raises(ValueError, match=f'{field}={value} was given, but the network at '
                                          f"'{path}' has {field}=.*model.autoencoder.{field}"):
         ae.vae
+
+
+@pytest.mark.parametrize('kind', DiffusersAutoencoder.KINDS)
+def test_config_is_read_once_at_the_load(saved, kind, monkeypatch):
+    path, _ = saved[kind]
+    reads = []
+    read = autoencoders._read_config
+    monkeypatch.setattr(autoencoders, '_read_config', lambda *a: reads.append(1) or read(*a))
+    ae = DiffusersAutoencoder(path, kind=kind)
+    for _ in range(3):
+        assert (ae.latent_channels, ae.downsample, ae.in_channels) == (4, 2, 3)
+    ae.decode([torch.zeros(4, 2, 2)])
+    assert len(reads) == 1

@@ -130,7 +130,8 @@ def _read_config(kind: str, vae) -> dict:
 
 
 def _load_checked(kind: str, path: str, subfolder: Optional[str], torch_dtype, given: dict):
-    """Load the network; the shapes a config gave must be the network's."""
+    """Load the network and read its settings; the shapes a config gave must be the
+    network's. Returns ``(network, settings)``."""
     vae = _load_diffusers_model(kind, path, subfolder, torch_dtype)
     found = _read_config(kind, vae)
     for name in ('latent_channels', 'downsample'):
@@ -138,17 +139,20 @@ def _load_checked(kind: str, path: str, subfolder: Optional[str], torch_dtype, g
             raise ValueError(f'DiffusersAutoencoder: {name}={given[name]} was given, but the '
                              f'network at {_where(path, subfolder)} has {name}={found[name]}; '
                              f'fix model.autoencoder.{name}')
-    return vae
+    return vae, found
 
 
 class _LazyModel:
     """A frozen network loaded on first use. Moves made before (``Module._apply``: ``.to()``,
     ``.cuda()``, ``.half()``, ...) are applied to an empty probe tensor, and the network is
     brought to the probe's device and dtype when it loads, as if it had been moved itself.
-    Shared, not copied, by the deepcopies of its owner: one load serves them all."""
+    Shared, not copied, by the deepcopies of its owner: one load serves them all.
+
+    ``load()`` returns the network and the settings read from it at the load
+    (``settings``, None before)."""
 
     def __init__(self, load, dtype: torch.dtype):
-        self._load, self.model, self.dtype = load, None, dtype
+        self._load, self.model, self.settings, self.dtype = load, None, None, dtype
         self.probe = torch.empty(0, dtype=dtype)
 
     def apply(self, fn) -> None:
@@ -158,10 +162,11 @@ class _LazyModel:
 
     def get(self) -> nn.Module:
         if self.model is None:
-            model = self._load().eval().requires_grad_(False).to(self.probe.device)
+            model, settings = self._load()
+            model = model.eval().requires_grad_(False).to(self.probe.device)
             if self.probe.dtype != self.dtype:  # cast only when a move asked for it
                 model.to(self.probe.dtype)
-            self.model = model
+            self.model, self.settings = model, settings
         return self.model
 
 
@@ -229,9 +234,13 @@ class DiffusersAutoencoder(nn.Module):
                                                  torch_dtype, dict(self._given)), torch_dtype)
 
     def _setting(self, name: str):
-        """A given value, or the loaded network's (this loads it)."""
+        """A given value, or the loaded network's (this loads it; its config is read once,
+        at the load)."""
         given = self._given.get(name)
-        return given if given is not None else _read_config(self.kind, self.vae)[name]
+        if given is not None:
+            return given
+        self._vae.get()
+        return self._vae.settings[name]
 
     # ------------------------------------------------------------------ properties
     @property
