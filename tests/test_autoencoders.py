@@ -1,13 +1,15 @@
 """Autoencoders: the wrapper reproduces diffusers' own encode / decode with the latent
 normalisation z = (E(x) - shift) * scale, per image, for mixed sizes."""
 import copy
+import json
 
 import diffusers
 import pytest
 import torch
 
 from flexgen.models import autoencoders
-from flexgen.models.autoencoders import DiffusersAutoencoder, IdentityAutoencoder
+from flexgen.models.autoencoders import (DiffusersAutoencoder, IdentityAutoencoder,
+                                         diffusers_downsample)
 from flexgen.registry import MODELS
 
 SIZES = [(16, 16), (16, 24), (16, 16), (24, 16)]
@@ -222,3 +224,13 @@ def test_config_is_read_once_at_the_load(saved, kind, monkeypatch):
         assert (ae.latent_channels, ae.downsample, ae.in_channels) == (4, 2, 3)
     ae.decode([torch.zeros(4, 2, 2)])
     assert len(reads) == 1
+
+
+@pytest.mark.parametrize('kind', DiffusersAutoencoder.KINDS)
+def test_downsample_rule_reads_config_json_as_the_network_does(saved, kind):
+    path, model = saved[kind]
+    with open(path / 'config.json') as f:
+        config = json.load(f)
+    assert diffusers_downsample(kind, config) == diffusers_downsample(kind, model.config) == 2
+    latent = _direct_encode(model, kind, torch.zeros(1, 3, 16, 24), 1.0, 0.0)
+    assert latent.shape[-2:] == (16 // 2, 24 // 2)

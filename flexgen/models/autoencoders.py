@@ -118,14 +118,21 @@ def _load_diffusers_model(kind: str, path, subfolder: Optional[str], torch_dtype
             'directory.') from error
 
 
+def diffusers_downsample(kind: str, config) -> int:
+    """Pixels per latent pixel of a diffusers autoencoder of class ``kind`` from its config
+    (the model's ``config`` or its ``config.json`` as a dict): each encoder block after the
+    first halves the resolution (diffusers' ``spatial_compression_ratio``)."""
+    key = 'block_out_channels' if kind == 'AutoencoderKL' else 'encoder_block_out_channels'
+    return 2 ** (len(config[key]) - 1)
+
+
 def _read_config(kind: str, vae) -> dict:
     """The settings a diffusers autoencoder's config holds."""
     config = vae.config
     shift = getattr(config, 'shift_factor', None)
-    downsample = (2 ** (len(config.block_out_channels) - 1) if kind == 'AutoencoderKL'
-                  else int(vae.spatial_compression_ratio))
     return dict(latent_channels=int(config.latent_channels), in_channels=int(config.in_channels),
-                downsample=downsample, scaling_factor=float(config.scaling_factor),
+                downsample=diffusers_downsample(kind, config),
+                scaling_factor=float(config.scaling_factor),
                 shift_factor=0.0 if shift is None else float(shift))
 
 
