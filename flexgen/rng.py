@@ -129,28 +129,33 @@ class KeyedDraws:
             raise TypeError('KeyedDraws: keys must be a 1-D int64 tensor (see flexgen.rng.mix)')
         self.keys = keys
 
-    def _bits(self, stream: str, counters: Tensor, rows=None, lane: int = 0) -> Tensor:
-        """32-bit hashes of ``(key, stream, counter)`` from one of the key's two 31-bit
-        lanes; ``rows`` picks each counter's key (default: counters ``[B, ...]`` line up
-        with the keys). A pair of draws from the two lanes depends on all 62 key bits."""
+    def _lanes(self, stream: str, rows, dims: int):
+        """The two 31-bit lanes of each key's ``stream`` key, hashed once per call and
+        shaped to broadcast against ``dims``-dimensional counters; ``rows`` picks each
+        counter's key (default: counters ``[B, ...]`` line up with the keys)."""
         base = mix(self.keys, stream_id(stream))
         if rows is not None:
             base = base[rows]
-        while base.dim() < counters.dim():
+        while base.dim() < dims:
             base = base.unsqueeze(-1)
-        state = base >> 31 if lane == 0 else base & _M31
-        return _absorb(state, counters)
+        return base >> 31, base & _M31
+
+    def _normal_pairs(self, stream: str, counters: Tensor, rows=None):
+        """Two standard normals per counter (Box-Muller's cosine and sine) from a uniform of
+        each lane: a pair depends on all 62 bits of the stream key."""
+        high, low = self._lanes(stream, rows, counters.dim())
+        return _box_muller(_uniform(_absorb(high, counters)), _uniform(_absorb(low, counters)))
 
     def uniform(self, stream: str, dtype=torch.float32) -> Tensor:
         """One uniform in (0, 1) per key, ``[B]``."""
         zero = torch.zeros(len(self.keys), dtype=torch.int64, device=self.keys.device)
-        return _uniform(self._bits(stream, zero), dtype)
+        high, _ = self._lanes(stream, None, zero.dim())
+        return _uniform(_absorb(high, zero), dtype)
 
     def normal(self, stream: str) -> Tensor:
         """One standard normal per key, ``[B]`` float32 (Box-Muller)."""
         zero = torch.zeros(len(self.keys), dtype=torch.int64, device=self.keys.device)
-        return _box_muller(_uniform(self._bits(stream, zero, lane=0)),
-                           _uniform(self._bits(stream, zero, lane=1)))[0]
+        return self._normal_pairs(stream, zero)[0]
 
     def normal_tokens(self, stream: str, image_ids: Tensor, local_index: Tensor,
                       width: int) -> Tensor:
@@ -160,8 +165,7 @@ class KeyedDraws:
         Each pair of uniforms gives two normals (Box-Muller's cosine and sine)."""
         pairs = (width + 1) // 2
         counter = local_index[:, None] * pairs + torch.arange(pairs, device=local_index.device)
-        z_cos, z_sin = _box_muller(_uniform(self._bits(stream, counter, image_ids, lane=0)),
-                                   _uniform(self._bits(stream, counter, image_ids, lane=1)))
+        z_cos, z_sin = self._normal_pairs(stream, counter, image_ids)
         return torch.stack([z_cos, z_sin], dim=-1).flatten(1)[:, :width]
 
 

@@ -448,3 +448,13 @@ def test_auto_takes_flash_varlen_under_autocast_with_a_float32_qk_norm(monkeypat
     with torch.no_grad():  # the same layer without autocast: float32 attention, sdpa
         ref = layer(batch.tokens, batch, rope)
     torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
+
+
+def test_packed_cuda_kernels_run_in_half_precision_on_cuda():
+    """What 'auto' asks of flash_varlen and xformers (importable without either package)."""
+    from flexgen.models.layers.attention_varlen import FlashVarlenAttention, XFormersAttention
+    for cls in (FlashVarlenAttention, XFormersAttention):
+        assert cls.runs_packed(torch.device('cuda'), torch.bfloat16)
+        assert cls.runs_packed(torch.device('cuda', 1), torch.float16)
+        assert not cls.runs_packed(torch.device('cuda'), torch.float32)
+        assert not cls.runs_packed(torch.device('cpu'), torch.bfloat16)

@@ -1,12 +1,15 @@
 """Autoencoders: the wrapper reproduces diffusers' own encode / decode with the latent
 normalisation z = (E(x) - shift) * scale, per image, for mixed sizes."""
 import copy
+import json
 
 import diffusers
 import pytest
 import torch
 
-from flexgen.models.autoencoders import DiffusersAutoencoder, IdentityAutoencoder
+from flexgen.models import autoencoders
+from flexgen.models.autoencoders import (DiffusersAutoencoder, IdentityAutoencoder,
+                                         diffusers_downsample)
 from flexgen.registry import MODELS
 
 SIZES = [(16, 16), (16, 24), (16, 16), (24, 16)]
@@ -208,3 +211,26 @@ def test_given_shapes_are_checked_when_the_network_loads(saved, field, value):
     with pytest.raises(ValueError, match=f'{field}={value} was given, but the network at '
                                          f"'{path}' has {field}=.*model.autoencoder.{field}"):
         ae.vae
+
+
+@pytest.mark.parametrize('kind', DiffusersAutoencoder.KINDS)
+def test_config_is_read_once_at_the_load(saved, kind, monkeypatch):
+    path, _ = saved[kind]
+    reads = []
+    read = autoencoders._read_config
+    monkeypatch.setattr(autoencoders, '_read_config', lambda *a: reads.append(1) or read(*a))
+    ae = DiffusersAutoencoder(path, kind=kind)
+    for _ in range(3):
+        assert (ae.latent_channels, ae.downsample, ae.in_channels) == (4, 2, 3)
+    ae.decode([torch.zeros(4, 2, 2)])
+    assert len(reads) == 1
+
+
+@pytest.mark.parametrize('kind', DiffusersAutoencoder.KINDS)
+def test_downsample_rule_reads_config_json_as_the_network_does(saved, kind):
+    path, model = saved[kind]
+    with open(path / 'config.json') as f:
+        config = json.load(f)
+    assert diffusers_downsample(kind, config) == diffusers_downsample(kind, model.config) == 2
+    latent = _direct_encode(model, kind, torch.zeros(1, 3, 16, 24), 1.0, 0.0)
+    assert latent.shape[-2:] == (16 // 2, 24 // 2)

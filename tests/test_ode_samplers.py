@@ -23,7 +23,7 @@ MU, S = 1.5, 0.5
 class GaussianLinear(GaussianTransport):
     """Test-local transport: the linear path on N(MU, S^2) data whose "network" output is
     the exact velocity; score, denoised and the SDE diffusion in closed form (what the
-    samplers use of a GaussianTransport)."""
+    samplers use of a GaussianTransport: the SDE's drift takes ``velocity_score``)."""
 
     prediction = 'velocity'
 
@@ -52,6 +52,9 @@ class GaussianLinear(GaussianTransport):
 
     def score(self, out, x, t):
         return -(x + (1 - t) * self.velocity(out, x, t)) / t
+
+    def velocity_score(self, out, x, t):
+        return self.velocity(out, x, t), self.score(out, x, t)
 
     def sde_diffusion(self, x, t, form='sigma', norm=1.0):
         """SiT's forms in flexgen time (SiT's time is 1 - t); SBDM is lambda = t / (1 - t)."""

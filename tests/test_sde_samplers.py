@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from flexgen.samplers.sde import EulerMaruyamaSDE, HeunSDE
-from flexgen.transports import interpolants
+from flexgen.transports import DDPM, interpolants
 from flexgen.transports.gaussian import DIFFUSION_FORMS
 from test_ode_samplers import MU, S, GaussianLinear, exact_output
 
@@ -160,3 +160,24 @@ def test_interpolant_every_diffusion_form(path):
                     noise_like=per_image_noise_like([5], [n]))
                 assert abs(out.mean().item() - MU) < 5 * S / math.sqrt(n), (form, cls)
                 assert abs(out.var().item() - S * S) < 5 * S * S * math.sqrt(2 / n), (form, cls)
+
+
+@pytest.mark.parametrize('transport', [interpolants.Interpolant('gvp', 'velocity'),
+                                       interpolants.Interpolant('vp', 'noise'),
+                                       interpolants.Interpolant('linear', 'score'),
+                                       DDPM(num_timesteps=100)], ids=repr)
+def test_one_output_conversion_per_evaluation(transport, monkeypatch):
+    """The SDE drift reads the network output through ``x0_eps`` once per evaluation, and
+    ``velocity_score`` is exactly ``(velocity, score)``."""
+    x, out = start(6), start(6, seed=1)
+    velocity, score = transport.velocity_score(out, x, 0.3)
+    assert torch.equal(velocity, transport.velocity(out, x, 0.3))
+    assert torch.equal(score, transport.score(out, x, 0.3))
+    conversions, model_calls = [], []
+    convert = transport.x0_eps
+    monkeypatch.setattr(transport, 'x0_eps', lambda *args: conversions.append(1) or
+                        convert(*args))
+    EulerMaruyamaSDE(num_steps=6, last_step='Mean', sample_eps=(0.01, 0.02))(
+        lambda x, t: model_fn(x, t, model_calls), transport, x,
+        noise_like=per_image_noise_like([0], [6]))
+    assert len(model_calls) == 6 and len(conversions) == 6

@@ -102,7 +102,6 @@ def _load_diffusers_model(kind: str, path, subfolder: Optional[str], torch_dtype
     if os.path.isdir(path):
         return cls.from_pretrained(path, **kwargs)
     where = _where(path, subfolder)
-    _check_model_path(path, subfolder)
     try:
         # The cache first: a downloaded model then loads offline without retrying the network.
         return cls.from_pretrained(path, local_files_only=True, **kwargs)
@@ -119,19 +118,27 @@ def _load_diffusers_model(kind: str, path, subfolder: Optional[str], torch_dtype
             'directory.') from error
 
 
+def diffusers_downsample(kind: str, config) -> int:
+    """Pixels per latent pixel of a diffusers autoencoder of class ``kind`` from its config
+    (the model's ``config`` or its ``config.json`` as a dict): each encoder block after the
+    first halves the resolution (diffusers' ``spatial_compression_ratio``)."""
+    key = 'block_out_channels' if kind == 'AutoencoderKL' else 'encoder_block_out_channels'
+    return 2 ** (len(config[key]) - 1)
+
+
 def _read_config(kind: str, vae) -> dict:
     """The settings a diffusers autoencoder's config holds."""
     config = vae.config
     shift = getattr(config, 'shift_factor', None)
-    downsample = (2 ** (len(config.block_out_channels) - 1) if kind == 'AutoencoderKL'
-                  else int(vae.spatial_compression_ratio))
     return dict(latent_channels=int(config.latent_channels), in_channels=int(config.in_channels),
-                downsample=downsample, scaling_factor=float(config.scaling_factor),
+                downsample=diffusers_downsample(kind, config),
+                scaling_factor=float(config.scaling_factor),
                 shift_factor=0.0 if shift is None else float(shift))
 
 
 def _load_checked(kind: str, path: str, subfolder: Optional[str], torch_dtype, given: dict):
-    """Load the network; the shapes a config gave must be the network's."""
+    """Load the network and read its settings; the shapes a config gave must be the
+    network's. Returns ``(network, settings)``."""
     vae = _load_diffusers_model(kind, path, subfolder, torch_dtype)
     found = _read_config(kind, vae)
     for name in ('latent_channels', 'downsample'):
@@ -139,17 +146,20 @@ def _load_checked(kind: str, path: str, subfolder: Optional[str], torch_dtype, g
             raise ValueError(f'DiffusersAutoencoder: {name}={given[name]} was given, but the '
                              f'network at {_where(path, subfolder)} has {name}={found[name]}; '
                              f'fix model.autoencoder.{name}')
-    return vae
+    return vae, found
 
 
 class _LazyModel:
     """A frozen network loaded on first use. Moves made before (``Module._apply``: ``.to()``,
     ``.cuda()``, ``.half()``, ...) are applied to an empty probe tensor, and the network is
     brought to the probe's device and dtype when it loads, as if it had been moved itself.
-    Shared, not copied, by the deepcopies of its owner: one load serves them all."""
+    Shared, not copied, by the deepcopies of its owner: one load serves them all.
+
+    ``load()`` returns the network and the settings read from it at the load
+    (``settings``, None before)."""
 
     def __init__(self, load, dtype: torch.dtype):
-        self._load, self.model, self.dtype = load, None, dtype
+        self._load, self.model, self.settings, self.dtype = load, None, None, dtype
         self.probe = torch.empty(0, dtype=dtype)
 
     def apply(self, fn) -> None:
@@ -159,10 +169,11 @@ class _LazyModel:
 
     def get(self) -> nn.Module:
         if self.model is None:
-            model = self._load().eval().requires_grad_(False).to(self.probe.device)
+            model, settings = self._load()
+            model = model.eval().requires_grad_(False).to(self.probe.device)
             if self.probe.dtype != self.dtype:  # cast only when a move asked for it
                 model.to(self.probe.dtype)
-            self.model = model
+            self.model, self.settings = model, settings
         return self.model
 
 
@@ -230,9 +241,13 @@ class DiffusersAutoencoder(nn.Module):
                                                  torch_dtype, dict(self._given)), torch_dtype)
 
     def _setting(self, name: str):
-        """A given value, or the loaded network's (this loads it)."""
+        """A given value, or the loaded network's (this loads it; its config is read once,
+        at the load)."""
         given = self._given.get(name)
-        return given if given is not None else _read_config(self.kind, self.vae)[name]
+        if given is not None:
+            return given
+        self._vae.get()
+        return self._vae.settings[name]
 
     # ------------------------------------------------------------------ properties
     @property

@@ -12,7 +12,7 @@ A sampler is registered in ``SAMPLERS`` and called as
 - ``noise``: the starting tokens ``[N, D]`` at the top of the sampling interval;
 - ``noise_like(x)``: fresh standard-normal noise shaped like ``x``, keyed per image by the
   generator. A stochastic sampler draws every noise through it and refuses ``None``
-  (there is no fallback to the global RNG);
+  with :func:`require_noise_like` (there is no fallback to the global RNG);
 - ``callback(i, x)``: called after step ``i`` (previews, trajectories).
 
 It returns the tokens at t = 0. Solvers are best written as pure functions of
@@ -25,3 +25,11 @@ class Sampler:
 
     def __call__(self, model_fn, transport, noise, noise_like=None, callback=None):
         raise NotImplementedError(f'{type(self).__name__} does not implement __call__')
+
+
+def require_noise_like(noise_like, sampler_name):
+    """A stochastic sampler's noise comes from its caller (keyed per image by the
+    generator), never from a sampler-side fallback."""
+    if noise_like is None:
+        raise ValueError(f'{sampler_name} draws noise at every step: pass noise_like '
+                         f'(the generator gives each image its own keyed draws)')

@@ -17,7 +17,7 @@ import torch
 from flexgen.registry import SAMPLERS
 from flexgen.transports.ddpm import DDPM
 
-from .base import Sampler
+from .base import Sampler, require_noise_like
 
 
 def respaced_schedule(transport, num_steps, sampler_name):
@@ -26,14 +26,6 @@ def respaced_schedule(transport, num_steps, sampler_name):
                         f'{type(transport).__name__} (use an ODE / SDE sampler for it)')
     spec = str(num_steps) if isinstance(num_steps, int) else num_steps
     return transport.respace(spec)
-
-
-def require_noise_like(noise_like, sampler_name):
-    """A stochastic sampler's noise comes from its caller (keyed per image by the
-    generator), never from a sampler-side fallback."""
-    if noise_like is None:
-        raise ValueError(f'{sampler_name} draws noise at every step: pass noise_like '
-                         f'(the generator gives each image its own keyed draws)')
 
 
 @SAMPLERS.register_module()

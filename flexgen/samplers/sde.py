@@ -30,8 +30,7 @@ import torch
 
 from flexgen.registry import SAMPLERS
 from flexgen.transports.gaussian import GaussianTransport
-from .base import Sampler
-from .ddpm import require_noise_like
+from .base import Sampler, require_noise_like
 from .ode import eps_interval, sampling_interval, time_grid
 
 LAST_STEPS = (None, 'Mean', 'Tweedie', 'Euler')
@@ -127,9 +126,8 @@ class _SDESampler(Sampler):
                     f'with sample_eps (data_eps, noise_eps)')
 
         def drift_fn(x, t):
-            out = model_fn(x, t)
-            return (transport.velocity(out, x, t) -
-                    diffusion_fn(x, t) * transport.score(out, x, t))
+            return transport.sde_drift(model_fn(x, t), x, t, self.diffusion_form,
+                                       self.diffusion_norm)
 
         x = self.step(drift_fn, diffusion_fn, noise, times, noise_like, callback)
         if self.last_step is None:
@@ -141,8 +139,8 @@ class _SDESampler(Sampler):
         elif self.last_step == 'Euler':
             x = x - self.last_step_size * transport.velocity(out, x, t)
         else:  # 'Mean'
-            x = x - self.last_step_size * (transport.velocity(out, x, t) -
-                                           diffusion_fn(x, t) * transport.score(out, x, t))
+            x = x - self.last_step_size * transport.sde_drift(out, x, t, self.diffusion_form,
+                                                              self.diffusion_norm)
         if callback is not None:
             callback(self.num_steps - 1, x)
         return x

@@ -40,7 +40,7 @@ def at_least_float32(*tensors):
 
 class GaussianTransport(Transport):
     """A transport with ``x_t = a(t) x0 + b(t) eps``: besides the :class:`Transport`
-    methods it provides ``score``, ``denoised``, ``drift_var`` and the reverse SDE's
+    methods it provides ``score``, ``velocity_score``, ``denoised``, ``drift_var`` and the reverse SDE's
     ``sde_diffusion`` / ``sde_drift`` (what the SDE samplers need), all derived from a
     subclass's ``alpha_sigma``, ``d_alpha_sigma`` and ``x0_eps(output, x, t)``.
     ``interpolate`` and ``velocity`` are defined here; ``training_target`` and ``loss``
@@ -87,13 +87,25 @@ class GaussianTransport(Transport):
     def velocity(self, output, x, t):
         """``dx/dt`` of the probability-flow ODE at ``(x, t)``."""
         x0, eps = self.x0_eps(output, x, t)
-        t64, _ = as_time(t)
-        da, db = self.d_alpha_sigma(t64)
-        return self._cast(da, x) * x0 + self._cast(db, x) * eps
+        return self._velocity_of(x0, eps, x, t)
 
     def score(self, output, x, t):
         """``grad_x log p_t(x) = -E[eps | x] / b(t)``."""
-        _, eps = self.x0_eps(output, x, t)
+        return self._score_of(self.x0_eps(output, x, t)[1], x, t)
+
+    def velocity_score(self, output, x, t):
+        """``(velocity, score)`` at ``(x, t)`` from one ``x0_eps`` conversion (the reverse
+        SDE needs both)."""
+        x0, eps = self.x0_eps(output, x, t)
+        return self._velocity_of(x0, eps, x, t), self._score_of(eps, x, t)
+
+    def _velocity_of(self, x0, eps, x, t):
+        """``v = a' x0_hat + b' eps_hat``."""
+        da, db = self.d_alpha_sigma(as_time(t)[0])
+        return self._cast(da, x) * x0 + self._cast(db, x) * eps
+
+    def _score_of(self, eps, x, t):
+        """``s = -eps_hat / b``."""
         _, b = self.alpha_sigma(as_time(t)[0])
         return -eps / self._cast(b, x)
 
@@ -156,4 +168,5 @@ class GaussianTransport(Transport):
     def sde_drift(self, output, x, t, form='sigma', norm=1.0):
         """``v - w s``: the drift of the reverse SDE in flexgen time (multiply by ``dt < 0``)."""
         w = self.sde_diffusion(x, t, form, norm)
-        return self.velocity(output, x, t) - w * self.score(output, x, t)
+        velocity, score = self.velocity_score(output, x, t)
+        return velocity - w * score

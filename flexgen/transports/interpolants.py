@@ -201,3 +201,9 @@ class Interpolant(GaussianTransport):
         if self.prediction == 'score':
             return self._pred(output, x)
         return super().score(output, x, t)
+
+    def velocity_score(self, output, x, t):
+        if self.prediction == 'noise':
+            return super().velocity_score(output, x, t)
+        # the network outputs one of the two as is; only the other needs x0_eps
+        return self.velocity(output, x, t), self.score(output, x, t)

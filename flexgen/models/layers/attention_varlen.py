@@ -28,16 +28,20 @@ def _require_cuda(name, q):
                          f"'sdpa'")
 
 
-@ATTENTION_BACKENDS.register_module(name='flash_varlen')
-class FlashVarlenAttention(AttentionBackend):
-    """Packed attention with ``flash_attn_varlen_func`` (FlashAttention-2); ``'auto'``'s
-    first choice on CUDA in float16 / bfloat16."""
-
-    auto_priority = 0
+class _HalfPrecisionCudaKernel(AttentionBackend):
+    """A packed kernel that runs on CUDA in float16 / bfloat16 (what ``'auto'`` asks)."""
 
     @classmethod
     def runs_packed(cls, device, dtype):
         return device.type == 'cuda' and dtype in _HALF
+
+
+@ATTENTION_BACKENDS.register_module(name='flash_varlen')
+class FlashVarlenAttention(_HalfPrecisionCudaKernel):
+    """Packed attention with ``flash_attn_varlen_func`` (FlashAttention-2); ``'auto'``'s
+    first choice on CUDA in float16 / bfloat16."""
+
+    auto_priority = 0
 
     def __init__(self):
         try:
@@ -76,15 +80,11 @@ def block_diagonal_mask(batch):
 
 
 @ATTENTION_BACKENDS.register_module(name='xformers')
-class XFormersAttention(AttentionBackend):
+class XFormersAttention(_HalfPrecisionCudaKernel):
     """Packed attention with xformers' ``memory_efficient_attention`` and a
     block-diagonal bias; ``'auto'``'s second choice on CUDA in float16 / bfloat16."""
 
     auto_priority = 1
-
-    @classmethod
-    def runs_packed(cls, device, dtype):
-        return device.type == 'cuda' and dtype in _HALF
 
     def __init__(self):
         try:
