@@ -40,9 +40,9 @@ def at_least_float32(*tensors):
 
 class GaussianTransport(Transport):
     """A transport with ``x_t = a(t) x0 + b(t) eps``: besides the :class:`Transport`
-    methods it provides ``score``, ``velocity_score``, ``denoised``, ``drift_var`` and the reverse SDE's
-    ``sde_diffusion`` / ``sde_drift`` (what the SDE samplers need), all derived from a
-    subclass's ``alpha_sigma``, ``d_alpha_sigma`` and ``x0_eps(output, x, t)``.
+    methods it provides ``score``, ``velocity_score``, ``denoised``, ``drift_var`` and the
+    reverse SDE's ``sde_diffusion`` / ``sde_drift`` (what the SDE samplers need), all
+    derived from a subclass's ``alpha_sigma``, ``d_alpha_sigma`` and ``x0_eps(output, x, t)``.
     ``interpolate`` and ``velocity`` are defined here; ``training_target`` and ``loss``
     are the subclass's.
 
