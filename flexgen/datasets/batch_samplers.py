@@ -14,7 +14,7 @@ import torch
 
 from flexgen.registry import DATA_SAMPLERS
 
-from .base_sampler import GlobalBatchSampler, positive_int, refuse_unknown
+from .base_sampler import GlobalBatchSampler, positive_int
 from .packing.online import best_fit_stream
 
 
@@ -148,9 +148,8 @@ class TokenBudgetBatchSampler(_EpochSampler):
 
     def __init__(self, sampler, max_tokens: int, patch_size: int = 1, buffer_size: int = 256,
                  max_images=None, oversize: str = 'error', packs_per_step=None,
-                 batch_size=None, seed=None, shuffle: bool = True, **kwargs):
+                 batch_size=None, seed=None, shuffle: bool = True):
         name = 'TokenBudgetBatchSampler'
-        refuse_unknown(name, kwargs, dict(packs_per_batch='packs_per_step'))
         if packs_per_step is None and max_images is None and batch_size not in (None, 1):
             raise ValueError(
                 f'{name}: batch_size={batch_size} (the dataloader\'s, unless the batch_sampler '
