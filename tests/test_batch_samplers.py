@@ -233,3 +233,18 @@ def test_token_oversize_drop(monkeypatch):
     with pytest.raises(ValueError, match="oversize must be one of"):
         build(monkeypatch, TokenBudgetBatchSampler, dataset, max_tokens=256, patch_size=2,
               seed=0, oversize='clip')
+
+
+def test_every_size_aware_sampler_reads_sizes_the_same_way(monkeypatch):
+    """One sweep of the dataset's sizes (packing.lengths.dataset_sizes) for every sampler:
+    the same refusals of an empty dataset and of a dataset without get_size."""
+    from flexgen.datasets.pack_samplers import OnlinePackSampler
+    samplers = [(BucketBatchSampler, dict(batch_size=2)),
+                (TokenBudgetBatchSampler, dict(max_tokens=64)),
+                (OnlinePackSampler, dict(max_tokens=64))]
+    for cls, kwargs in samplers:
+        with pytest.raises(ValueError, match=f'^{cls.__name__}: the dataset is empty$'):
+            build(monkeypatch, cls, SizedDataset([]), seed=0, **kwargs)
+        with pytest.raises(TypeError, match=f'^{cls.__name__}: the dataset list has no '
+                                            r'get_size\(index\)'):
+            build(monkeypatch, cls, [0, 1], seed=0, **kwargs)

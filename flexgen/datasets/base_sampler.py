@@ -11,7 +11,7 @@ from torch.utils.data import Sampler
 
 from flexgen.rng import keyed_generator
 
-from .packing.lengths import dataset_token_counts, find_oversize
+from .packing.lengths import dataset_sizes, dataset_token_counts, find_oversize
 
 
 def positive_int(owner: str, name: str, value, allow_none: bool = False) -> Optional[int]:
@@ -94,15 +94,7 @@ class GlobalBatchSampler(Sampler):
 
     def dataset_sizes(self) -> List[tuple]:
         """``(H, W)`` of every dataset index (``dataset.get_size``)."""
-        name = type(self).__name__
-        if not hasattr(self.dataset, 'get_size'):
-            raise TypeError(f'{name}: the dataset {type(self.dataset).__name__} has no '
-                            'get_size(index) -> (H, W), which size-aware batching needs')
-        sizes = [tuple(int(x) for x in self.dataset.get_size(i))
-                 for i in range(len(self.dataset))]
-        if not sizes:
-            raise ValueError(f'{name}: the dataset is empty')
-        return sizes
+        return dataset_sizes(self.dataset, type(self).__name__)
 
     def token_counts(self, patch_size: int) -> np.ndarray:
         """Tokens ``(H // p) * (W // p)`` of every dataset index."""

@@ -26,7 +26,7 @@ import torch
 from flexgen.registry import DATA_SAMPLERS
 
 from .base_sampler import GlobalBatchSampler, log, positive_int
-from .packing.lengths import check_oversize_policy
+from .packing.lengths import check_oversize_policy, kept_mask
 from .packing.online import OnlinePlan, choose_fill, default_chunk_packs
 from .packing.sampler_meta import load_sampler_meta
 
@@ -116,11 +116,12 @@ class OfflinePackSampler(_StepPackSampler):
         if self.max_tokens is not None:
             self.patch_size = positive_int(name, 'patch_size', patch_size)
             self.tokens = self.token_counts(self.patch_size)
-            over = set(self.leave_out_oversize(self.tokens, self.max_tokens, oversize,
-                                               self.patch_size).tolist())
-            if over:
-                packs = [kept for kept in ([i for i in pack if i not in over] for pack in packs)
-                         if kept]
+            over = self.leave_out_oversize(self.tokens, self.max_tokens, oversize,
+                                           self.patch_size)
+            if len(over):
+                kept = kept_mask(len(self.tokens), over)
+                packs = [pack for pack in ([i for i in pack if kept[i]] for pack in packs)
+                         if pack]
             loads = [int(self.tokens[pack].sum()) for pack in packs]
             k = int(np.argmax(loads))
             if loads[k] > self.max_tokens:
@@ -222,10 +223,8 @@ class OnlinePackSampler(_StepPackSampler):
         self.chunk_packs = positive_int(name, 'chunk_packs', chunk_packs)
         self.max_images = positive_int(name, 'max_images', max_images, allow_none=True)
         self.tokens = self.token_counts(self.patch_size)
-        if len(self.tokens) == 0:
-            raise ValueError(f'{name}: the dataset is empty')
         over = self.leave_out_oversize(self.tokens, self.max_tokens, oversize, self.patch_size)
-        kept = np.setdiff1d(np.arange(len(self.tokens)), over)
+        kept = np.flatnonzero(kept_mask(len(self.tokens), over))
         if len(kept) == 0:
             raise ValueError(f'{name}: every image exceeds max_tokens={self.max_tokens}')
         chunk_steps = max(1, self.chunk_packs // self.global_packs)
