@@ -13,7 +13,7 @@ from PIL import Image
 
 from flexgen.fileio import atomic_path
 
-from .image_folder import IMG_EXTENSIONS
+from .image_folder import list_class_images
 
 
 class LatentWriter:
@@ -83,29 +83,22 @@ def save_tensors(tensors: Dict[str, torch.Tensor], path: str,
 
 
 def list_images(root: str) -> Tuple[List[str], List[Tuple[str, int, str]]]:
-    """``(classes, [(path, label, name)])`` of an ImageNet-style folder: classes are the
-    sorted sub-folder names (label = position), images are found recursively (any case of
-    the extensions of :data:`~flexgen.datasets.image_folder.IMG_EXTENSIONS`), class by
-    class, folder by folder, file by file. ``name`` is the image's path under ``root``
-    without its extension, ``/``-separated (it names the output files), so two images in
-    one folder that differ only in extension are refused."""
+    """``(classes, [(path, label, name)])`` of an ImageNet-style folder: the classes and
+    images :class:`~flexgen.datasets.ImageFolder` reads, in its order
+    (:func:`~flexgen.datasets.image_folder.list_class_images`: recursive, symbolic links
+    followed, hidden files and folders left out). ``name`` is the image's path under
+    ``root`` without its extension, ``/``-separated (it names the output files), so two
+    images in one folder that differ only in extension are refused."""
     if not osp.isdir(root):
         raise FileNotFoundError(f'image root {root!r} is not a directory')
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
-    if not classes:
-        raise FileNotFoundError(f'image root {root!r} has no class sub-folders')
+    classes, samples = list_class_images(root, owner='image root')
     items, seen = [], {}
-    for label, cls in enumerate(classes):
-        for folder, _, files in sorted(os.walk(osp.join(root, cls))):
-            for file in sorted(files):
-                if not file.lower().endswith(IMG_EXTENSIONS):
-                    continue
-                path = osp.join(folder, file)
-                name = osp.splitext(osp.relpath(path, root))[0].replace(os.sep, '/')
-                if name in seen:
-                    raise ValueError(f'{path!r} and {seen[name]!r} differ only in their '
-                                     f'extension; the output files are named by the path '
-                                     f'without it ({name!r}): rename one')
-                seen[name] = path
-                items.append((path, label, name))
-    return classes, items
+    for path, label in samples:
+        name = osp.splitext(osp.relpath(path, root))[0].replace(os.sep, '/')
+        if name in seen:
+            raise ValueError(f'{path!r} and {seen[name]!r} differ only in their '
+                             f'extension; the output files are named by the path '
+                             f'without it ({name!r}): rename one')
+        seen[name] = path
+        items.append((path, label, name))
+    return list(classes), items
