@@ -4,7 +4,7 @@ provides, and what the writers share. Each format's writer lives next to its rea
 :class:`~flexgen.datasets.nit_latents.NiTLatentWriter`)."""
 import os
 import os.path as osp
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import safetensors.torch
@@ -31,9 +31,53 @@ class LatentWriter:
 
     :meth:`settings` are the values an output folder was written with; a rerun with other
     ones must not mix into it.
+
+    What the writers share: the output root ``out_dir``, the autoencoder's ``downsample``
+    (d), the model's ``patch_size`` (p), ``multiple`` = d * p pixels per token side, the
+    stored ``dtype``; one safetensors file per image and folder at :meth:`path`
+    (``out_dir/<folder>/<latent_file(name)>``), each holding an image's latent and its
+    mirror's (:meth:`mirror_pair`).
+
+    Args:
+        out_dir: the dataset root to write.
+        downsample: the autoencoder's pixels per latent cell (d).
+        patch_size: p.
+        dtype: the dtype the latents are stored in (a torch dtype name).
     """
 
     name = ''
+
+    def __init__(self, out_dir: str, downsample: int, patch_size: int, dtype: str):
+        self.out_dir, self.downsample, self.patch_size = out_dir, downsample, patch_size
+        self.multiple = downsample * patch_size
+        self.dtype = getattr(torch, dtype)
+
+    @property
+    def dtype_name(self) -> str:
+        """The stored dtype's name, as :meth:`settings` record it (``'float32'``)."""
+        return str(self.dtype).replace('torch.', '')
+
+    def make_folders(self, folders: Sequence[str]) -> None:
+        for folder in folders:
+            os.makedirs(osp.join(self.out_dir, folder), exist_ok=True)
+
+    def file_name(self, name: str) -> str:
+        """The file (without ``.safetensors``, ``/``-separated, under a folder) of image
+        ``name``, its path under the image root without extension."""
+        return name
+
+    def latent_file(self, name: str) -> str:
+        """:meth:`file_name` with the extension of a latent file."""
+        return self.file_name(name) + '.safetensors'
+
+    def path(self, folder: str, name: str) -> str:
+        """Where image ``name``'s file of ``folder`` goes."""
+        return osp.join(self.out_dir, folder, *self.latent_file(name).split('/'))
+
+    @staticmethod
+    def mirror_pair(latents: Dict[str, torch.Tensor], key: str) -> List[torch.Tensor]:
+        """The latents of view ``key`` and of its mirror (:func:`with_mirrors`)."""
+        return [latents[key], latents[key + '/flipped']]
 
     def settings(self) -> dict:
         raise NotImplementedError
@@ -62,6 +106,11 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     """An RGB PIL image -> ``[3, H, W]`` float32 in [-1, 1] (ToTensor, Normalize(0.5, 0.5))."""
     array = np.asarray(image.convert('RGB'), dtype=np.float32)
     return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1
+
+
+def resized(image: Image.Image, size: Tuple[int, int]) -> Image.Image:
+    """``image`` BICUBIC-resized to ``size`` (W, H); itself when it has that size."""
+    return image if size == image.size else image.resize(size, resample=Image.BICUBIC)
 
 
 def with_mirrors(views: Dict[str, Image.Image]) -> Dict[str, torch.Tensor]:
