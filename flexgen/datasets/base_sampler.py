@@ -6,7 +6,7 @@ from typing import Dict, Iterator, List, Optional
 import numpy as np
 import torch
 from mmengine.dist import get_dist_info, sync_random_seed
-from mmengine.logging import MMLogger
+from mmengine.logging import print_log
 from torch.utils.data import Sampler
 
 from flexgen.rng import keyed_generator
@@ -31,10 +31,6 @@ def refuse_unknown(owner: str, kwargs: dict, renamed: Dict[str, str]) -> None:
             raise TypeError(f'{owner}: {key!r} is now called {renamed[key]!r} (one name per '
                             'knob across the data samplers and the collate)')
         raise TypeError(f"{owner}() got an unexpected keyword argument '{key}'")
-
-
-def log(message: str, level=logging.INFO) -> None:
-    MMLogger.get_current_instance().log(level, message)
 
 
 class GlobalBatchSampler(Sampler):
@@ -126,9 +122,10 @@ class GlobalBatchSampler(Sampler):
             remedy="raise max_tokens, resize them in the dataset, or set oversize='drop'")
         if len(over):
             self.num_oversize = len(over)
-            log(f'{name}: left out {len(over)} of {len(tokens)} images with more than '
-                f"max_tokens={max_tokens} tokens (oversize='drop'), e.g. index "
-                f'{int(over[0])} with {int(tokens[over[0]])} tokens', logging.WARNING)
+            print_log(f'{name}: left out {len(over)} of {len(tokens)} images with more than '
+                      f"max_tokens={max_tokens} tokens (oversize='drop'), e.g. index "
+                      f'{int(over[0])} with {int(tokens[over[0]])} tokens', logger='current',
+                      level=logging.WARNING)
         return over
 
     # ------------------------------------------------------------ position and iteration

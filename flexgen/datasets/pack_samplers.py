@@ -22,10 +22,11 @@ from typing import Iterator, List, Optional
 
 import numpy as np
 import torch
+from mmengine.logging import print_log
 
 from flexgen.registry import DATA_SAMPLERS
 
-from .base_sampler import GlobalBatchSampler, log, positive_int
+from .base_sampler import GlobalBatchSampler, positive_int
 from .packing.lengths import check_oversize_policy, kept_mask
 from .packing.online import OnlinePlan, choose_fill, default_chunk_packs
 from .packing.sampler_meta import load_sampler_meta
@@ -246,11 +247,12 @@ class OnlinePackSampler(_StepPackSampler):
         self.steps_per_epoch = self.plan.steps_per_epoch
         self.num_left_out = 0
         self._logged_chunk = None
-        log(f'{name}: {len(kept)} images, {self.plan.total_tokens} tokens -> '
-            f'{self.steps_per_epoch} steps per epoch of {self.world_size} x '
-            f'{self.packs_per_step} packs of {self.max_tokens} tokens, fill '
-            f'{self.fill:.4f}{" (auto)" if fill == "auto" else ""}: '
-            f'{self.plan.efficiency:.3%} of the budget used')
+        print_log(f'{name}: {len(kept)} images, {self.plan.total_tokens} tokens -> '
+                  f'{self.steps_per_epoch} steps per epoch of {self.world_size} x '
+                  f'{self.packs_per_step} packs of {self.max_tokens} tokens, fill '
+                  f'{self.fill:.4f}{" (auto)" if fill == "auto" else ""}: '
+                  f'{self.plan.efficiency:.3%} of the budget used', logger='current',
+                  level=logging.INFO)
 
     def _global_packs(self, step: int) -> List[List[int]]:
         epoch, chunk, _ = self.plan.locate(step)
@@ -258,10 +260,11 @@ class OnlinePackSampler(_StepPackSampler):
         if left_out and self._logged_chunk != (epoch, chunk):
             self._logged_chunk = (epoch, chunk)
             self.num_left_out += len(left_out)
-            log(f'OnlinePackSampler: chunk {chunk} of epoch {epoch} could not place '
-                f'{len(left_out)} image(s) (e.g. index {left_out[0]} with '
-                f'{int(self.tokens[left_out[0]])} tokens) at fill {self.fill:.4f}; they are '
-                'left out of this epoch. Lower fill to avoid it.', logging.WARNING)
+            print_log(f'OnlinePackSampler: chunk {chunk} of epoch {epoch} could not place '
+                      f'{len(left_out)} image(s) (e.g. index {left_out[0]} with '
+                      f'{int(self.tokens[left_out[0]])} tokens) at fill {self.fill:.4f}; they '
+                      'are left out of this epoch. Lower fill to avoid it.', logger='current',
+                      level=logging.WARNING)
         return self.plan.step(step)
 
     def efficiency(self) -> float:
