@@ -184,11 +184,13 @@ def test_samplers_build_through_the_registry(monkeypatch):
                                  default_args=dict(sampler=wrapped, batch_size=8))
     assert isinstance(bucket, BucketBatchSampler) and len(take(bucket, 1)[0]) == 8
     # An old config's renamed knob stops the build, naming the new one; a typo stops it too.
-    with pytest.raises(TypeError, match="'packs_per_batch' is now called 'packs_per_step'"):
+    with pytest.raises(TypeError, match="`TokenBudgetBatchSampler` .*unexpected argument "
+                                        "'packs_per_batch'. Did you mean 'packs_per_step'?"):
         DATA_SAMPLERS.build(dict(type='TokenBudgetBatchSampler', max_tokens=512,
                                  packs_per_batch=2),
                             default_args=dict(sampler=wrapped, batch_size=1))
-    with pytest.raises(TypeError, match="unexpected keyword argument 'max_image'"):
+    with pytest.raises(TypeError, match="`TokenBudgetBatchSampler` .*unexpected argument "
+                                        "'max_image'. Did you mean 'max_images'?"):
         DATA_SAMPLERS.build(dict(type='TokenBudgetBatchSampler', max_tokens=512, max_image=2),
                             default_args=dict(sampler=wrapped, batch_size=1))
 
@@ -196,7 +198,8 @@ def test_samplers_build_through_the_registry(monkeypatch):
 def test_token_names_shared_with_the_pack_samplers(monkeypatch):
     """packs_per_step, max_images and oversize mean here what they mean in the pack
     samplers; the dataloader's batch_size counts packs; old names are refused by name."""
-    with pytest.raises(TypeError, match="'packs_per_batch' is now called 'packs_per_step'"):
+    with pytest.raises(TypeError, match=r"TokenBudgetBatchSampler.__init__\(\) got an "
+                                        "unexpected keyword argument 'packs_per_batch'"):
         build(monkeypatch, TokenBudgetBatchSampler, DEMO, max_tokens=512, patch_size=2,
               seed=1, packs_per_batch=2)
     with pytest.raises(ValueError, match=r'batch_size=32 .*packs_per_step=32 or max_images=32'):
@@ -230,3 +233,18 @@ def test_token_oversize_drop(monkeypatch):
     with pytest.raises(ValueError, match="oversize must be one of"):
         build(monkeypatch, TokenBudgetBatchSampler, dataset, max_tokens=256, patch_size=2,
               seed=0, oversize='clip')
+
+
+def test_every_size_aware_sampler_reads_sizes_the_same_way(monkeypatch):
+    """One sweep of the dataset's sizes (packing.lengths.dataset_sizes) for every sampler:
+    the same refusals of an empty dataset and of a dataset without get_size."""
+    from flexgen.datasets.pack_samplers import OnlinePackSampler
+    samplers = [(BucketBatchSampler, dict(batch_size=2)),
+                (TokenBudgetBatchSampler, dict(max_tokens=64)),
+                (OnlinePackSampler, dict(max_tokens=64))]
+    for cls, kwargs in samplers:
+        with pytest.raises(ValueError, match=f'^{cls.__name__}: the dataset is empty$'):
+            build(monkeypatch, cls, SizedDataset([]), seed=0, **kwargs)
+        with pytest.raises(TypeError, match=f'^{cls.__name__}: the dataset list has no '
+                                            r'get_size\(index\)'):
+            build(monkeypatch, cls, [0, 1], seed=0, **kwargs)

@@ -344,3 +344,13 @@ def test_nit_bad_types_stop(tmp_path, image_root, vae_dir):
         run_nit(image_root, tmp_path / 'a', vae_dir, '--nit-types', 'fixed-15x15')
     with pytest.raises(ValueError, match='square-ish'):
         run_nit(image_root, tmp_path / 'b', vae_dir, '--nit-types', 'square-ish')
+
+
+def test_nit_finish_names_an_image_that_is_not_encoded(tmp_path):
+    """finish() indexes every image of the job (the job calls it once all are written): a
+    missing file is an error naming it, never a jsonl that silently lacks the image."""
+    from flexgen.datasets.nit_latents import NiTLatentWriter
+    writer = NiTLatentWriter(str(tmp_path), downsample=2)
+    with pytest.raises(FileNotFoundError, match=r"a_cat/wide.safetensors is missing: image "
+                                                r"'a_cat/wide' is not encoded"):
+        writer.finish([('x/a_cat/wide.png', 0, 'a_cat/wide')])

@@ -208,3 +208,27 @@ def test_through_bucket_sampler_and_jagged_collate(tree):
         assert batch['data_samples']['index'].tolist() == indices
         seen += indices
     assert sorted(seen) == list(range(8))
+
+
+def test_image_folder_and_the_latent_encoder_list_the_same_files(tmp_path):
+    """One listing rule (image_folder.list_class_images) for ImageFolder and
+    tools/encode_latents.py: hidden folders and files are left out, symbolic links (to a
+    folder, to a file) are followed, items ordered by label, folder, file name."""
+    import os
+
+    from flexgen.datasets.latent_writer import list_images
+    root, outside = tmp_path / 'root', tmp_path / 'outside'
+    for path in ['cat/b.png', 'cat/sub/a.png', 'cat/t.PNG', 'cat/.thumbs/x.png', 'cat/.hidden.png',
+                 'dog/d.jpg', '.cache/c.png']:
+        write(root / path, ramp(4, 4))
+    write(outside / 'linked_dir' / 'l.png', ramp(4, 4))
+    write(outside / 'linked_file.png', ramp(4, 4))
+    (root / 'cat' / 'notes.txt').write_text('not an image')
+    os.symlink(outside / 'linked_dir', root / 'dog' / 'linked_dir')
+    os.symlink(outside / 'linked_file.png', root / 'dog' / 'z.png')
+    dataset = ImageFolder(str(root), resolution=4)
+    classes, items = list_images(str(root))
+    assert classes == list(dataset.classes) == ['cat', 'dog']
+    assert [(path, label) for path, label, _ in items] == dataset.samples
+    assert [name for _, _, name in items] == ['cat/b', 'cat/t', 'cat/sub/a', 'dog/d', 'dog/z',
+                                              'dog/linked_dir/l']

@@ -1,5 +1,5 @@
 """Datasets, collate functions and data samplers (importing this registers them)."""
-from .base_dataset import FlexDataset
+from .base_dataset import FlexDataset, IndexedDataset
 from .base_sampler import GlobalBatchSampler
 from .batch_samplers import BucketBatchSampler, TokenBudgetBatchSampler
 from .collate import jagged_collate
@@ -12,7 +12,7 @@ from .pack_samplers import OfflinePackSampler, OnlinePackSampler
 from .packing import lpfhp, packing_report
 from .shapes import SHAPES, ProceduralShapes
 
-__all__ = ['FlexDataset', 'GlobalBatchSampler', 'BucketBatchSampler',
+__all__ = ['FlexDataset', 'IndexedDataset', 'GlobalBatchSampler', 'BucketBatchSampler',
            'TokenBudgetBatchSampler', 'jagged_collate', 'FiTFileError', 'FiTLatents',
            'FiTLatentWriter', 'GenerationRequests', 'ImageFolder', 'LatentWriter',
            'NiTFileError', 'NiTLatents', 'NiTLatentWriter', 'OfflinePackSampler',

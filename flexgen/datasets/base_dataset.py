@@ -6,7 +6,29 @@ from typing import Tuple
 from torch.utils.data import Dataset
 
 
-class FlexDataset(Dataset, metaclass=ABCMeta):
+class IndexedDataset(Dataset):
+    """What every flexgen dataset shares, training data or generation requests: the
+    attributes named in :attr:`METAINFO_KEYS` (by default ``classes``, the class names in
+    label order) as :attr:`metainfo`, which the runner stores with every checkpoint, and
+    :meth:`check_index` for every index a method takes."""
+
+    METAINFO_KEYS: Tuple[str, ...] = ('classes',)
+
+    @property
+    def metainfo(self) -> dict:
+        """The attributes named by :attr:`METAINFO_KEYS`."""
+        return {key: getattr(self, key) for key in self.METAINFO_KEYS}
+
+    def check_index(self, index) -> int:
+        """``index`` as an int, or an IndexError naming the dataset and its length."""
+        length = len(self)
+        if not 0 <= index < length:
+            raise IndexError(f'{type(self).__name__}: index {index} is out of range for a '
+                             f'dataset of length {length}')
+        return int(index)
+
+
+class FlexDataset(IndexedDataset, metaclass=ABCMeta):
     """Base class of flexgen's training datasets (one image and its class per index).
 
     A subclass implements:
@@ -53,21 +75,6 @@ class FlexDataset(Dataset, metaclass=ABCMeta):
                 return dict(inputs=torch.zeros(3, self.side, self.side),
                             data_samples=dict(label=0, index=index))
     """
-
-    METAINFO_KEYS: Tuple[str, ...] = ('classes',)
-
-    @property
-    def metainfo(self) -> dict:
-        """The attributes named by :attr:`METAINFO_KEYS`."""
-        return {key: getattr(self, key) for key in self.METAINFO_KEYS}
-
-    def check_index(self, index) -> int:
-        """``index`` as an int, or an IndexError naming the dataset and its length."""
-        length = len(self)
-        if not 0 <= index < length:
-            raise IndexError(f'{type(self).__name__}: index {index} is out of range for a '
-                             f'dataset of length {length}')
-        return int(index)
 
     @abstractmethod
     def __len__(self) -> int:

@@ -6,12 +6,12 @@ from typing import Dict, Iterator, List, Optional
 import numpy as np
 import torch
 from mmengine.dist import get_dist_info, sync_random_seed
-from mmengine.logging import MMLogger
+from mmengine.logging import print_log
 from torch.utils.data import Sampler
 
 from flexgen.rng import keyed_generator
 
-from .packing.lengths import dataset_token_counts, find_oversize
+from .packing.lengths import dataset_sizes, dataset_token_counts, find_oversize
 
 
 def positive_int(owner: str, name: str, value, allow_none: bool = False) -> Optional[int]:
@@ -31,10 +31,6 @@ def refuse_unknown(owner: str, kwargs: dict, renamed: Dict[str, str]) -> None:
             raise TypeError(f'{owner}: {key!r} is now called {renamed[key]!r} (one name per '
                             'knob across the data samplers and the collate)')
         raise TypeError(f"{owner}() got an unexpected keyword argument '{key}'")
-
-
-def log(message: str, level=logging.INFO) -> None:
-    MMLogger.get_current_instance().log(level, message)
 
 
 class GlobalBatchSampler(Sampler):
@@ -94,15 +90,7 @@ class GlobalBatchSampler(Sampler):
 
     def dataset_sizes(self) -> List[tuple]:
         """``(H, W)`` of every dataset index (``dataset.get_size``)."""
-        name = type(self).__name__
-        if not hasattr(self.dataset, 'get_size'):
-            raise TypeError(f'{name}: the dataset {type(self.dataset).__name__} has no '
-                            'get_size(index) -> (H, W), which size-aware batching needs')
-        sizes = [tuple(int(x) for x in self.dataset.get_size(i))
-                 for i in range(len(self.dataset))]
-        if not sizes:
-            raise ValueError(f'{name}: the dataset is empty')
-        return sizes
+        return dataset_sizes(self.dataset, type(self).__name__)
 
     def token_counts(self, patch_size: int) -> np.ndarray:
         """Tokens ``(H // p) * (W // p)`` of every dataset index."""
@@ -134,9 +122,10 @@ class GlobalBatchSampler(Sampler):
             remedy="raise max_tokens, resize them in the dataset, or set oversize='drop'")
         if len(over):
             self.num_oversize = len(over)
-            log(f'{name}: left out {len(over)} of {len(tokens)} images with more than '
-                f"max_tokens={max_tokens} tokens (oversize='drop'), e.g. index "
-                f'{int(over[0])} with {int(tokens[over[0]])} tokens', logging.WARNING)
+            print_log(f'{name}: left out {len(over)} of {len(tokens)} images with more than '
+                      f"max_tokens={max_tokens} tokens (oversize='drop'), e.g. index "
+                      f'{int(over[0])} with {int(tokens[over[0]])} tokens', logger='current',
+                      level=logging.WARNING)
         return over
 
     # ------------------------------------------------------------ position and iteration

@@ -9,12 +9,12 @@ cheap: it is called once per index when the sampler is built.
 """
 from typing import Dict, Iterator, List
 
-import numpy as np
 import torch
 
 from flexgen.registry import DATA_SAMPLERS
 
-from .base_sampler import GlobalBatchSampler, positive_int, refuse_unknown
+from .base_sampler import GlobalBatchSampler, positive_int
+from .packing.lengths import kept_mask
 from .packing.online import best_fit_stream
 
 
@@ -148,9 +148,8 @@ class TokenBudgetBatchSampler(_EpochSampler):
 
     def __init__(self, sampler, max_tokens: int, patch_size: int = 1, buffer_size: int = 256,
                  max_images=None, oversize: str = 'error', packs_per_step=None,
-                 batch_size=None, seed=None, shuffle: bool = True, **kwargs):
+                 batch_size=None, seed=None, shuffle: bool = True):
         name = 'TokenBudgetBatchSampler'
-        refuse_unknown(name, kwargs, dict(packs_per_batch='packs_per_step'))
         if packs_per_step is None and max_images is None and batch_size not in (None, 1):
             raise ValueError(
                 f'{name}: batch_size={batch_size} (the dataloader\'s, unless the batch_sampler '
@@ -166,13 +165,8 @@ class TokenBudgetBatchSampler(_EpochSampler):
         self.packs_per_step = self.resolve_packs_per_step(packs_per_step, batch_size)
         self.groups_per_rank = self.packs_per_step
         self.tokens = self.token_counts(self.patch_size)
-        if len(self.tokens) == 0:
-            raise ValueError(f'{name}: the dataset is empty')
         over = self.leave_out_oversize(self.tokens, self.max_tokens, oversize, self.patch_size)
-        self._kept = None
-        if len(over):
-            self._kept = np.ones(len(self.tokens), dtype=bool)
-            self._kept[over] = False
+        self._kept = kept_mask(len(self.tokens), over) if len(over) else None
         self._token_list = self.tokens.tolist()
         self._lengths: Dict[int, int] = {}
         self._packs_cache = (None, None)

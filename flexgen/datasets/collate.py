@@ -11,7 +11,7 @@ from flexgen.registry import FUNCTIONS
 from flexgen.structures import ImageGroups, patchify
 
 from .base_sampler import positive_int, refuse_unknown
-from .packing.lengths import find_oversize, token_counts
+from .packing.lengths import find_oversize, kept_mask, token_counts
 
 
 def _collate_values(key: str, values: list):
@@ -141,5 +141,4 @@ def _within_length(items: Sequence[dict], patch_size, max_length, oversize: str)
     print_log(f'{name}: dropped {len(over)} of {len(items)} images longer than '
               f'max_length={max_length} tokens (' + '; '.join(describe(int(j)) for j in over[:4])
               + ')', logger='current', level=logging.WARNING)
-    dropped = set(over.tolist())
-    return [item for j, item in enumerate(items) if j not in dropped]
+    return [item for item, kept in zip(items, kept_mask(len(items), over)) if kept]

@@ -45,7 +45,7 @@ from flexgen.structures import patchify, unpatchify
 
 from .base_dataset import FlexDataset
 from .image_folder import center_crop_arr
-from .latent_writer import LatentWriter, save_tensors, with_mirrors
+from .latent_writer import LatentWriter, resized, save_tensors, with_mirrors
 
 
 CHOICES = ('random', 'resize', 'crop')
@@ -353,18 +353,16 @@ class FiTLatentWriter(LatentWriter):
         if side * side != target_len or target_len < 16:
             raise ValueError(f'--target-len must be a square number >= 16 (FiT: 256 or 1024), '
                              f'got {target_len}')
-        self.out_dir, self.patch_size, self.dtype = out_dir, patch_size, getattr(torch, dtype)
-        self.target_len, self.multiple = target_len, downsample * patch_size
-        self.image_size = self.multiple * side
+        super().__init__(out_dir, downsample, patch_size, dtype)
+        self.target_len, self.image_size = target_len, self.multiple * side
         self.single, self.resize, self.crop = fit_folders(target_len)
         self.ignored = IGNORED_FOLDER
         self.folders = (self.single, self.resize, self.crop, IGNORED_FOLDER)
-        for folder in self.folders:
-            os.makedirs(osp.join(out_dir, folder), exist_ok=True)
+        self.make_folders(self.folders)
 
     def settings(self) -> dict:
         return dict(format=self.name, target_len=self.target_len, patch_size=self.patch_size,
-                    image_size=self.image_size, dtype=str(self.dtype).replace('torch.', ''),
+                    image_size=self.image_size, dtype=self.dtype_name,
                     file_names=self.FILE_NAMES)
 
     @staticmethod
@@ -373,14 +371,11 @@ class FiTLatentWriter(LatentWriter):
         the image root, without extension): one-to-one, so no two images share a file."""
         return name.replace('%', '%25').replace('/', '%2F')
 
-    def _path(self, folder: str, name: str) -> str:
-        return osp.join(self.out_dir, folder, self.file_name(name) + '.safetensors')
-
     def pending(self, name: str) -> bool:
         """Whether image ``name`` still needs encoding (its last file is written last)."""
-        done = (osp.exists(self._path(self.single, name))
-                or osp.exists(self._path(self.ignored, name))
-                or osp.exists(self._path(self.crop, name)))
+        done = (osp.exists(self.path(self.single, name))
+                or osp.exists(self.path(self.ignored, name))
+                or osp.exists(self.path(self.crop, name)))
         return not done
 
     def prepare(self, image: Image.Image) -> Dict[str, torch.Tensor]:
@@ -390,26 +385,25 @@ class FiTLatentWriter(LatentWriter):
         if new_w == 0 or new_h == 0:
             raise ValueError(f'{width}x{height} px is too thin for FiT\'s resize rule (it '
                              f'floors to {new_w}x{new_h} at a multiple of {self.multiple})')
-        resized = image if (new_w, new_h) == (width, height) else \
-            image.resize((new_w, new_h), resample=Image.BICUBIC)
+        view = resized(image, (new_w, new_h))
         views = {}
         if width * height > self.image_size ** 2:
-            views[self.resize] = resized
+            views[self.resize] = view
             views[self.crop] = center_crop_arr(image, self.image_size)
         elif (new_w // self.multiple) * (new_h // self.multiple) < 16:
-            views[self.ignored] = resized
+            views[self.ignored] = view
         else:
-            views[self.single] = resized
+            views[self.single] = view
         return with_mirrors(views)
 
     def write(self, name: str, label: int, latents: Dict[str, torch.Tensor],
               info: Optional[dict] = None) -> None:
         # The crop file last: pending() takes it as the sign that the image is complete.
         for folder in sorted((k for k in latents if '/' not in k), key=lambda k: k == self.crop):
-            pair = patchify([latents[folder], latents[folder + '/flipped']], self.patch_size)
+            pair = patchify(self.mirror_pair(latents, folder), self.patch_size)
             h, w = pair.sizes[0].tolist()
             feature = pair.tokens.reshape(2, h, w, -1).to(self.dtype)
             save_tensors(dict(feature=feature, grid=raster_grid(h, w),
                               size=torch.tensor([h, w], dtype=torch.int64),
                               label=torch.tensor([label], dtype=torch.int64)),
-                         self._path(folder, name))
+                         self.path(folder, name))

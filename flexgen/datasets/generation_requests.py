@@ -1,17 +1,20 @@
 """What a generator is asked to generate at validation and test time."""
 from typing import Optional, Sequence, Tuple
 
-from torch.utils.data import Dataset
-
 from flexgen.registry import DATASETS
 from flexgen.rng import mix
 
+from .base_dataset import IndexedDataset
+from .base_sampler import positive_int
 from .shapes import _check_sizes
 
 
 @DATASETS.register_module()
-class GenerationRequests(Dataset):
+class GenerationRequests(IndexedDataset):
     """The val / test "dataset" of a generator: ``N`` class-balanced requests per size.
+
+    Not a :class:`~flexgen.datasets.FlexDataset` (its items hold no image to train on), it
+    shares that contract's ``metainfo`` (``classes``) and index checks.
 
     Item ``i`` is ``dict(inputs=None, data_samples=dict(label, size=(H, W), seed, index=i))``
     in the order size, then request: ``i = size_id * N + k`` asks for label ``k mod C``
@@ -36,23 +39,19 @@ class GenerationRequests(Dataset):
     def __init__(self, sizes: Sequence[Tuple[int, int]], num_classes: Optional[int] = None,
                  classes: Optional[Sequence[str]] = None, num_per_class: Optional[int] = None,
                  num_samples: Optional[int] = None, seed: int = 0):
+        name = 'GenerationRequests'
         if (num_classes is None) == (classes is None):
             raise ValueError('GenerationRequests: give exactly one of num_classes and classes, '
                              f'got num_classes={num_classes!r}, classes={classes!r}')
         if classes is None:
-            if not isinstance(num_classes, int) or num_classes < 1:
-                raise ValueError(f'GenerationRequests: num_classes must be a positive int, '
-                                 f'got {num_classes!r}')
-            classes = [str(c) for c in range(num_classes)]
+            classes = [str(c) for c in range(positive_int(name, 'num_classes', num_classes))]
         if len(classes) == 0:
             raise ValueError('GenerationRequests: classes is empty')
         if num_per_class is not None and num_samples is not None:
             raise ValueError('GenerationRequests: give num_per_class or num_samples, not both '
                              f'(got {num_per_class!r} and {num_samples!r})')
-        for name, value in (('num_per_class', num_per_class), ('num_samples', num_samples)):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f'GenerationRequests: {name} must be a positive int, '
-                                 f'got {value!r}')
+        num_per_class = positive_int(name, 'num_per_class', num_per_class, allow_none=True)
+        num_samples = positive_int(name, 'num_samples', num_samples, allow_none=True)
         if not isinstance(seed, int) or seed < 0:
             raise ValueError(f'GenerationRequests: seed must be a non-negative int, got {seed!r}')
         self.sizes = _check_sizes('GenerationRequests', sizes)
@@ -61,31 +60,21 @@ class GenerationRequests(Dataset):
             num_samples = len(self.classes) * (1 if num_per_class is None else num_per_class)
         self.num_samples, self.seed = num_samples, seed
 
-    @property
-    def metainfo(self) -> dict:
-        return dict(classes=self.classes)
-
     def __len__(self) -> int:
         return len(self.sizes) * self.num_samples
 
-    def _check(self, index) -> int:
-        if not 0 <= index < len(self):
-            raise IndexError(f'GenerationRequests: index {index} is out of range for '
-                             f'{len(self)} requests')
-        return int(index)
-
     def get_size(self, index: int) -> Tuple[int, int]:
-        return self.sizes[self._check(index) // self.num_samples]
+        return self.sizes[self.check_index(index) // self.num_samples]
 
     def get_label(self, index: int) -> int:
-        return self._check(index) % self.num_samples % len(self.classes)
+        return self.check_index(index) % self.num_samples % len(self.classes)
 
     def request_seed(self, index: int) -> int:
         """The 62-bit seed of request ``index`` (a pure function of ``(seed, index)``)."""
-        return int(mix(self.seed, self._check(index)))
+        return int(mix(self.seed, self.check_index(index)))
 
     def __getitem__(self, index: int) -> dict:
-        index = self._check(index)
+        index = self.check_index(index)
         return dict(inputs=None,
                     data_samples=dict(label=self.get_label(index), size=self.get_size(index),
                                       seed=self.request_seed(index), index=index))

@@ -54,7 +54,9 @@ class ImageFolder(FlexDataset):
 
     Classes are the sorted names of ``data_root``'s sub-folders, or ``classes`` (labels are
     positions in that list). Each class folder is searched recursively for files ending in
-    .jpg, .jpeg, .png, .webp or .bmp (any case); items are ordered by (label, path).
+    .jpg, .jpeg, .png, .webp or .bmp (any case), following symbolic links and leaving out
+    hidden files and folders; items are ordered by label, then folder, then file name. The
+    rule is :func:`list_class_images`, which ``tools/encode_latents.py`` follows too.
 
     Sizes:
 
@@ -114,32 +116,8 @@ class ImageFolder(FlexDataset):
         self.data_root, self.resolution = data_root, resolution
         self.max_pixels, self.multiple_of = max_pixels, multiple_of
         self.hflip, self.seed = bool(hflip), seed
-        self.classes = self._find_classes(data_root, classes)
-        self.samples: List[Tuple[str, int]] = []
-        for label, name in enumerate(self.classes):
-            self.samples += [(path, label) for path in _image_files(osp.join(data_root, name))]
-        if not self.samples:
-            raise ValueError(f'ImageFolder: no images ({", ".join(IMG_EXTENSIONS)}) in the '
-                             f'class folders of {data_root!r}')
+        self.classes, self.samples = list_class_images(data_root, classes, 'ImageFolder')
         self._native_sizes = {}  # index -> (H, W) of the file, read from its header
-
-    @staticmethod
-    def _find_classes(root: str, classes) -> Tuple[str, ...]:
-        found = sorted(e.name for e in os.scandir(root)
-                       if e.is_dir() and not e.name.startswith('.'))
-        if classes is None:
-            if not found:
-                raise ValueError(f'ImageFolder: {root!r} has no class sub-folders (expected '
-                                 'data_root/<class_name>/<image files>)')
-            return tuple(found)
-        classes = tuple(classes)
-        if not classes or len(set(classes)) != len(classes):
-            raise ValueError(f'ImageFolder: classes must be distinct folder names, got {classes!r}')
-        missing = [c for c in classes if c not in found]
-        if missing:
-            raise FileNotFoundError(f'ImageFolder: classes {missing} have no folder in '
-                                    f'{root!r} (found {found[:10]})')
-        return classes
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -206,11 +184,51 @@ class ImageFolder(FlexDataset):
                                                      index=int(index)))
 
 
-def _image_files(folder: str) -> List[str]:
-    """Image files under ``folder`` (recursive, symlinks followed), sorted by path."""
-    files = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith('.')]
-        files += [osp.join(dirpath, f) for f in filenames
-                  if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith('.')]
-    return sorted(files)
+def list_class_images(root: str, classes: Optional[Sequence[str]] = None,
+                      owner: str = 'list_class_images'
+                      ) -> Tuple[Tuple[str, ...], List[Tuple[str, int]]]:
+    """``(classes, [(path, label)])`` of the ImageNet-style folder ``root``
+    (``root/<class_name>/<image files>``): flexgen's one rule for which files of a folder tree
+    are images, read by :class:`ImageFolder` and encoded by ``tools/encode_latents.py``.
+
+    - Classes are the sorted names of ``root``'s sub-folders, or ``classes`` (each must be
+      one of them); a label is a class's position.
+    - Each class folder is searched recursively, following symbolic links (to folders and
+      to files); a file is an image when its name ends in one of :data:`IMG_EXTENSIONS`, in
+      any case.
+    - Hidden entries (a name starting with ``.``: class folders, folders inside them, files)
+      are left out.
+    - Images are ordered by label, then folder (sorted paths), then file name: folder by
+      folder, as torchvision's ``ImageFolder`` orders them.
+
+    ``root`` must be a folder. ``owner`` starts every error message: a ValueError for no
+    class folder or no image, a FileNotFoundError for a named class without a folder.
+    """
+    found = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith('.'))
+    if classes is None:
+        if not found:
+            raise ValueError(f'{owner}: {root!r} has no class sub-folders (expected '
+                             f'{root}/<class_name>/<image files>)')
+        classes = found
+    else:
+        classes = tuple(classes)
+        if not classes or len(set(classes)) != len(classes):
+            raise ValueError(f'{owner}: classes must be distinct folder names, got {classes!r}')
+        missing = [c for c in classes if c not in found]
+        if missing:
+            raise FileNotFoundError(f'{owner}: classes {missing} have no folder in '
+                                    f'{root!r} (found {found[:10]})')
+    samples = []
+    for label, name in enumerate(classes):
+        folders = []
+        for folder, dirnames, filenames in os.walk(osp.join(root, name), followlinks=True):
+            dirnames[:] = [d for d in dirnames if not d.startswith('.')]
+            folders.append((folder, sorted(f for f in filenames if not f.startswith('.')
+                                           and f.lower().endswith(IMG_EXTENSIONS))))
+        samples += [(osp.join(folder, f), label)
+                    for folder, files in sorted(folders, key=lambda entry: entry[0])
+                    for f in files]
+    if not samples:
+        raise ValueError(f'{owner}: no images ({", ".join(IMG_EXTENSIONS)}) in the class '
+                         f'folders of {root!r}')
+    return tuple(classes), samples

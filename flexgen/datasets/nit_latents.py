@@ -52,7 +52,7 @@ from flexgen.rng import stream_id, uniforms
 
 from .base_dataset import FlexDataset
 from .image_folder import center_crop_arr
-from .latent_writer import LatentWriter, save_tensors, with_mirrors
+from .latent_writer import LatentWriter, resized, save_tensors, with_mirrors
 
 NIT_TYPES = ('native-resolution', 'fixed-256x256', 'fixed-512x512')
 IMAGE_MODES = (None, 'path', 'image')
@@ -414,8 +414,7 @@ class NiTLatentWriter(LatentWriter):
     def __init__(self, out_dir: str, downsample: int, types: Sequence[str] = (NATIVE,),
                  patch_size: int = 1, min_image_size: Optional[int] = None,
                  max_image_size: int = 2048, dtype: str = 'float32'):
-        self.out_dir, self.patch_size, self.dtype = out_dir, patch_size, getattr(torch, dtype)
-        self.downsample, self.multiple = downsample, downsample * patch_size
+        super().__init__(out_dir, downsample, patch_size, dtype)
         self.min_image_size = self.multiple if min_image_size is None else min_image_size
         self.max_image_size = max_image_size
         if self.min_image_size % self.multiple:
@@ -434,29 +433,19 @@ class NiTLatentWriter(LatentWriter):
                                  f"'fixed-SxS' with S a multiple of {self.multiple}")
             self.fixed[t] = int(side[0])
         self.rel: Dict[str, str] = {}  # image name -> image file relative to the image root
-        for t in self.types:
-            os.makedirs(osp.join(out_dir, t), exist_ok=True)
-        os.makedirs(osp.join(out_dir, 'data_meta'), exist_ok=True)
+        self.make_folders(self.types + ('data_meta',))
 
     def settings(self) -> dict:
         return dict(format=self.name, types=list(self.types), patch_size=self.patch_size,
                     min_image_size=self.min_image_size, max_image_size=self.max_image_size,
-                    dtype=str(self.dtype).replace('torch.', ''))
+                    dtype=self.dtype_name)
 
     def bind(self, items, image_root: str) -> None:
         self.rel = {name: osp.relpath(path, image_root).replace(os.sep, '/')
                     for path, _, name in items}
 
-    def latent_file(self, name: str) -> str:
-        """``<class folder>/<stem>.safetensors``: image ``name`` (its path under the root,
-        without extension) with the extension of a latent file."""
-        return name + '.safetensors'
-
-    def _path(self, data_type: str, name: str) -> str:
-        return osp.join(self.out_dir, data_type, *self.latent_file(name).split('/'))
-
     def pending(self, name: str) -> bool:
-        return not all(osp.exists(self._path(t, name)) for t in self.types)
+        return not all(osp.exists(self.path(t, name)) for t in self.types)
 
     def prepare(self, image: Image.Image) -> Dict[str, torch.Tensor]:
         """The pixel images to encode, keyed ``type`` and ``type/flipped``."""
@@ -468,8 +457,7 @@ class NiTLatentWriter(LatentWriter):
                 if 0 in size:
                     raise ValueError(f'{width}x{height} px floors to {size[0]}x{size[1]} under '
                                      f"NiT's native rule")
-                views[t] = image if size == image.size else \
-                    image.resize(size, resample=Image.BICUBIC)
+                views[t] = resized(image, size)
             else:
                 views[t] = center_crop_arr(image, self.fixed[t])
         return with_mirrors(views)
@@ -480,17 +468,19 @@ class NiTLatentWriter(LatentWriter):
     def write(self, name: str, label: int, latents: Dict[str, torch.Tensor],
               info: Optional[dict] = None) -> None:
         for t in self.types:  # pending() needs every type's file: order does not matter
-            latent = torch.stack([latents[t], latents[t + '/flipped']]).to(self.dtype)
+            latent = torch.stack(self.mirror_pair(latents, t)).to(self.dtype)
             h, w = latent.shape[-2:]
             line = dict(image_file=self.rel[name], latent_file=self.latent_file(name),
                         ori_w=int(info['ori_w']), ori_h=int(info['ori_h']),
                         latent_h=int(h), latent_w=int(w), image_h=int(h) * self.downsample,
                         image_w=int(w) * self.downsample, type=t, label=int(label))
             save_tensors(dict(latent=latent, label=torch.tensor(label, dtype=torch.int64)),
-                         self._path(t, name), metadata={'nit_meta': json.dumps(line)})
+                         self.path(t, name), metadata={'nit_meta': json.dumps(line)})
 
     def _line(self, data_type: str, name: str) -> dict:
-        path = self._path(data_type, name)
+        path = self.path(data_type, name)
+        if not osp.isfile(path):
+            raise FileNotFoundError(f'{path} is missing: image {name!r} is not encoded yet')
         with safe_open(path, framework='pt') as handle:
             meta = handle.metadata() or {}
         if 'nit_meta' not in meta:
@@ -499,11 +489,11 @@ class NiTLatentWriter(LatentWriter):
         return json.loads(meta['nit_meta'])
 
     def finish(self, items) -> Dict[str, str]:
-        """Write the jsonl files from the files on disk; returns ``{type: jsonl path}``."""
-        names = [name for _, _, name in items if not self.pending(name)]
+        """Write the jsonl files from the files on disk (every image of ``items`` is
+        written by then); returns ``{type: jsonl path}``."""
         written, merged = {}, []
         for t in self.types:
-            lines = [json.dumps(self._line(t, name)) + '\n' for name in names]
+            lines = [json.dumps(self._line(t, name)) + '\n' for _, _, name in items]
             written[t] = osp.join(self.out_dir, 'data_meta', f'{t}_meta.jsonl')
             atomic_write(''.join(lines).encode(), written[t])
             merged += lines

@@ -22,11 +22,12 @@ from typing import Iterator, List, Optional
 
 import numpy as np
 import torch
+from mmengine.logging import print_log
 
 from flexgen.registry import DATA_SAMPLERS
 
-from .base_sampler import GlobalBatchSampler, log, positive_int
-from .packing.lengths import check_oversize_policy
+from .base_sampler import GlobalBatchSampler, positive_int
+from .packing.lengths import check_oversize_policy, kept_mask
 from .packing.online import OnlinePlan, choose_fill, default_chunk_packs
 from .packing.sampler_meta import load_sampler_meta
 
@@ -116,11 +117,12 @@ class OfflinePackSampler(_StepPackSampler):
         if self.max_tokens is not None:
             self.patch_size = positive_int(name, 'patch_size', patch_size)
             self.tokens = self.token_counts(self.patch_size)
-            over = set(self.leave_out_oversize(self.tokens, self.max_tokens, oversize,
-                                               self.patch_size).tolist())
-            if over:
-                packs = [kept for kept in ([i for i in pack if i not in over] for pack in packs)
-                         if kept]
+            over = self.leave_out_oversize(self.tokens, self.max_tokens, oversize,
+                                           self.patch_size)
+            if len(over):
+                kept = kept_mask(len(self.tokens), over)
+                packs = [pack for pack in ([i for i in pack if kept[i]] for pack in packs)
+                         if pack]
             loads = [int(self.tokens[pack].sum()) for pack in packs]
             k = int(np.argmax(loads))
             if loads[k] > self.max_tokens:
@@ -222,10 +224,8 @@ class OnlinePackSampler(_StepPackSampler):
         self.chunk_packs = positive_int(name, 'chunk_packs', chunk_packs)
         self.max_images = positive_int(name, 'max_images', max_images, allow_none=True)
         self.tokens = self.token_counts(self.patch_size)
-        if len(self.tokens) == 0:
-            raise ValueError(f'{name}: the dataset is empty')
         over = self.leave_out_oversize(self.tokens, self.max_tokens, oversize, self.patch_size)
-        kept = np.setdiff1d(np.arange(len(self.tokens)), over)
+        kept = np.flatnonzero(kept_mask(len(self.tokens), over))
         if len(kept) == 0:
             raise ValueError(f'{name}: every image exceeds max_tokens={self.max_tokens}')
         chunk_steps = max(1, self.chunk_packs // self.global_packs)
@@ -247,11 +247,12 @@ class OnlinePackSampler(_StepPackSampler):
         self.steps_per_epoch = self.plan.steps_per_epoch
         self.num_left_out = 0
         self._logged_chunk = None
-        log(f'{name}: {len(kept)} images, {self.plan.total_tokens} tokens -> '
-            f'{self.steps_per_epoch} steps per epoch of {self.world_size} x '
-            f'{self.packs_per_step} packs of {self.max_tokens} tokens, fill '
-            f'{self.fill:.4f}{" (auto)" if fill == "auto" else ""}: '
-            f'{self.plan.efficiency:.3%} of the budget used')
+        print_log(f'{name}: {len(kept)} images, {self.plan.total_tokens} tokens -> '
+                  f'{self.steps_per_epoch} steps per epoch of {self.world_size} x '
+                  f'{self.packs_per_step} packs of {self.max_tokens} tokens, fill '
+                  f'{self.fill:.4f}{" (auto)" if fill == "auto" else ""}: '
+                  f'{self.plan.efficiency:.3%} of the budget used', logger='current',
+                  level=logging.INFO)
 
     def _global_packs(self, step: int) -> List[List[int]]:
         epoch, chunk, _ = self.plan.locate(step)
@@ -259,10 +260,11 @@ class OnlinePackSampler(_StepPackSampler):
         if left_out and self._logged_chunk != (epoch, chunk):
             self._logged_chunk = (epoch, chunk)
             self.num_left_out += len(left_out)
-            log(f'OnlinePackSampler: chunk {chunk} of epoch {epoch} could not place '
-                f'{len(left_out)} image(s) (e.g. index {left_out[0]} with '
-                f'{int(self.tokens[left_out[0]])} tokens) at fill {self.fill:.4f}; they are '
-                'left out of this epoch. Lower fill to avoid it.', logging.WARNING)
+            print_log(f'OnlinePackSampler: chunk {chunk} of epoch {epoch} could not place '
+                      f'{len(left_out)} image(s) (e.g. index {left_out[0]} with '
+                      f'{int(self.tokens[left_out[0]])} tokens) at fill {self.fill:.4f}; they '
+                      'are left out of this epoch. Lower fill to avoid it.', logger='current',
+                      level=logging.WARNING)
         return self.plan.step(step)
 
     def efficiency(self) -> float:

@@ -8,8 +8,9 @@
 - :mod:`.report`: the efficiency of each packer on a size histogram.
 """
 from .lengths import (OVERSIZE_POLICIES, check_oversize_policy, data_meta_lengths,
-                      dataset_token_counts, find_oversize, length_histogram,
-                      lengths_from_histogram, load_size_histogram, token_counts)
+                      dataset_sizes, dataset_token_counts, find_oversize, kept_mask,
+                      length_histogram, lengths_from_histogram, load_size_histogram,
+                      token_counts)
 from .lpfhp import Strategy, assign_indices, lpfhp, pack_offline, strategies_efficiency
 from .online import (CHUNK_TOKENS, FILL_SLACKS, OnlinePlan, best_fit_stream, choose_fill,
                      default_chunk_packs, fill_packs)
@@ -18,7 +19,8 @@ from .sampler_meta import (check_sampler_meta, load_sampler_meta, sampler_meta_p
                            save_sampler_meta)
 
 __all__ = ['OVERSIZE_POLICIES', 'check_oversize_policy', 'data_meta_lengths',
-           'dataset_token_counts', 'find_oversize', 'length_histogram',
+           'dataset_sizes', 'dataset_token_counts', 'find_oversize', 'kept_mask',
+           'length_histogram',
            'lengths_from_histogram', 'load_size_histogram', 'token_counts', 'Strategy',
            'assign_indices', 'lpfhp', 'pack_offline', 'strategies_efficiency', 'CHUNK_TOKENS',
            'FILL_SLACKS', 'OnlinePlan', 'best_fit_stream', 'choose_fill',

@@ -1,7 +1,7 @@
 """Token counts of images, their histograms, and the policy for images over a budget."""
 import json
 import os.path as osp
-from typing import Callable, Dict, Iterable, Mapping, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -18,8 +18,6 @@ def length_histogram(lengths: Iterable[int]) -> Dict[int, int]:
     """``{length: how many}`` of a sequence of lengths, keys ascending."""
     values, counts = np.unique(np.asarray(list(lengths), dtype=np.int64), return_counts=True)
     return dict(zip(values.tolist(), counts.tolist()))
-
-
 
 
 def load_size_histogram(path: str, kinds: Optional[Sequence[str]] = None,
@@ -72,19 +70,36 @@ def data_meta_lengths(path: str, patch_size: int = 1) -> np.ndarray:
     return token_counts(sizes, patch_size)
 
 
-def dataset_token_counts(dataset, patch_size: int, owner: str) -> np.ndarray:
-    """Tokens of every index of ``dataset`` (``get_size``, ``patch_size``); a TypeError if
-    it has no ``get_size``, a ValueError naming an image smaller than one patch."""
+def dataset_sizes(dataset, owner: str) -> List[Tuple[int, int]]:
+    """``(H, W)`` of every index of ``dataset`` (``get_size``); a TypeError if it has no
+    ``get_size``, a ValueError if it is empty."""
     if not hasattr(dataset, 'get_size'):
         raise TypeError(f'{owner}: the dataset {type(dataset).__name__} has no '
                         'get_size(index) -> (H, W), which size-aware batching needs')
-    sizes = [dataset.get_size(i) for i in range(len(dataset))]
+    sizes = [tuple(int(x) for x in dataset.get_size(i)) for i in range(len(dataset))]
+    if not sizes:
+        raise ValueError(f'{owner}: the dataset is empty')
+    return sizes
+
+
+def dataset_token_counts(dataset, patch_size: int, owner: str) -> np.ndarray:
+    """Tokens of every index of ``dataset`` (:func:`dataset_sizes`, ``patch_size``); a
+    ValueError naming an image smaller than one patch."""
+    sizes = dataset_sizes(dataset, owner)
     tokens = token_counts(sizes, patch_size)
-    if len(tokens) and tokens.min() < 1:
+    if tokens.min() < 1:
         i = int(np.argmin(tokens))
-        raise ValueError(f'{owner}: dataset index {i} of size {tuple(sizes[i])} is smaller '
+        raise ValueError(f'{owner}: dataset index {i} of size {sizes[i]} is smaller '
                          f'than one patch of {patch_size} x {patch_size}')
     return tokens
+
+
+def kept_mask(count: int, left_out: Sequence[int]) -> np.ndarray:
+    """Which of ``count`` items survive a filter that leaves out the positions
+    ``left_out``: a boolean array, True for the kept ones."""
+    kept = np.ones(count, dtype=bool)
+    kept[np.asarray(left_out, dtype=np.int64)] = False
+    return kept
 
 
 def check_oversize_policy(owner: str, oversize: str) -> None:
