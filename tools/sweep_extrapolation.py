@@ -18,7 +18,7 @@ import os.path as osp
 
 def parse_args(argv=None):
     # torch and flexgen's models are imported after parsing: --help answers at once.
-    from flexgen.cli import add_test_arguments
+    from flexgen.cli import add_test_arguments, export_local_rank
     parser = argparse.ArgumentParser(
         description="RoPE extrapolation sweep of a checkpoint; every tools/test.py option "
         'applies')
@@ -37,6 +37,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if not args.sizes:
         parser.error('--sizes is required: the sizes to sweep, e.g. 48x48 24x48')
+    export_local_rank(args)
     return args
 
 
