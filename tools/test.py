@@ -26,12 +26,11 @@ def parse_args(argv=None):
     return args
 
 
-def build_runner(argv=None, test_cfg=None):
-    """Parse ``argv``, load the config and the checkpoint, and build (not run) the Runner;
-    ``test_cfg`` entries (e.g. another test loop) override the config's."""
+def build_runner(argv=None):
+    """Parse ``argv``, load the config and the checkpoint, and build (not run) the Runner."""
     args = parse_args(argv)  # first: --help answers before anything heavy loads
     from flexgen.apis.runners import build_test_runner
-    return build_test_runner(args, test_cfg)
+    return build_test_runner(args)
 
 
 def main(argv=None):
