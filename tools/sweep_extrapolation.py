@@ -60,13 +60,9 @@ def main(argv=None):
     args = parse_args(argv)
     from mmengine.dist import is_main_process
 
-    from flexgen.apis.runners import build_test_runner
-    from flexgen.evaluation.utils import parse_size_key
-    try:
-        sizes = [parse_size_key(s) for s in args.sizes]
-    except ValueError as error:
-        raise SystemExit(f'--sizes: {error}') from None
-    runner = build_test_runner(args, test_cfg=dict(
+    from flexgen.apis.runners import build_test_runner, parse_sizes
+    sizes = parse_sizes(args.sizes)
+    runner = build_test_runner(args, sizes=sizes, test_cfg=dict(
         type='ExtrapolationSweep', rules=args.rules, sizes=sizes, decouple=args.decouple,
         ori_max_pe_len=args.ori_max_pe_len))
     metrics = runner.test()
