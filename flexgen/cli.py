@@ -36,6 +36,23 @@ def add_cfg_options(parser: argparse.ArgumentParser, example: str) -> None:
                         help=f'override config entries, e.g. {example}')
 
 
+def add_launcher_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--launcher none|pytorch|slurm`` and the hidden ``--local-rank`` that
+    ``torch.distributed.launch`` passes; call :func:`export_local_rank` after parsing."""
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm'], default='none',
+                        help='how processes were started: none (one process), pytorch '
+                        '(torchrun), slurm (srun)')
+    # torch.distributed.launch passes --local_rank (older) or --local-rank (newer).
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0,
+                        help=argparse.SUPPRESS)
+
+
+def export_local_rank(args: argparse.Namespace) -> None:
+    """``LOCAL_RANK`` (what mmengine's distributed set-up reads) from ``--local-rank``,
+    unless the launcher (torchrun) has set it."""
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+
+
 def add_test_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of ``tools/test.py`` (and of the tools that test a checkpoint the same
     way, e.g. ``tools/sweep_extrapolation.py``): config, checkpoint, converter, work dir,
@@ -47,11 +64,7 @@ def add_test_arguments(parser: argparse.ArgumentParser) -> None:
                         '...); default: the one the checkpoint and the config agree on')
     parser.add_argument('--work-dir', help='where logs and metrics go')
     add_cfg_options(parser, 'test_dataloader.batch_size=4')
-    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm'], default='none',
-                        help='how processes were started: none (one process), pytorch '
-                        '(torchrun), slurm (srun)')
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0,
-                        help=argparse.SUPPRESS)  # set by torch.distributed.launch
+    add_launcher_arguments(parser)
     generation = parser.add_argument_group('generation (GenerationLoop)')
     generation.add_argument('--sizes', nargs='+', metavar='HxW',
                             help='sizes to generate, e.g. 256x256 512x512')

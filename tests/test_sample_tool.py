@@ -157,3 +157,43 @@ def test_rope_interpolation_flags(sample_tool, checkpoints, monkeypatch, one_thr
             '--interpolation', 'yarn')
     with pytest.raises(SystemExit, match='need --interpolation'):
         run(sample_tool, monkeypatch, config, tmp / 'weights.safetensors', *common, '--decouple')
+
+
+def test_cfg_flags_guide_classifier_free(sample_tool, checkpoints, monkeypatch, one_thread):
+    """--cfg-scale / --cfg-interval set classifier-free guidance: a config's AutoGuidance
+    gives way to it (its interval and scale kept, its defaults where the config names
+    none), and on a config without guidance --cfg-interval alone means scale 1, no
+    guidance."""
+    from flexgen.samplers.guidance import ClassifierFreeGuidance
+    config, model, tmp = checkpoints
+    weak = dict(type='FlexDiT', in_channels=3, patch_size=2, hidden_size=32, depth=1,
+                num_heads=2, num_classes=6, mlp=dict(type='GeluMlp'), pos_embed=None,
+                rope=dict(type='AxialRoPE2D'))
+
+    def child(name, guidance):
+        path = tmp / f'{name}.py'
+        path.write_text(f'_base_ = [{config!r}]\nmodel = dict(guidance={guidance!r})\n')
+        return path
+
+    auto = child('auto', dict(_delete_=True, type='AutoGuidance', weak_model=weak,
+                              interval=(0.2, 0.9)))
+    unguided = child('unguided', None)
+
+    def sample(config_path, *flags):
+        out = tmp / 'cell.png'
+        run(sample_tool, monkeypatch, config_path, tmp / 'weights.safetensors', '--classes', 4,
+            '--height', 16, '--width', 16, '--seed', 5, *flags, '--out', out)
+        return read(out)[PAD:PAD + 16, PAD:PAD + 16]
+
+    def expected(guidance):
+        image = model.generate([4], [(16, 16)], [5 * 1_000_003], guidance=guidance)[0]
+        return (((image + 1) / 2).clamp(0, 1) * 255).round().to(torch.uint8) \
+            .permute(1, 2, 0).numpy()
+
+    scaled = sample(auto, '--cfg-scale', 3.0)
+    assert np.array_equal(scaled, expected(ClassifierFreeGuidance(3.0, (0.2, 0.9))))
+    assert np.array_equal(sample(auto, '--cfg-interval', 0.1, 0.6),  # AutoGuidance's scale 2
+                          expected(ClassifierFreeGuidance(2.0, (0.1, 0.6))))
+    plain = sample(unguided, '--cfg-interval', 0.0, 0.5)
+    assert np.array_equal(plain, expected(None))
+    assert not np.array_equal(plain, scaled)

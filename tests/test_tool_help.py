@@ -1,6 +1,7 @@
 """Every script in tools/ answers --help at once: its usage, a help text for every option,
 and nothing heavy (torch, diffusers, ...) imported before its arguments are parsed; and a
-malformed --cfg-options item is named, not an unpacking traceback."""
+malformed --cfg-options item is named, not an unpacking traceback; the tools that run under a
+launcher export --local-rank as LOCAL_RANK."""
 import glob
 import json
 import os
@@ -87,3 +88,23 @@ def test_malformed_cfg_option_is_named(tool, argv, message):
     assert proc.returncode == 2  # argparse's usage error
     assert f'{tool}: error: {message}' in proc.stderr, proc.stderr[-3000:]
     assert 'Traceback' not in proc.stderr and report['heavy'] == []
+
+
+LAUNCHED = [('train.py', ['configs/demo/shapes_flexdit_rf.py']),
+            ('test.py', ['configs/demo/shapes_flexdit_rf.py', 'x.pth']),
+            ('sweep_extrapolation.py', ['configs/demo/shapes_flexdit_rf.py', 'x.pth',
+                                        '--rules', 'no', '--sizes', '16x16'])]
+
+
+@pytest.mark.parametrize('tool, argv', LAUNCHED, ids=[tool for tool, _ in LAUNCHED])
+def test_local_rank_of_torch_distributed_launch_is_exported(tool, argv, monkeypatch):
+    """torch.distributed.launch passes --local-rank (or --local_rank); mmengine reads
+    LOCAL_RANK, which torchrun sets itself and which then wins."""
+    from helpers import load_tool
+    parse_args = load_tool(osp.splitext(tool)[0]).parse_args
+    monkeypatch.delenv('LOCAL_RANK', raising=False)
+    assert parse_args([*argv, '--local_rank', '3']).launcher == 'none'
+    assert os.environ['LOCAL_RANK'] == '3'
+    monkeypatch.setenv('LOCAL_RANK', '1')
+    assert parse_args([*argv, '--local-rank', '2', '--launcher', 'pytorch']).local_rank == 2
+    assert os.environ['LOCAL_RANK'] == '1'

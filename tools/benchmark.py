@@ -25,8 +25,6 @@ interleaved rounds and compared by their median per-round ratio.
   error of the sample mean and standard deviation, since they follow no single path).
 """
 import argparse
-import functools
-import json
 import os
 import os.path as osp
 import statistics
@@ -35,7 +33,6 @@ import warnings
 
 # torch and flexgen are imported where they are used: --help answers without loading them.
 
-HISTOGRAM = osp.join(osp.dirname(__file__), 'data', 'imagenet_like_latent_sizes.json')
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 
@@ -44,30 +41,6 @@ def timed(fn, min_run_time=1.0):
     from torch.utils.benchmark import Timer
     return Timer(stmt='fn()', globals=dict(fn=fn)).blocked_autorange(
         min_run_time=min_run_time).median
-
-
-@functools.lru_cache(maxsize=None)
-def native_histogram():
-    """Sizes ``[K, 2]`` (tokens) and image counts ``[K]`` of the native histogram."""
-    import torch
-    with open(HISTOGRAM) as f:
-        table = json.load(f)['native']
-    return (torch.tensor([[h, w] for h, w, _ in table]),
-            torch.tensor([c for _, _, c in table], dtype=torch.float64))
-
-
-def draw_sizes(total_tokens, seed=0):
-    """Image sizes (h, w) in tokens drawn from the native histogram until ``total_tokens``."""
-    import torch
-    sizes, counts = native_histogram()
-    g = torch.Generator().manual_seed(seed)
-    chosen, used = [], 0
-    while True:
-        h, w = sizes[torch.multinomial(counts, 1, generator=g)].squeeze(0).tolist()
-        if used + h * w > total_tokens:
-            return torch.tensor(chosen)
-        chosen.append((h, w))
-        used += h * w
 
 
 def interleaved(candidates, rounds):
@@ -103,6 +76,7 @@ def bench_attention(args):
     from flexgen.models.layers.attention_backends import AutoAttention, build_attention_backend
     from flexgen.registry import ATTENTION_BACKENDS
     from flexgen.structures import TokenBatch
+    from flexgen.utils.latent_sizes import draw_sizes
     build_attention_backend('sdpa')  # registers the optional backends' names too
     sizes = draw_sizes(args.tokens)
     n = int(sizes.prod(1).sum())
@@ -245,6 +219,7 @@ def bench_packed_vs_padded(args, backend):
     from flexgen.models.backbones.flex_dit import FlexDiT
     from flexgen.models.layers import PaddedAttention
     from flexgen.structures import TokenBatch
+    from flexgen.utils.latent_sizes import draw_sizes
     channels, device = 32, torch.device(args.device)
 
     def model(attn_backend):
@@ -486,39 +461,30 @@ def bench_host(args):
 
     import torch
 
-    import flexgen
+    from flexgen.apis.runners import apply_train_options, build_runner, load_config
     from flexgen.utils.host_sync import count_training_syncs
-    flexgen.register_all_modules()
-    import importlib.util
-    spec = importlib.util.spec_from_file_location('flexgen_tool_train',
-                                                  osp.join(ROOT, 'tools', 'train.py'))
-    train_tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_tool)
+    from flexgen.utils.latent_sizes import draw_sizes
     steps, log_every = 9, 4
 
     def syncs(stock):
-        options = ['model.backbone.hidden_size=32', 'model.backbone.depth=2',
-                   'model.backbone.num_heads=2', 'train_dataloader.dataset.num_samples=400',
-                   'train_dataloader.batch_sampler.max_tokens=512', f'train_cfg.max_iters={steps}',
-                   f'default_hooks.logger.interval={log_every}',
-                   'default_hooks.checkpoint.interval=1000',
-                   'default_hooks.checkpoint.save_last=False', 'val_cfg=None',
-                   'val_dataloader=None', 'val_evaluator=None',
-                   f'experiment_name=bench_{uuid.uuid4().hex[:8]}']
         config = osp.join(ROOT, 'configs', 'nit', 'nit_tiny_shapes_pack.py')
+        options = {'model.backbone.hidden_size': 32, 'model.backbone.depth': 2,
+                   'model.backbone.num_heads': 2, 'train_dataloader.dataset.num_samples': 400,
+                   'train_dataloader.batch_sampler.max_tokens': 512,
+                   'train_cfg.max_iters': steps, 'default_hooks.logger.interval': log_every,
+                   'default_hooks.checkpoint.interval': 1000,
+                   'default_hooks.checkpoint.save_last': False, 'val_cfg': None,
+                   'val_dataloader': None, 'val_evaluator': None,
+                   'experiment_name': f'bench_{uuid.uuid4().hex[:8]}'}
         if stock:
-            import tempfile
-            stock_config = osp.join(tempfile.mkdtemp(), 'stock.py')
-            with open(stock_config, 'w') as f:
-                f.write(f'_base_ = [{config!r}]\n'
-                        "custom_hooks = [dict(type='EMAHook', momentum=1e-3, "
-                        "priority='ABOVE_NORMAL')]\n"
-                        "optim_wrapper = dict(type='OptimWrapper')\n"
-                        "default_hooks = dict(runtime_info=dict(type='RuntimeInfoHook'))\n")
-            config = stock_config
-        runner = train_tool.build_runner([config, '--work-dir',
-                                          f'/tmp/flexgen_bench_{uuid.uuid4().hex[:8]}',
-                                          '--cfg-options', *options])
+            options.update({
+                'custom_hooks': [dict(type='EMAHook', momentum=1e-3, priority='ABOVE_NORMAL')],
+                'optim_wrapper.type': 'OptimWrapper',
+                'default_hooks.runtime_info.type': 'RuntimeInfoHook'})
+        # as tools/train.py builds it
+        cfg = load_config(config, cfg_options=options,
+                          work_dir=f'/tmp/flexgen_bench_{uuid.uuid4().hex[:8]}')
+        runner = build_runner(apply_train_options(cfg), config)
         events = count_training_syncs(runner).events
         return len(events['step']), len(events['engine'])
 

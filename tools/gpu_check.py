@@ -30,11 +30,9 @@ import json
 import math
 import os.path as osp
 import statistics
-import sys
 import time
 import warnings
 
-sys.path.insert(0, osp.dirname(osp.abspath(__file__)))  # benchmark.draw_sizes
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 # Dense bf16 tensor-core peaks (NVIDIA data sheets, SXM parts).
 PEAK_BF16 = {'H100': 989.4e12, 'H200': 989.4e12, 'H800': 989.4e12, 'A100': 312e12,
@@ -125,10 +123,10 @@ def count_syncs(device, fn, model=None):
 def check_attention(args, device):
     import torch
 
-    from benchmark import draw_sizes
     from flexgen.models.layers.attention_backends import build_attention_backend
     from flexgen.registry import ATTENTION_BACKENDS
     from flexgen.structures import TokenBatch
+    from flexgen.utils.latent_sizes import draw_sizes
     tokens, heads, head_dim = (512, 2, 8) if args.tiny else (16384, 16, 72)
     sizes = draw_sizes(tokens, seed=0)
     batch = TokenBatch(torch.zeros(int(sizes.prod(1).sum()), 1, device=device), sizes)
@@ -240,8 +238,8 @@ def recipe_batches(name, args, model, count):
     """``count`` collated batches (host, pinned on a GPU machine) for the recipe."""
     import torch
 
-    from benchmark import draw_sizes
     from flexgen.datasets.collate import jagged_collate
+    from flexgen.utils.latent_sizes import draw_sizes
     channels, patch = model.backbone.in_channels, model.backbone.patch_size
     batches = []
     for seed in range(count):

@@ -139,12 +139,17 @@ def autoencoder_downsample(cfg: dict):
     return 2 ** (len(config[key]) - 1)
 
 
-def check_request(args, sizes):
-    """Refuse, before anything loads, a request the config's model cannot generate."""
+def load_config(args):
+    """The config with ``--cfg-options`` merged (read without importing torch)."""
     from mmengine.config import Config
     cfg = Config.fromfile(args.config)
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
+    return cfg
+
+
+def check_request(args, sizes, cfg):
+    """Refuse, before anything loads, a request the config's model cannot generate."""
     model = cfg.get('model', {})
     backbone = model.get('backbone', {})
     num_classes = backbone.get('num_classes')
@@ -174,19 +179,19 @@ def check_request(args, sizes):
             raise SystemExit(f'--cfg-interval {low:g} {high:g}: needs 0 <= LOW <= HIGH <= 1')
 
 
-def build_model(args):
-    """The config's generator with the checkpoint's weights; an official reference
-    checkpoint is converted on the fly."""
+def build_model(args, cfg=None):
+    """The generator of ``cfg`` (default: :func:`load_config`) with the checkpoint's
+    weights; an official reference checkpoint is converted on the fly."""
     from flexgen.apis import init_generator
     from flexgen.apis.official import is_official_checkpoint, load_official
+    cfg = load_config(args) if cfg is None else cfg
     if is_official_checkpoint(args.checkpoint):
-        return load_official(args.config, args.checkpoint, args.converter, args.device,
-                             use_ema=not args.no_ema, cfg_options=args.cfg_options)
+        return load_official(cfg, args.checkpoint, args.converter, args.device,
+                             use_ema=not args.no_ema)
     if args.converter:
         raise SystemExit(f'--converter {args.converter}: {args.checkpoint} is not an official '
                          'checkpoint that converter recognises')
-    return init_generator(args.config, args.checkpoint, args.device, not args.no_ema,
-                          args.cfg_options)
+    return init_generator(cfg, args.checkpoint, args.device, not args.no_ema)
 
 
 def set_rope_rule(model, args):
@@ -215,27 +220,21 @@ def image_name(label: int, size, seed: int) -> str:
 def main(argv=None):
     args = parse_args(argv)
     sizes = requested_sizes(args)
-    check_request(args, sizes)
+    cfg = load_config(args)
+    check_request(args, sizes, cfg)
 
     import torch
     from tqdm import tqdm
 
     from flexgen.apis import image_grid, save_png
+    from flexgen.engine.generation_loop import apply_generation_options
     if args.device is None:
         args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    model = build_model(args)
+    # The guidance flags ask for classifier-free guidance, whatever the config's is.
+    apply_generation_options(cfg, cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval,
+                             steps=args.steps, guidance_type='ClassifierFreeGuidance')
+    model = build_model(args, cfg)
     set_rope_rule(model, args)
-    if args.steps is not None:
-        # Keep the sampler's own type for it (DDPM respacing takes a string, e.g. '250').
-        current = getattr(model.sampler, 'num_steps', None)
-        model.sampler.num_steps = str(args.steps) if isinstance(current, str) else args.steps
-    guidance = model.guidance
-    if args.cfg_scale is not None or args.cfg_interval is not None:
-        guidance = dict(type='ClassifierFreeGuidance',
-                        scale=args.cfg_scale if args.cfg_scale is not None else
-                        getattr(guidance, 'scale', 1.0),
-                        interval=args.cfg_interval or getattr(guidance, 'interval', (0, 1)),
-                        channels=getattr(guidance, 'channels', None))
     requests = [(label, size, args.seed * SEED_STRIDE + i) for i, (size, label) in
                 enumerate((size, label) for size in sizes for label in args.classes)]
     batch_size = args.batch_size or len(requests)
@@ -250,7 +249,7 @@ def main(argv=None):
               f'batch{"es" if len(batches) > 1 else ""}') as bar:
         for batch in batches:
             labels, batch_sizes, seeds = map(list, zip(*batch))
-            generated = model.generate(labels, batch_sizes, seeds, guidance=guidance,
+            generated = model.generate(labels, batch_sizes, seeds,
                                        callback=lambda i, x: bar.update(1))
             for image, (label, size, seed) in zip(generated, batch):
                 image = ((image.float().cpu() + 1) / 2).clamp(0, 1)

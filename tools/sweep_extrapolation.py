@@ -18,7 +18,7 @@ import os.path as osp
 
 def parse_args(argv=None):
     # torch and flexgen's models are imported after parsing: --help answers at once.
-    from flexgen.cli import add_test_arguments
+    from flexgen.cli import add_test_arguments, export_local_rank
     parser = argparse.ArgumentParser(
         description="RoPE extrapolation sweep of a checkpoint; every tools/test.py option "
         'applies')
@@ -37,6 +37,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if not args.sizes:
         parser.error('--sizes is required: the sizes to sweep, e.g. 48x48 24x48')
+    export_local_rank(args)
     return args
 
 
@@ -59,13 +60,9 @@ def main(argv=None):
     args = parse_args(argv)
     from mmengine.dist import is_main_process
 
-    from flexgen.apis.runners import build_test_runner
-    from flexgen.evaluation.utils import parse_size_key
-    try:
-        sizes = [parse_size_key(s) for s in args.sizes]
-    except ValueError as error:
-        raise SystemExit(f'--sizes: {error}') from None
-    runner = build_test_runner(args, test_cfg=dict(
+    from flexgen.apis.runners import build_test_runner, parse_sizes
+    sizes = parse_sizes(args.sizes)
+    runner = build_test_runner(args, sizes=sizes, test_cfg=dict(
         type='ExtrapolationSweep', rules=args.rules, sizes=sizes, decouple=args.decouple,
         ori_max_pe_len=args.ori_max_pe_len))
     metrics = runner.test()

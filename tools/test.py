@@ -14,26 +14,23 @@ evaluator's metrics land in a per-size table (``metrics.json``, ``metrics.md``):
         --launcher pytorch --num-samples 50000 --batch-size 32 --cfg-scale 1.5
 """
 import argparse
-import os
 
-from flexgen.cli import add_test_arguments
+from flexgen.cli import add_test_arguments, export_local_rank
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Evaluate a flexgen checkpoint')
     add_test_arguments(parser)
     args = parser.parse_args(argv)
-    if 'LOCAL_RANK' not in os.environ:
-        os.environ['LOCAL_RANK'] = str(args.local_rank)
+    export_local_rank(args)
     return args
 
 
-def build_runner(argv=None, test_cfg=None):
-    """Parse ``argv``, load the config and the checkpoint, and build (not run) the Runner;
-    ``test_cfg`` entries (e.g. another test loop) override the config's."""
+def build_runner(argv=None):
+    """Parse ``argv``, load the config and the checkpoint, and build (not run) the Runner."""
     args = parse_args(argv)  # first: --help answers before anything heavy loads
     from flexgen.apis.runners import build_test_runner
-    return build_test_runner(args, test_cfg)
+    return build_test_runner(args)
 
 
 def main(argv=None):

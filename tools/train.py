@@ -8,9 +8,8 @@ Every option ends up in the config, and the Runner dumps that config to the work
 the dumped file reproduces the run.
 """
 import argparse
-import os
 
-from flexgen.cli import add_cfg_options
+from flexgen.cli import add_cfg_options, add_launcher_arguments, export_local_rank
 
 
 def parse_args(argv=None):
@@ -25,14 +24,9 @@ def parse_args(argv=None):
                         help='bfloat16 autocast (AutocastOptimWrapper; CPU and GPU)')
     parser.add_argument('--seed', type=int, help='overrides randomness.seed')
     add_cfg_options(parser, 'train_cfg.max_iters=100')
-    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm'], default='none',
-                        help='how processes were started: none (one process), pytorch '
-                        '(torchrun), slurm (srun)')
-    # torch.distributed.launch passes --local_rank (older) or --local-rank (newer).
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0,
-                        help=argparse.SUPPRESS)
+    add_launcher_arguments(parser)
     args = parser.parse_args(argv)
-    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    export_local_rank(args)
     return args
 
 

@@ -8,13 +8,14 @@
 - :func:`build_runner`: the process group for a CPU run under torchrun, then the config's
   ``runner_type`` or flexgen's :class:`~flexgen.engine.runner.FlexRunner`;
 - :func:`build_test_runner`: the same for testing a checkpoint (an official reference
-  checkpoint is converted on the fly), with the generation options applied.
+  checkpoint is converted on the fly), with the generation options applied (``--sizes``
+  parsed by :func:`parse_sizes`).
 """
 import difflib
 import importlib.util
 import inspect
 import os.path as osp
-from typing import Optional
+from typing import List, Optional, Tuple
 
 from mmengine.config import Config
 from mmengine.config.lazy import LazyAttr, LazyObject
@@ -152,22 +153,29 @@ def build_runner(cfg: Config, filename: Optional[str] = None):
     return FlexRunner.from_cfg(cfg)
 
 
-def build_test_runner(args, test_cfg: Optional[dict] = None):
+def parse_sizes(sizes: Optional[List[str]]) -> Optional[List[Tuple[int, int]]]:
+    """``--sizes`` (``'HxW'`` each) as ``(H, W)`` pairs; a bad one ends the program, named."""
+    from flexgen.evaluation.utils import parse_size_key
+    try:
+        return None if sizes is None else [parse_size_key(s) for s in sizes]
+    except ValueError as error:
+        raise SystemExit(f'--sizes: {error}') from None
+
+
+def build_test_runner(args, test_cfg: Optional[dict] = None,
+                      sizes: Optional[List[Tuple[int, int]]] = None):
     """The Runner that tests ``args.checkpoint`` (arguments of
     :func:`flexgen.cli.add_test_arguments`); ``test_cfg`` entries (e.g. another test loop)
-    override the config's."""
+    override the config's; ``sizes``: ``args.sizes`` already parsed (:func:`parse_sizes`)."""
     from mmengine.model import is_model_wrapper
 
     from flexgen.apis.official import convert_for_config, is_official_checkpoint
     from flexgen.engine.generation_loop import apply_generation_options
-    from flexgen.evaluation.utils import parse_size_key
     cfg = load_config(args.config, args.launcher, args.cfg_options, args.work_dir)
     if test_cfg is not None:
         cfg.test_cfg = dict(cfg.get('test_cfg') or {}, **test_cfg)
-    try:
-        sizes = None if args.sizes is None else [parse_size_key(s) for s in args.sizes]
-    except ValueError as error:
-        raise SystemExit(f'--sizes: {error}') from None
+    if sizes is None:
+        sizes = parse_sizes(args.sizes)
     apply_generation_options(
         cfg, sizes=sizes, num_samples=args.num_samples, batch_size=args.batch_size,
         out_dir=args.out_dir, cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval,

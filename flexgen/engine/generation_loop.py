@@ -149,11 +149,18 @@ def apply_generation_options(cfg, *, sizes: Optional[Sequence] = None,
                              cfg_scale: Optional[float] = None,
                              cfg_interval: Optional[Sequence[float]] = None,
                              sampler: Optional[str] = None, steps: Optional[int] = None,
-                             precision: Optional[str] = None, shard_size: Optional[int] = None):
+                             precision: Optional[str] = None, shard_size: Optional[int] = None,
+                             guidance_type: Optional[str] = None):
     """Fold the usual evaluation options into a config (``None`` leaves a setting alone):
     sizes ``(H, W)`` and images per size of the requests, per-process batch, output
     folder, guidance scale / interval, sampler type and steps, precision, shard size.
-    Returns ``cfg``."""
+
+    ``guidance_type`` (e.g. ``'ClassifierFreeGuidance'``) is the guidance that
+    ``cfg_scale`` / ``cfg_interval`` ask for: a configured guidance of another type gives
+    way to it, keeping its ``scale``, ``interval`` and ``channels`` (those of the config,
+    else its type's defaults), and a config without guidance gets one (its type's default
+    scale when only ``cfg_interval`` is given). ``None``: they edit the configured guidance,
+    whatever its type. Returns ``cfg``."""
     if precision is not None and precision not in PRECISIONS:
         raise ValueError(f'--precision must be one of {PRECISIONS}, got {precision!r}')
     loop_options = dict(out_dir=out_dir, precision=precision, shard_size=shard_size)
@@ -179,11 +186,25 @@ def apply_generation_options(cfg, *, sizes: Optional[Sequence] = None,
         cfg.test_dataloader.batch_size = int(batch_size)
     model = cfg.model
     if cfg_scale is not None or cfg_interval is not None:
-        if model.get('guidance') is None:
-            if cfg_scale is None:
+        guidance = model.get('guidance')
+        if guidance is None:
+            if cfg_scale is None and guidance_type is None:
                 raise ValueError('--cfg-interval: the config has no guidance '
                                  '(model.guidance=None); give --cfg-scale too')
-            model.guidance = dict(type='ClassifierFreeGuidance')
+            model.guidance = dict(type=guidance_type or 'ClassifierFreeGuidance')
+        elif guidance_type is not None:
+            import inspect
+
+            from flexgen.registry import GUIDANCE
+            configured = GUIDANCE.get(guidance.get('type'))
+            if configured is not GUIDANCE.get(guidance_type):
+                defaults = {name: p.default for name, p in
+                            inspect.signature(configured).parameters.items()
+                            if p.default is not inspect.Parameter.empty}
+                shared = {key: guidance.get(key, defaults.get(key))
+                          for key in ('scale', 'interval', 'channels')
+                          if key in guidance or key in defaults}
+                model.guidance = dict(type=guidance_type, **shared)
         if cfg_scale is not None:
             model.guidance.scale = float(cfg_scale)
         if cfg_interval is not None:
