@@ -119,6 +119,8 @@ def autoencoder_downsample(cfg: dict):
         return 1
     if kind != 'DiffusersAutoencoder':
         return None
+    if cfg.get('downsample') is not None:
+        return cfg['downsample']
     path, subfolder = os.fspath(cfg.get('path', '')), cfg.get('subfolder')
     if osp.isdir(path):
         config_file = osp.join(path, subfolder or '', 'config.json')
@@ -132,11 +134,11 @@ def autoencoder_downsample(cfg: dict):
         return None
     with open(config_file) as f:
         config = json.load(f)
-    key = 'block_out_channels' if cfg.get('kind', 'AutoencoderKL') == 'AutoencoderKL' \
-        else 'encoder_block_out_channels'
-    if not isinstance(config.get(key), list):
+    from flexgen.models.autoencoders import diffusers_downsample
+    try:
+        return diffusers_downsample(cfg.get('kind', 'AutoencoderKL'), config)
+    except (KeyError, TypeError):  # not a config the rule knows: the model checks later
         return None
-    return 2 ** (len(config[key]) - 1)
 
 
 def load_config(args):
