@@ -1,6 +1,7 @@
 """The test loop of a generator: sharded, resumable generation of the test requests, then
 the evaluator and a per-size table (``flexgen.evaluation.generation``)."""
 import hashlib
+import inspect
 import json
 import os.path as osp
 from typing import Optional, Sequence
@@ -12,7 +13,7 @@ from mmengine.runner import BaseLoop
 from flexgen.evaluation.generation import (PRECISIONS, resolve_precision, run_generation,
                                            tokens_per_image)
 from flexgen.evaluation.utils import state_dict_digest
-from flexgen.registry import LOOPS
+from flexgen.registry import GUIDANCE, LOOPS
 
 
 def _unwrap(model):
@@ -193,9 +194,6 @@ def apply_generation_options(cfg, *, sizes: Optional[Sequence] = None,
                                  '(model.guidance=None); give --cfg-scale too')
             model.guidance = dict(type=guidance_type or 'ClassifierFreeGuidance')
         elif guidance_type is not None:
-            import inspect
-
-            from flexgen.registry import GUIDANCE
             configured = GUIDANCE.get(guidance.get('type'))
             if configured is not GUIDANCE.get(guidance_type):
                 defaults = {name: p.default for name, p in
