@@ -127,6 +127,23 @@ def test_sharded_ema_equals_mmengine_ema(update_buffers):
     assert_same_tensors(before, model.state_dict())
 
 
+def test_sharded_ema_refuses_a_state_that_does_not_fit_and_keeps_its_own():
+    """A checkpoint's averages with another shape or a NaN are refused by name, and the
+    averages in use are left as they were."""
+    from flexgen.fileio import CheckpointError
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    ema = ShardedEMA(model, momentum=0.3)
+    before = {k: v.clone() for k, v in ema.state_dict().items()}
+    bad_shape = dict(before, **{'module.1.weight': torch.zeros(2, 9)})
+    with pytest.raises(CheckpointError, match=r'shape mismatches: 1\.weight \(2, 9\) != \(2, 8\)'):
+        ema.load_state_dict(bad_shape)
+    nan = dict(before, **{'module.0.bias': torch.full((8,), float('nan'))})
+    with pytest.raises(CheckpointError, match=r'non-finite values .* 0\.bias'):
+        ema.load_state_dict(nan)
+    assert_same_tensors(before, ema.state_dict())
+
+
 # --------------------------------------------------------------------------- one process
 @pytest.fixture(scope='module')
 def toy_runs(tmp_path_factory):
