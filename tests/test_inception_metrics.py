@@ -196,7 +196,8 @@ def test_reference_reader_npz_folder_and_cache(inception, tmp_path, monkeypatch)
 def test_reference_errors_name_the_file_and_keys(inception, weights, tmp_path):
     reader = ReferenceReader(inception, cache_dir=str(tmp_path / 'cache'))
     empty = write_npz(tmp_path / 'stats.npz', labels=np.zeros(3))
-    with pytest.raises(ValueError, match=r"stats\.npz.*\['labels'\].*FID needs mu / sigma.*or images \(arr_0\)"):
+    with pytest.raises(ValueError, match=r"stats\.npz.*\['labels'\].*FID needs mu / sigma"
+                                         r".*or images \(arr_0\)"):
         reader.read(empty)
     bad = write_npz(tmp_path / 'bad.npz', mu=np.zeros(64), sigma=np.eye(64))
     with pytest.raises(ValueError, match=r"bad\.npz: 'mu' has shape \(64,\), expected \(2048,\)"):

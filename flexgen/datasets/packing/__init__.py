@@ -20,8 +20,8 @@ from .sampler_meta import (check_sampler_meta, load_sampler_meta, sampler_meta_p
 
 __all__ = ['OVERSIZE_POLICIES', 'check_oversize_policy', 'data_meta_lengths',
            'dataset_sizes', 'dataset_token_counts', 'find_oversize', 'kept_mask',
-           'length_histogram',
-           'lengths_from_histogram', 'load_size_histogram', 'token_counts', 'Strategy',
+           'length_histogram', 'lengths_from_histogram', 'load_size_histogram', 'token_counts',
+           'Strategy',
            'assign_indices', 'lpfhp', 'pack_offline', 'strategies_efficiency', 'CHUNK_TOKENS',
            'FILL_SLACKS', 'OnlinePlan', 'best_fit_stream', 'choose_fill',
            'default_chunk_packs', 'fill_packs', 'online_epoch', 'packing_report',
