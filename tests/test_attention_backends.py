@@ -17,6 +17,8 @@ from helpers import per_image_attention
 HAS_CUDA = torch.cuda.is_available()
 HAS_FLASH = importlib.util.find_spec('flash_attn') is not None
 HAS_XFORMERS = importlib.util.find_spec('xformers') is not None
+HAS_TORCH_VARLEN = (importlib.util.find_spec('torch.nn.attention.varlen') is not None
+                    and torch.backends.cuda.is_flash_attention_available())
 needs_flex = pytest.mark.skipif(not flex_attention_available(),
                                 reason='torch.nn.attention.flex_attention is not available')
 
@@ -208,7 +210,8 @@ def test_auto_choices_by_device_dtype_and_batch():
     assert AutoAttention.choose('cpu', torch.bfloat16) == 'sdpa'
     flex = 'flex' if flex_attention_available() else 'sdpa'
     assert AutoAttention.choose('cuda', torch.float32) == flex
-    expected = 'flash_varlen' if HAS_FLASH else 'xformers' if HAS_XFORMERS else flex
+    expected = ('flash_varlen' if HAS_FLASH else 'torch_varlen' if HAS_TORCH_VARLEN
+                else 'xformers' if HAS_XFORMERS else flex)
     assert AutoAttention.choose('cuda', torch.bfloat16) == expected
     # equal lengths (DiT): one dense batched call, whatever is installed
     assert AutoAttention.choose('cuda', torch.bfloat16, uniform=True) == 'sdpa'
@@ -216,10 +219,27 @@ def test_auto_choices_by_device_dtype_and_batch():
 
 def test_auto_candidates_come_from_the_registry():
     cuda = torch.device('cuda')
-    assert AutoAttention.candidates(cuda, torch.bfloat16) == ['flash_varlen', 'xformers', 'flex']
-    assert AutoAttention.candidates(cuda, torch.float16) == ['flash_varlen', 'xformers', 'flex']
+    packed = ['flash_varlen', 'torch_varlen', 'xformers', 'flex']
+    assert AutoAttention.candidates(cuda, torch.bfloat16) == packed
+    assert AutoAttention.candidates(cuda, torch.float16) == packed
     assert AutoAttention.candidates(cuda, torch.float32) == ['flex']
     assert AutoAttention.candidates(torch.device('cpu'), torch.bfloat16) == []
+
+
+@pytest.mark.parametrize('capability, expected', [
+    ((7, 5), ['xformers', 'flex']),  # Turing: no FlashAttention-2
+    ((8, 0), ['flash_varlen', 'torch_varlen', 'xformers', 'flex']),
+    ((9, 0), ['flash_varlen', 'torch_varlen', 'xformers', 'flex'])])
+def test_auto_asks_the_gpu_for_flash_attention_s_compute_capability(monkeypatch, capability,
+                                                                   expected):
+    import flexgen.models.layers.attention_varlen as varlen
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'current_device', lambda: 0)
+    asked = []
+    monkeypatch.setattr(varlen, '_capability', lambda index: asked.append(index) or capability)
+    assert AutoAttention.candidates(torch.device('cuda'), torch.float16) == expected
+    assert AutoAttention.candidates(torch.device('cuda', 1), torch.bfloat16) == expected
+    assert set(asked) == {0, 1}
 
 
 class _ContractPackedAttention(AttentionBackend):
@@ -285,6 +305,11 @@ def _gpu_matches_per_image(name, dtype):
 @pytest.mark.skipif(not (HAS_CUDA and HAS_FLASH), reason='needs CUDA and flash-attn')
 def test_flash_varlen_equals_per_image_attention():
     _gpu_matches_per_image('flash_varlen', torch.bfloat16)
+
+
+@pytest.mark.skipif(not (HAS_CUDA and HAS_TORCH_VARLEN), reason='needs CUDA (torch >= 2.10)')
+def test_torch_varlen_equals_per_image_attention():
+    _gpu_matches_per_image('torch_varlen', torch.bfloat16)
 
 
 @pytest.mark.skipif(not (HAS_CUDA and HAS_XFORMERS), reason='needs CUDA and xformers')
@@ -361,6 +386,23 @@ def _fake_flash_attn():
     return module
 
 
+def _fake_torch_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *,
+                            return_aux=None, scale=None, window_size=(-1, -1)):
+    # torch.nn.attention.varlen.varlen_attn's contract: [total, heads, head_dim] fp16 / bf16
+    # (flexgen hands it packed rows), cu_seq int32 [batch + 1] on the device, max_q / max_k
+    # Python ints (the kernel's launch grid), full (non-causal) window by default
+    assert query.dim() == 3 and query.dtype in (torch.float16, torch.bfloat16)
+    assert key.dtype == value.dtype == query.dtype, (query.dtype, key.dtype, value.dtype)
+    assert all(x.is_contiguous() for x in (query, key, value))
+    assert cu_seq_q.device == query.device and cu_seq_q.dtype == torch.int32
+    assert torch.equal(cu_seq_q, cu_seq_k) and isinstance(max_q, int) and max_q == max_k
+    lengths = cu_seq_q.diff()
+    assert cu_seq_q[0] == 0 and cu_seq_q[-1] == query.shape[0] and max_q == int(lengths.max())
+    assert return_aux is None and tuple(window_size) == (-1, -1)
+    return _segment_attention(query, key, value, cu_seq_q.tolist(),
+                              scale or query.shape[-1] ** -0.5)
+
+
 def _fake_xformers():
     import types
     xformers, ops = types.ModuleType('xformers'), types.ModuleType('xformers.ops')
@@ -392,14 +434,19 @@ def _fake_xformers():
     return {'xformers': xformers, 'xformers.ops': ops, 'xformers.ops.fmha': fmha}
 
 
-@pytest.mark.parametrize('name', ['flash_varlen', 'xformers'])
+@pytest.mark.parametrize('name', ['flash_varlen', 'torch_varlen', 'xformers'])
 def test_gpu_backends_hand_packs_over_as_the_libraries_document(name, monkeypatch):
     import sys
+
+    import torch.nn.attention.varlen as torch_varlen
+
     import flexgen.models.layers.attention_varlen as varlen
     fakes = ({'flash_attn': _fake_flash_attn()} if name == 'flash_varlen'
-             else _fake_xformers())
+             else {} if name == 'torch_varlen' else _fake_xformers())
     for module_name, module in fakes.items():
         monkeypatch.setitem(sys.modules, module_name, module)
+    monkeypatch.setattr(torch_varlen, 'varlen_attn', _fake_torch_varlen_attn)
+    monkeypatch.setattr(torch.backends.cuda, 'is_flash_attention_available', lambda: True)
     monkeypatch.setattr(varlen, '_require_cuda', lambda *args: None)  # CPU stand-ins
     backend = build_attention_backend(name)
     for sizes in PACKS.values():
@@ -411,21 +458,29 @@ def test_gpu_backends_hand_packs_over_as_the_libraries_document(name, monkeypatc
         torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
 
 
-def test_auto_takes_flash_varlen_under_autocast_with_a_float32_qk_norm(monkeypatch):
+@pytest.mark.parametrize('kernel', ['flash_varlen', 'torch_varlen'])
+def test_auto_takes_a_varlen_kernel_under_autocast_with_a_float32_qk_norm(monkeypatch, kernel):
     """CUDA autocast runs LayerNorm in float32, so QK-norm + RoPE return float32 q, k
     while v comes out of the projection in bf16. Emulated on CPU (bf16 autocast for the
     projection, the norms' outputs cast to float32 as CUDA autocast does, the CPU counted
-    as a device with the varlen kernels, flash-attn's documented call as a stand-in):
-    the layer hands the kernel one dtype and 'auto' picks flash_varlen."""
+    as a device with the varlen kernels, the kernels' documented calls as stand-ins): the
+    layer hands the kernel one dtype and 'auto' picks flash_varlen, or torch_varlen where
+    flash-attn is not installed."""
     import sys
+
+    import torch.nn.attention.varlen as torch_varlen
 
     import flexgen.models.layers.attention_varlen as varlen
     from flexgen.models.layers.attention import Attention
     from flexgen.position_encodings.rope import AxialRoPE2D
-    monkeypatch.setitem(sys.modules, 'flash_attn', _fake_flash_attn())
+    monkeypatch.setitem(sys.modules, 'flash_attn',
+                        _fake_flash_attn() if kernel == 'flash_varlen' else None)
+    monkeypatch.setattr(torch_varlen, 'varlen_attn', _fake_torch_varlen_attn)
+    monkeypatch.setattr(torch.backends.cuda, 'is_flash_attention_available', lambda: True)
     monkeypatch.setattr(varlen, '_require_cuda', lambda *args: None)
-    monkeypatch.setattr(varlen.FlashVarlenAttention, 'runs_packed',
-                        classmethod(lambda cls, device, dtype: dtype == torch.bfloat16))
+    for cls in (varlen.FlashVarlenAttention, varlen.TorchVarlenAttention):
+        monkeypatch.setattr(cls, 'runs_packed',
+                            classmethod(lambda cls, device, dtype: dtype == torch.bfloat16))
     torch.manual_seed(0)
     layer = Attention(32, 2, qk_norm='layernorm_affine', backend='auto')
     for norm in (layer.q_norm, layer.k_norm):
@@ -444,16 +499,17 @@ def test_auto_takes_flash_varlen_under_autocast_with_a_float32_qk_norm(monkeypat
         out = layer(batch.tokens, batch, rope)
     assert seen == [(torch.bfloat16,) * 3]
     (chosen,) = layer.backend._chosen.values()
-    assert isinstance(chosen, varlen.FlashVarlenAttention)
+    assert isinstance(chosen, ATTENTION_BACKENDS.get(kernel))
     with torch.no_grad():  # the same layer without autocast: float32 attention, sdpa
         ref = layer(batch.tokens, batch, rope)
     torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
 
 
 def test_packed_cuda_kernels_run_in_half_precision_on_cuda():
-    """What 'auto' asks of flash_varlen and xformers (importable without either package)."""
-    from flexgen.models.layers.attention_varlen import FlashVarlenAttention, XFormersAttention
-    for cls in (FlashVarlenAttention, XFormersAttention):
+    """What 'auto' asks of the varlen kernels (importable without flash-attn or xformers)."""
+    from flexgen.models.layers.attention_varlen import (FlashVarlenAttention,
+                                                        TorchVarlenAttention, XFormersAttention)
+    for cls in (FlashVarlenAttention, TorchVarlenAttention, XFormersAttention):
         assert cls.runs_packed(torch.device('cuda'), torch.bfloat16)
         assert cls.runs_packed(torch.device('cuda', 1), torch.float16)
         assert not cls.runs_packed(torch.device('cuda'), torch.float32)

@@ -19,6 +19,7 @@ def test_gpu_check_runs_end_to_end_at_toy_sizes(tmp_path, capsys):
     for name in ('sdpa', 'per_image', 'flex'):
         assert attention[name]['ok'] and attention[name]['relative_error'] < 3e-2, name
     assert 'flash-attn' in attention['flash_varlen']['note']  # not installed: said why
+    assert 'CUDA' in attention['torch_varlen']['note']  # a CUDA kernel: said why
     train = {r['recipe']: r for r in rows if r['check'] == 'train'}
     assert set(train) == {'nit_xl', 'dit_xl', 'fitv2_xl'}
     for name, row in train.items():

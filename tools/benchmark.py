@@ -114,7 +114,7 @@ def bench_attention(args):
         if name == 'auto':
             notes[name] = f"-> {AutoAttention.choose(q.device, q.dtype)!r} here"
             continue
-        if name in ('flash_varlen', 'xformers') and device.type != 'cuda':
+        if name in ('flash_varlen', 'torch_varlen', 'xformers') and device.type != 'cuda':
             notes[name] = 'n/a: a CUDA kernel (--device cuda; pip install flexgen[gpu])'
             continue
         try:

@@ -6,13 +6,14 @@ syncs, printed as one table and written as JSON.
     python tools/gpu_check.py --tiny      # the same checks at toy sizes (CPU: a smoke test)
 
 One process, a few minutes on one H100 / H200; it needs the project and the packages the
-README lists (flash-attn / xformers are checked where installed).
+README lists (flash-attn / xformers are checked where installed; torch_varlen, PyTorch's
+own FlashAttention-2 varlen kernel, needs torch >= 2.10).
 
-- attention: every registered backend (sdpa, per_image, flex, flash_varlen, xformers)
-  on an ImageNet-like pack (tools/data/imagenet_like_latent_sizes.json, NiT's latents at
-  patch 1) in bf16, forward and gradients, against per-image attention (computed in
-  float32 from the same bf16 inputs), and its forward+backward time over the per-image
-  limit (dense attention on each image alone).
+- attention: every registered backend (sdpa, per_image, flex, flash_varlen, torch_varlen,
+  xformers) on an ImageNet-like pack (tools/data/imagenet_like_latent_sizes.json, NiT's
+  latents at patch 1) in bf16, forward and gradients, against per-image attention
+  (computed in float32 from the same bf16 inputs), and its forward+backward time over the
+  per-image limit (dense attention on each image alone).
 - nit_xl: NiT-XL (configs/nit/nit_xl_pack_16384.py) on synthetic 16384-token packs;
   dit_xl: DiT-XL/2 (configs/dit/dit_xl_2_256.py) at batch 32 of 256 px latents; fitv2_xl:
   FiTv2-XL/2 (configs/fit/fitv2_xl_2.py) at batch 32 of images up to 256 tokens. The

@@ -11,8 +11,9 @@ Every backend computes, for each image i of a :class:`~flexgen.structures.TokenB
 - ``per_image``: the plainest loop, one SDPA call per image (the reference the others are
   tested against).
 - ``flex`` (``attention_flex.py``): torch FlexAttention with a document block mask.
-- ``flash_varlen``, ``xformers`` (``attention_varlen.py``): the GPU varlen kernels, optional
-  extras (``pip install flexgen[gpu]``).
+- ``flash_varlen``, ``torch_varlen``, ``xformers`` (``attention_varlen.py``): the GPU
+  varlen kernels (flash-attn and xformers are optional extras, ``pip install flexgen[gpu]``;
+  ``torch_varlen`` is PyTorch's own FlashAttention-2 varlen kernel).
 - ``auto``: per call, dense ``sdpa`` for equal lengths, else the preferred packed kernel
   that runs on the device and dtype (see :class:`AutoAttention`).
 
@@ -241,8 +242,9 @@ class AutoAttention(AttentionBackend):
       call (torch's flash / memory-efficient kernels on a GPU);
     - otherwise the registered packed kernels (:mod:`.attention_base`) that run on the
       device and dtype, by ``auto_priority``, the first one installed: on CUDA in
-      float16 / bfloat16 ``'flash_varlen'``, ``'xformers'``, then ``'flex'``; on CUDA in
-      float32 ``'flex'`` (compiled FlexAttention with a document mask: 4.7x faster than
+      float16 / bfloat16 ``'flash_varlen'``, ``'torch_varlen'``, ``'xformers'``, then
+      ``'flex'`` (the FlashAttention-2 kernels on compute capability 8.0 and newer only);
+      on CUDA in float32 ``'flex'`` (compiled FlexAttention with a document mask: 4.7x faster than
       grouped ``'sdpa'`` on a 16k-token ImageNet-like pack on an H200,
       tools/gpu_check.py);
     - none of them: ``'sdpa'`` (on CPU the fastest path in ``tools/benchmark.py``;

@@ -103,7 +103,7 @@ class FlexAttention(AttentionBackend):
             score matrix: for tests and debugging only.
     """
 
-    auto_priority = 2
+    auto_priority = 3
 
     @classmethod
     def runs_packed(cls, device, dtype):
