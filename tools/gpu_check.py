@@ -24,7 +24,9 @@ own FlashAttention-2 varlen kernel, needs torch >= 2.10).
   FlopCounterMode on the step's own batch, attention included; backward = 2 x forward;
   peak: the GPU's dense bf16 rate), peak memory, and host syncs per step (CUDA's sync
   debug mode; on a CPU, flexgen.utils.HostSyncCounter). NiT-XL also with its blocks
-  compiled (``compile_blocks=True``), compile time included in the table.
+  compiled (``compile_blocks=True``), compile time included in the table. One profiled
+  step per recipe gives the kernel time by kind of work (``kind_of``), the top kernels,
+  and the share of the step's time the kernels kept the GPU busy.
 """
 import argparse
 import json
@@ -314,7 +316,7 @@ def _check_recipe(name, args, device, peak, compile_blocks=False, flops_per_toke
             syncs, where = count_syncs(device, lambda: [step() for _ in range(2)], model)
         tokens = [b['inputs'].tokens.shape[0] for b in batches]
         images = [b['inputs'].num_images for b in batches]
-        row['profile'] = profile_step(device, step)
+        row['profile'] = profile_step(device, step, seconds)
         if flops_per_token is None:
             # forward FLOPs of each batch's backbone pass (counted eagerly: compiled
             # kernels bypass the counter), under the training precision
@@ -353,21 +355,63 @@ def _check_recipe(name, args, device, peak, compile_blocks=False, flops_per_toke
     return row
 
 
-def profile_step(device, step, top=10):
-    """The ``top`` operators of one step by their own device time (host time on a CPU)."""
+# What a kernel (GPU) or an operator (CPU) spends its time on, first match wins: attention
+# before matmul (FlexAttention's templates are "triton_tem_fused_..."), then Inductor's
+# other kernels as one kind (each fuses several of the kinds below), the optimizer and EMA
+# before the elementwise rest.
+KINDS = (
+    ('attention', ('flash', 'fmha', 'attention', 'flex')),
+    ('matmul', ('gemm', 'nvjet', 'cutlass', 'xmma', 'cublas', 'aten::mm', 'aten::addmm',
+                'aten::bmm', 'aten::matmul', 'fused_mm', 'fused_addmm')),
+    ('compiled (fused)', ('triton',)),
+    ('optimizer + EMA', ('adam', 'multi_tensor', 'foreach', 'lerp')),
+    ('norm', ('layer_norm', 'rms_norm', 'group_norm')),
+    ('copy / cast', ('copy', 'cast', 'aten::to', 'convert')),
+    ('index / gather', ('index', 'gather', 'scatter', 'embedding')),
+    ('reduction', ('reduce', 'aten::sum', 'aten::mean', 'aten::max')),
+)
+
+
+def kind_of(name):
+    """The kind of work a kernel or operator ``name`` does (``KINDS``), else
+    ``'elementwise / other'``."""
+    lowered = name.lower()
+    for kind, needles in KINDS:
+        if any(needle in lowered for needle in needles):
+            return kind
+    return 'elementwise / other'
+
+
+def profile_step(device, step, step_seconds=None, top=10):
+    """One step under the profiler: the ``top`` GPU kernels by time (operators by own host
+    time on a CPU), the time by kind of work (``kind_of``), and on a GPU the share of the
+    step's time (``step_seconds``, measured unprofiled) that kernels kept the GPU busy."""
     import torch
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
-                                           if device.type == 'cuda' else [])
+    cuda = device.type == 'cuda'
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         step()
-        if device.type == 'cuda':
+        if cuda:
             torch.cuda.synchronize()
-    key = 'self_device_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
-    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
-    total = sum(getattr(e, key) for e in events) or 1
-    return [f'{100 * getattr(e, key) / total:5.1f}%  {e.count:>5}x  {e.key[:70]}'
-            for e in events[:top]]
+    if cuda:  # kernels only: an operator's device time would count its kernels again
+        timed = [(e.key, e.device_time_total, e.count) for e in prof.key_averages()
+                 if e.device_type == DeviceType.CUDA]
+    else:
+        timed = [(e.key, e.self_cpu_time_total, e.count) for e in prof.key_averages()]
+    timed.sort(key=lambda item: item[1], reverse=True)
+    total = sum(t for _, t, _ in timed) or 1
+    by_kind = {}
+    for name, t, _ in timed:
+        by_kind[kind_of(name)] = by_kind.get(kind_of(name), 0.0) + t / total
+    result = dict(
+        top=[f'{100 * t / total:5.1f}%  {count:>5}x  {name[:70]}'
+             for name, t, count in timed[:top]],
+        by_kind=dict(sorted(by_kind.items(), key=lambda item: item[1], reverse=True)))
+    if cuda and step_seconds:
+        result['gpu_busy'] = total / 1e6 / step_seconds  # profiler times are microseconds
+    return result
 
 
 # ----------------------------------------------------------------------------- report
@@ -402,8 +446,13 @@ def print_table(env, rows):
               f'{r["train_tflops"]:>9.1f}{memory:>10}{syncs:>11}{r["setup_s"]:>9.1f}')
     for r in rows:
         if r['check'] == 'train' and r.get('profile'):
-            print(f'  {r["recipe"]}: {r.get("attention")}; top operators by own device time:')
-            for line in r['profile'][:8]:
+            profile = r['profile']
+            busy = (f'; kernels busy {100 * profile["gpu_busy"]:.0f}% of the step'
+                    if 'gpu_busy' in profile else '')
+            print(f'  {r["recipe"]}: {r.get("attention")}{busy}; time by kind: ' +
+                  ', '.join(f'{kind} {100 * share:.0f}%'
+                            for kind, share in profile['by_kind'].items()))
+            for line in profile['top'][:8]:
                 print(f'      {line}')
 
 
