@@ -29,6 +29,7 @@ def test_gpu_check_runs_end_to_end_at_toy_sizes(tmp_path, capsys):
         assert abs(sum(profile['by_kind'].values()) - 1) < 1e-6
         assert profile['by_kind']['matmul'] > 0 and len(profile['top']) == 10
     assert train['nit_xl']['syncs_per_step'] == 0  # the packed recipe's hot path
+    assert train['nit_xl']['attention'] == 'auto -> sdpa'  # what 'auto' took on a CPU
     assert train['nit_xl']['tokens_per_step'] <= 1024 < 2 * train['nit_xl']['tokens_per_step']
     printed = capsys.readouterr().out
     assert 'MFU = 3 x forward FLOPs' in printed and 'nit_xl' in printed

@@ -348,7 +348,7 @@ def _check_recipe(name, args, device, peak, compile_blocks=False, flops_per_toke
                                     if device.type == 'cuda' else None),
                    syncs_per_step=syncs / 2, sync_examples=where,
                    setup_s=setup, flops_per_token=flops_per_token,
-                   attention=type(model.backbone.blocks[0].attn.backend).__name__,
+                   attention=attention_used(model.backbone.blocks[0].attn.backend),
                    parameters=sum(p.numel() for p in model.parameters()), ok=True)
     except Exception as error:  # noqa: BLE001 - report and go on
         row.update(ok=False, note=f'{type(error).__name__}: {str(error)[:300]}')
@@ -380,6 +380,17 @@ def kind_of(name):
         if any(needle in lowered for needle in needles):
             return kind
     return 'elementwise / other'
+
+
+def attention_used(backend):
+    """A layer's backend by its registered name; for 'auto', the backends it chose."""
+    from flexgen.registry import ATTENTION_BACKENDS
+    names = {cls: name for name, cls in ATTENTION_BACKENDS.module_dict.items()}
+    chosen = getattr(backend, '_chosen', None)
+    if chosen is None:
+        return names.get(type(backend), type(backend).__name__)
+    return 'auto -> ' + ', '.join(sorted({names.get(type(b), type(b).__name__)
+                                          for b in chosen.values()}))
 
 
 def profile_step(device, step, step_seconds=None, top=10):
