@@ -500,9 +500,17 @@ def test_auto_takes_a_varlen_kernel_under_autocast_with_a_float32_qk_norm(monkey
     assert seen == [(torch.bfloat16,) * 3]
     (chosen,) = layer.backend._chosen.values()
     assert isinstance(chosen, ATTENTION_BACKENDS.get(kernel))
-    with torch.no_grad():  # the same layer without autocast: float32 attention, sdpa
-        ref = layer(batch.tokens, batch, rope)
+    # the same layer without autocast: float32 attention through sdpa; the gradients reach
+    # every parameter (the QK-norms' through the cast to v's dtype) and agree
+    weight = torch.randn(out.shape)
+    grads = torch.autograd.grad((out.float() * weight).sum(), list(layer.parameters()))
+    ref = layer(batch.tokens, batch, rope)
+    ref_grads = torch.autograd.grad((ref * weight).sum(), list(layer.parameters()))
     torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
+    for (name, _), a, b in zip(layer.named_parameters(), grads, ref_grads):
+        assert a.abs().sum() > 0, name
+        torch.testing.assert_close(a, b, rtol=0.1, atol=0.1 * b.abs().max().item(),
+                                   msg=lambda m: f'{name}: {m}')
 
 
 def test_packed_cuda_kernels_run_in_half_precision_on_cuda():
