@@ -39,6 +39,7 @@ from mmengine.utils import apply_to, get_git_hash
 
 from flexgen.fileio import all_finite
 from flexgen.registry import MODEL_WRAPPERS, RUNNERS
+from .activation_checkpointing import turn_on_activation_checkpointing
 from .ema import FlexEMAHook, _local
 from .fsdp import FullyShardedWrapper, is_sharded_wrapper_cfg
 from .sharded_checkpoint import (is_sharded_checkpoint, load_sharded, read_train_state,
@@ -119,9 +120,25 @@ class FlexRunner(Runner):
         wrapper.runner_checked = True
         return wrapper
 
+    def train(self):
+        # mmengine's train() would wrap these modules itself (reentrant checkpoint); the
+        # key is hidden from it for the call and applied in _init_model_weights, its place
+        # in mmengine's order (after before_run, so EMA copies are not wrapped)
+        modules = self._checkpointed = self.cfg.pop('activation_checkpointing', None)
+        try:
+            return super().train()
+        finally:
+            if modules is not None:
+                self.cfg['activation_checkpointing'] = modules
+
     def _init_model_weights(self) -> None:
         if not isinstance(self.model, FullyShardedWrapper):
             super()._init_model_weights()  # the wrapper initialised before sharding
+        modules = getattr(self, '_checkpointed', None)
+        if modules:
+            self.logger.info(f'Activation checkpointing (non-reentrant): {modules}')
+            turn_on_activation_checkpointing(self._plain_model(), modules)
+            self._checkpointed = None  # once per model
 
     def _plain_model(self):
         return self.model.module if is_model_wrapper(self.model) else self.model

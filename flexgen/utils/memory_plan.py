@@ -32,7 +32,6 @@ no-grad activations, the CUDA context and NCCL buffers: a plan fits when its pea
 most ``usable`` (default 90%) of the GPU memory.
 """
 import copy
-import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
@@ -204,10 +203,9 @@ def measure_activations(model_cfg: dict, dtype: str = 'bfloat16', repa_z_dim: in
                         grids: Sequence = ((8, 8), (16, 16)), images: int = 2
                         ) -> Activations:
     """Bytes autograd keeps per token at the real width: one block (depth 1 on the CPU),
-    the same block under mmengine's activation checkpointing, and everything outside the
+    the same block under activation checkpointing, and everything outside the
     blocks, as slopes between ``images`` images of each of two token ``grids``."""
-    from mmengine.runner.activation_checkpointing import turn_on_activation_checkpointing
-
+    from flexgen.engine.activation_checkpointing import turn_on_activation_checkpointing
     from flexgen.registry import MODELS
     cfg = dict(copy.deepcopy(dict(model_cfg['backbone'])), depth=1)
     repa = model_cfg.get('repa')
@@ -220,8 +218,7 @@ def measure_activations(model_cfg: dict, dtype: str = 'bfloat16', repa_z_dim: in
             turn_on_activation_checkpointing(backbone, ['blocks.0'])
         points = []
         for grid in grids:
-            with SavedTensorMeter(backbone.blocks[0]) as meter, warnings.catch_warnings():
-                warnings.simplefilter('ignore')  # mmengine's checkpoint: use_reentrant
+            with SavedTensorMeter(backbone.blocks[0]) as meter:
                 _training_forward(backbone, projector, 1, grid, images, dtype)
             points.append((images * grid[0] * grid[1], meter.window_bytes,
                            meter.total_bytes - meter.window_bytes))
