@@ -3,6 +3,7 @@ and writes its table and JSON (the numbers that matter come from a GPU)."""
 import json
 
 import pytest
+import torch
 
 from helpers import load_tool
 
@@ -31,6 +32,10 @@ def test_gpu_check_runs_end_to_end_at_toy_sizes(tmp_path, capsys):
     assert train['nit_xl']['syncs_per_step'] == 0  # the packed recipe's hot path
     assert train['nit_xl']['attention'] == 'auto -> sdpa'  # what 'auto' took on a CPU
     assert train['nit_xl']['tokens_per_step'] <= 1024 < 2 * train['nit_xl']['tokens_per_step']
+    (sharded,) = [r for r in rows if r['check'] == 'sharded']  # FSDP2 on one gloo rank
+    assert sharded['ok'] and sharded['wrapper'] == 'FullyShardedWrapper', sharded.get('note')
+    assert sharded['resume_max_diff'] == {'model': 0.0, 'ema': 0.0}  # resume is exact
+    assert not torch.distributed.is_initialized()  # its process group is gone
     printed = capsys.readouterr().out
     assert 'MFU = 3 x forward FLOPs' in printed and 'nit_xl' in printed
     assert 'time by kind: ' in printed

@@ -2,7 +2,8 @@
 bf16, and training steps of the headline recipes with their speed, MFU, memory and host
 syncs, printed as one table and written as JSON.
 
-    python tools/gpu_check.py [--out gpu_check.json] [--only attention nit_xl dit_xl fitv2_xl]
+    python tools/gpu_check.py [--out gpu_check.json] [--only attention nit_xl dit_xl fitv2_xl
+                              sharded]
     python tools/gpu_check.py --tiny      # the same checks at toy sizes (CPU: a smoke test)
 
 One process, a few minutes on one H100 / H200; it needs the project and the packages the
@@ -27,10 +28,15 @@ own FlashAttention-2 varlen kernel, needs torch >= 2.10).
   compiled (``compile_blocks=True``), compile time included in the table. One profiled
   step per recipe gives the kernel time by kind of work (``kind_of``), the top kernels,
   and the share of the step's time the kernels kept the GPU busy.
+- sharded: the sharded path (FSDP2 over nccl, bf16 compute, sharded safetensors
+  checkpoints through torch.distributed.checkpoint, FlexEMAHook, activation checkpointing)
+  in one process, a world of one rank, on the tiny packed NiT recipe through the Runner:
+  6 steps straight against 3 steps, a checkpoint and a resume, weights and EMA compared.
 """
 import argparse
 import json
 import math
+import os
 import os.path as osp
 import statistics
 import time
@@ -46,8 +52,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--only', nargs='+', default=['attention', 'nit_xl', 'dit_xl',
-                                                       'fitv2_xl'],
-                        choices=['attention', 'nit_xl', 'dit_xl', 'fitv2_xl'],
+                                                       'fitv2_xl', 'sharded'],
+                        choices=['attention', 'nit_xl', 'dit_xl', 'fitv2_xl', 'sharded'],
                         help='checks to run (default: all)')
     parser.add_argument('--out', default='gpu_check.json', help='where the JSON goes')
     parser.add_argument('--steps', type=int, default=10, help='timed steps per recipe')
@@ -382,6 +388,80 @@ def kind_of(name):
     return 'elementwise / other'
 
 
+# ----------------------------------------------------------------------------- sharding
+def check_sharded(args, device):
+    """FSDP2 in one process (a world of one rank: nccl on a GPU, gloo on a CPU) on the tiny
+    packed NiT recipe (configs/nit/nit_tiny_shapes_pack.py; blocks sharded, bf16 compute
+    on a GPU, FlexEMAHook, every block checkpointed): 6 steps in one run against 3 steps,
+    a sharded checkpoint and a resume to 6, the trained and EMA weights compared."""
+    import shutil
+    import socket
+    import tempfile
+    import uuid
+
+    import torch
+
+    from flexgen.apis.runners import (apply_train_options, build_runner, end_distributed,
+                                      load_config)
+    from flexgen.engine.sharded_checkpoint import consolidate
+    row = dict(check='sharded', recipe='nit_tiny_shapes_pack, FSDP2 + activation checkpointing')
+    own_group = not torch.distributed.is_initialized()
+    saved_env = dict(os.environ)
+    if own_group:
+        with socket.socket() as free:
+            free.bind(('127.0.0.1', 0))
+            port = free.getsockname()[1]
+        os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK='0',
+                          LOCAL_RANK='0', WORLD_SIZE='1')
+    config = osp.join(ROOT, 'configs', 'nit', 'nit_tiny_shapes_pack.py')
+    wrapper = dict(type='FullyShardedWrapper')
+    if device.type == 'cuda':
+        wrapper['mixed_precision'] = dict(param_dtype='bfloat16', reduce_dtype='float32')
+    root = tempfile.mkdtemp(prefix='flexgen_gpu_check_')
+
+    def train(name, iters, resume=None):
+        options = {'model_wrapper_cfg': wrapper, 'train_cfg.max_iters': iters,
+                   'default_hooks.checkpoint.interval': 3, 'default_hooks.logger.interval': 1,
+                   'val_cfg': None, 'val_dataloader': None, 'val_evaluator': None,
+                   'train_dataloader.num_workers': 0,
+                   'train_dataloader.persistent_workers': False,
+                   'activation_checkpointing': [f'backbone.blocks.{i}' for i in range(4)],
+                   'experiment_name': f'gpu_check_{uuid.uuid4().hex[:8]}'}
+        cfg = load_config(config, launcher='pytorch', cfg_options=options,
+                          work_dir=osp.join(root, name))
+        runner = build_runner(apply_train_options(cfg, resume=resume), config)
+        runner.train()
+        row['wrapper'] = type(runner.model).__name__
+        return osp.join(root, name, f'iter_{iters}.pth')
+
+    try:
+        begin = time.perf_counter()
+        straight = train('straight', 6)
+        train('split', 3)
+        resumed = train('split', 6, resume=osp.join(root, 'split', 'iter_3.pth'))
+        diffs, finite = {}, True
+        for weights in ('model', 'ema'):
+            a, b = consolidate(straight, weights), consolidate(resumed, weights)
+            diffs[weights] = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+            finite = finite and all(bool(torch.isfinite(v).all()) for v in a.values())
+        # a GPU's atomics (attention and scatter backward) may reorder float sums
+        tolerance = 1e-3 if device.type == 'cuda' else 0.0
+        row.update(seconds=time.perf_counter() - begin, resume_max_diff=diffs,
+                   ok=(finite and max(diffs.values()) <= tolerance
+                       and row['wrapper'] == 'FullyShardedWrapper'),
+                   world_size=torch.distributed.get_world_size(),
+                   backend=torch.distributed.get_backend())
+    except Exception as error:  # noqa: BLE001 - report and go on
+        row.update(ok=False, note=f'{type(error).__name__}: {str(error)[:300]}')
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+        if own_group:
+            end_distributed()
+            os.environ.clear()
+            os.environ.update(saved_env)
+    return row
+
+
 def attention_used(backend):
     """A layer's backend by its registered name; for 'auto', the backends it chose."""
     from flexgen.registry import ATTENTION_BACKENDS
@@ -456,6 +536,12 @@ def print_table(env, rows):
         print(f'  {r["recipe"]:<30}{r["step_ms"]:>9.1f}{r["tokens_per_s"]:>11.0f}{mfu:>7}'
               f'{r["train_tflops"]:>9.1f}{memory:>10}{syncs:>11}{r["setup_s"]:>9.1f}')
     for r in rows:
+        if r['check'] == 'sharded':
+            result = (f'resumed vs straight max |diff| model {r["resume_max_diff"]["model"]:.2e}, '
+                      f'EMA {r["resume_max_diff"]["ema"]:.2e} ({r["wrapper"]}, {r["backend"]}, '
+                      f'{r["seconds"]:.0f} s)' if 'resume_max_diff' in r else r.get('note'))
+            print(f'sharded training: {r["recipe"]}: {result}  ok {r["ok"]}')
+    for r in rows:
         if r['check'] == 'train' and r.get('profile'):
             profile = r['profile']
             busy = (f'; kernels busy {100 * profile["gpu_busy"]:.0f}% of the step'
@@ -493,6 +579,8 @@ def main(argv=None):
         eager = next(r for r in rows if r.get('recipe') == 'nit_xl')
         rows.append(check_recipe('nit_xl', args, device, peak, compile_blocks=True,
                                  flops_per_token=eager.get('flops_per_token')))
+    if 'sharded' in args.only:
+        rows.append(check_sharded(args, device))
     env['seconds'] = time.perf_counter() - began
     print_table(env, rows)
     with open(args.out, 'w') as f:
