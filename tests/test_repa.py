@@ -52,16 +52,42 @@ def normalise(x, mean, std):
 # ---------------------------------------------------------------------- encoders
 def test_image_alignment_gives_the_token_grid_for_non_square_sizes(monkeypatch):
     enc = tiny_dino()
-    seen, encode = [], enc.encode
-    monkeypatch.setattr(enc, 'encode', lambda x: seen.append(tuple(x.shape)) or encode(x))
+    seen, embed, packed = [], enc.embed, []
+    monkeypatch.setattr(enc, 'embed', lambda x: seen.append(tuple(x.shape)) or embed(x))
+    encode_packed = enc.encode_packed
+    monkeypatch.setattr(enc, 'encode_packed',
+                        lambda xs: packed.append([len(x) for x in xs]) or encode_packed(xs))
     grids = [(3, 5), (2, 2), (4, 1)]
     feats = enc(images(), grids)
     assert sorted(seen) == sorted([(1, 3, 42, 70), (1, 3, 28, 28), (1, 3, 56, 14)])
     assert [tuple(f.shape) for f in feats] == [(15, 32), (4, 32), (4, 32)]
-    # Images of one size go through together.
+    assert [sorted(lengths) for lengths in packed] == [[1 + 4, 1 + 4, 1 + 15]]  # one call
+    # Images of one size are embedded together.
     seen.clear()
     enc(images(sizes=((30, 40),) * 3), [(2, 3)] * 3)
     assert seen == [(3, 3, 28, 42)]
+
+
+def _one_call_per_size(monkeypatch, enc):
+    monkeypatch.setattr(type(enc), 'packs', property(lambda self: False))
+
+
+@pytest.mark.parametrize('kind', ['dinov2', 'dinov2_registers', 'features_align'])
+def test_packed_blocks_give_the_features_of_one_call_per_size(monkeypatch, kind):
+    """One packed trunk over images of many sizes (block-diagonal attention) equals timm's
+    own forward run once per size: prefix and register tokens, grids of any shape."""
+    if kind == 'dinov2_registers':
+        enc = DINOv2Encoder(arch='dinov2reg-vit-s', img_size=28, model_kwargs=TINY)
+    else:
+        enc = tiny_dino(**(dict(align='features') if kind == 'features_align' else {}))
+    randomise(enc.net, seed=3)
+    sizes = ((40, 60), (28, 28), (50, 30), (28, 28), (64, 20), (40, 60))
+    grids = [(3, 5), (2, 2), (4, 1), (2, 2), (5, 2), (2, 6)]
+    assert enc.packs
+    packed = enc(images(sizes=sizes), grids)
+    _one_call_per_size(monkeypatch, enc)
+    for a, b in zip(packed, enc(images(sizes=sizes), grids)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_features_are_the_timm_patch_tokens_of_the_normalised_resized_image():

@@ -23,6 +23,13 @@ as REPA's ``preprocess_raw_image``; OpenAI CLIP's for RADIO, as its input condit
 Features are the final-normed patch tokens (prefix / register tokens dropped: DINOv2's
 ``x_norm_patchtokens``; RADIO's spatial features).
 
+Images of many sizes (a NiT pack holds 24-31 distinct sizes of about 100 images) run as one
+packed sequence: each size group is embedded (patches, position, prefix tokens), then the
+transformer blocks run once over all images' tokens with block-diagonal attention (an
+attention backend, ``'auto'``: a varlen kernel on a GPU) and every other op token-wise. That
+is one network call per batch instead of one per size, and the same features (timm ViT
+blocks; other block types fall back to one call per size).
+
 The network is deliberately not a registered sub-module (as ``DiffusersAutoencoder``): its
 frozen weights stay out of the generator's ``state_dict``, ``parameters()`` (EMA, DDP,
 optimisers) and are shared by ``deepcopy``; ``.to()`` still moves it. Weights come from a
@@ -46,8 +53,9 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from flexgen.models.layers.attention_backends import build_attention_backend
 from flexgen.registry import MODELS
-from flexgen.structures import ImageGroups, channels_first
+from flexgen.structures import ImageGroups, TokenBatch, channels_first
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -139,6 +147,19 @@ def _check_grids(images: Sequence, grids) -> List[Tuple[int, int]]:
     return [(int(h), int(w)) for h, w in grids]
 
 
+def _packed_vit_block(block: nn.Module, x: Tensor, batch: TokenBatch, attention) -> Tensor:
+    """timm's ViT ``Block`` (inference) on packed tokens ``[N, D]``: its own layers, with
+    the attention of each image over its own tokens only (``attention(q, k, v, batch)``).
+    timm's block takes ``[B, L, D]`` of one length; its dense mask over a pack would cost
+    ``(sum L)^2``."""
+    attn, n = block.attn, x.shape[0]
+    q, k, v = attn.qkv(block.norm1(x)).view(n, 3, attn.num_heads, attn.head_dim).unbind(1)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    out = attn.proj(attn.norm(attention(q, k.to(q.dtype), v.to(q.dtype), batch).reshape(n, -1)))
+    x = x + block.ls1(out)
+    return x + block.ls2(block.mlp(block.norm2(x)))
+
+
 # ---------------------------------------------------------------------- base
 class FrozenVisionEncoder(nn.Module):
     """Base of the encoders: preprocessing, grid alignment, per-size batching.
@@ -169,6 +190,7 @@ class FrozenVisionEncoder(nn.Module):
         self.align, self.interpolation, self.antialias = align, interpolation, bool(antialias)
         self.input_size = None if input_size is None else tuple(
             [input_size] * 2 if isinstance(input_size, int) else input_size)
+        self.attention = build_attention_backend('auto')
 
     # ------------------------------------------------------------------ module plumbing
     def _set_net(self, net: nn.Module, mean, std) -> None:
@@ -219,20 +241,49 @@ class FrozenVisionEncoder(nn.Module):
                               align_corners=align_corners, antialias=self.antialias)
         return x
 
-    def encode(self, x: Tensor) -> Tensor:
+    #: tokens before the patches that :meth:`embed` prepends (class / register tokens)
+    num_prefix_tokens = 0
+
+    def embed(self, x: Tensor) -> Tensor:
+        """Normalised ``[B, 3, H, W]`` -> the first block's input ``[B, prefix + h*w, D]``
+        (patches, position embedding, prefix tokens)."""
         raise NotImplementedError
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Normalised ``[B, 3, H, W]`` of one size -> patch tokens ``[B, h*w, z]``."""
+        tokens = self.net.norm(self.net.blocks(self.embed(x)))
+        return tokens[:, self.num_prefix_tokens:]
+
+    @property
+    def packs(self) -> bool:
+        """Whether the blocks can run packed: timm ViT blocks with the default attention
+        scale (anything else runs one network call per size)."""
+        from timm.models.vision_transformer import Attention, Block
+        return isinstance(self.net.blocks, nn.Sequential) and all(
+            type(b) is Block and type(b.attn) is Attention and getattr(b.attn, 'gate', None)
+            is None and math.isclose(b.attn.scale, b.attn.head_dim ** -0.5)
+            for b in self.net.blocks)
+
+    def encode_packed(self, embedded: Sequence[Tensor]) -> List[Tensor]:
+        """Embedded images ``[L_i, D]`` (any lengths) -> patch tokens ``[L_i - prefix, z]``:
+        the blocks over one packed sequence with block-diagonal attention, the final norm."""
+        lengths = [x.shape[0] for x in embedded]
+        x = torch.cat(list(embedded))
+        batch = TokenBatch(x, torch.tensor([[1, n] for n in lengths]))
+        for block in self.net.blocks:
+            x = _packed_vit_block(block, x, batch, self.attention)
+        return [t[self.num_prefix_tokens:] for t in self.net.norm(x).split(lengths)]
 
     @torch.no_grad()
     def forward(self, images, grids) -> List[Tensor]:
         """Patch features ``[h*w, z_dim]`` (float32, row-major) of every image on its token
         grid ``(h, w)``. ``images``: a list (tensors ``[3, H, W]``, uint8 arrays
-        ``[H, W, 3]``) or :class:`~flexgen.structures.ImageGroups`; one network call per
-        image size and grid."""
+        ``[H, W, 3]``) or :class:`~flexgen.structures.ImageGroups`; one network call for
+        all of them (see the module docstring)."""
         if not isinstance(images, ImageGroups):
             images = ImageGroups.from_items([as_pixels(image) for image in images])
         grids = _check_grids(range(len(images)), grids)
-        outputs: List[Optional[Tensor]] = [None] * len(grids)
-        p = self.patch_size
+        groups = []  # (image ids, token grid, encoder grid, network input or its tokens)
         for stack, index in zip(images.images, images.index):
             ids = index.tolist()  # host-side
             by_grid = defaultdict(list)
@@ -241,17 +292,28 @@ class FrozenVisionEncoder(nn.Module):
             for grid, rows in by_grid.items():
                 part = stack if len(rows) == len(stack) else stack[rows]
                 size = self.input_size_for(grid, tuple(part.shape[-2:]))
-                tokens = self.encode(self.preprocess(part, size).to(self.run_dtype)).float()
-                gh, gw = size[0] // p, size[1] // p
-                if tokens.shape[1] != gh * gw:
-                    raise RuntimeError(f'{type(self).__name__}: {tokens.shape[1]} patch tokens '
-                                       f'for a {gh}x{gw} patch grid')
-                if (gh, gw) != grid:
-                    fmap = tokens.transpose(1, 2).reshape(len(rows), -1, gh, gw)
-                    fmap = F.interpolate(fmap, size=grid, mode='bilinear', align_corners=False)
-                    tokens = fmap.flatten(2).transpose(1, 2)
-                for row, feats in zip(rows, tokens):
-                    outputs[ids[row]] = feats.contiguous()
+                x = self.preprocess(part, size).to(self.run_dtype)
+                groups.append(([ids[r] for r in rows], grid,
+                               (size[0] // self.patch_size, size[1] // self.patch_size), x))
+        if self.packs:
+            embedded = [self.embed(x) for *_, x in groups]
+            flat = self.encode_packed([t for e in embedded for t in e])
+            starts = np.cumsum([0] + [len(e) for e in embedded])
+            tokens = [torch.stack(flat[a:b]) for a, b in zip(starts[:-1], starts[1:])]
+        else:
+            tokens = [self.encode(x) for *_, x in groups]
+        outputs: List[Optional[Tensor]] = [None] * len(grids)
+        for (ids, grid, (gh, gw), _), feats in zip(groups, tokens):
+            feats = feats.float()
+            if feats.shape[1] != gh * gw:
+                raise RuntimeError(f'{type(self).__name__}: {feats.shape[1]} patch tokens '
+                                   f'for a {gh}x{gw} patch grid')
+            if (gh, gw) != grid:
+                fmap = feats.transpose(1, 2).reshape(len(ids), -1, gh, gw)
+                fmap = F.interpolate(fmap, size=grid, mode='bilinear', align_corners=False)
+                feats = fmap.flatten(2).transpose(1, 2)
+            for i, f in zip(ids, feats):
+                outputs[i] = f.contiguous()
         return outputs
 
     def extra_repr(self) -> str:
@@ -320,8 +382,9 @@ class TimmViTEncoder(FrozenVisionEncoder):
                                       f'missing keys {missing[:8]}, unexpected keys '
                                       f'{unexpected[:8]}')
 
-    def encode(self, x: Tensor) -> Tensor:
-        return self.net.forward_features(x)[:, self.num_prefix_tokens:]
+    def embed(self, x: Tensor) -> Tensor:
+        net = self.net  # timm's forward_features up to the blocks
+        return net.norm_pre(net.patch_drop(net._pos_embed(net.patch_embed(x))))
 
 
 @MODELS.register_module()
@@ -520,15 +583,17 @@ class RADIOEncoder(FrozenVisionEncoder):
                                  align_corners=self.align_corners)
         return grid[0, :, :h, :w].flatten(1).T
 
-    def encode(self, x: Tensor) -> Tensor:
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.prefix.shape[-2]
+
+    def embed(self, x: Tensor) -> Tensor:
         net = self.net
         patches = net.patch_embed(x)  # [B, h, w, D] (dynamic_img_size: NHWC)
         b, h, w, d = patches.shape
         tokens = patches.reshape(b, h * w, d) + self.cpe(h, w).to(patches.dtype)
         prefix = self.prefix.to(patches.dtype).expand(b, -1, -1)
-        tokens = net.norm_pre(torch.cat([prefix, tokens], dim=1))
-        tokens = net.norm(net.blocks(tokens))
-        return tokens[:, prefix.shape[1]:]
+        return net.norm_pre(torch.cat([prefix, tokens], dim=1))
 
     def extra_repr(self) -> str:
         return f'checkpoint={self.checkpoint!r}, arch={self.arch!r}, ' + super().extra_repr()
