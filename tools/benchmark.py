@@ -2,7 +2,8 @@
 noisy: compare numbers from the same run, not across runs; candidates are timed in
 interleaved rounds and compared by their median per-round ratio.
 
-    python tools/benchmark.py [--tokens 16384] [--threads 2] [--only attention packed train]
+    python tools/benchmark.py [--tokens 16384] [--threads 2] [--only attention packed train
+                                                             repa sampling host]
 
 - attention: forward+backward time of each attention backend on an ImageNet-like pack of
   ``--tokens`` tokens (image sizes drawn from the native histogram of
@@ -19,6 +20,9 @@ interleaved rounds and compared by their median per-round ratio.
 - host: the CPU-side figures of the GPU path: host syncs per training step (flexgen's
   engine vs mmengine's stock hooks), the per-image modulation's saved bytes at NiT-XL
   width, and torch.compile's compilations over packs (regional vs the whole backbone).
+- repa: REPA's frozen encoder (a random timm ViT, ``--repa-encoder``) on the images of an
+  ImageNet-like pack (``--repa-tokens`` tokens, images of 16 px per token as NiT feeds
+  RADIO/16): the blocks packed once over all images vs one network call per image size.
 - sampling: every generation sampler at (about) the same number of network evaluations
   (NFE): wall time per image on a tiny random FlexDiT, and accuracy on Gaussian data with
   the exact velocity (ODE samplers: error against a fine adaptive solution; SDE samplers:
@@ -355,6 +359,38 @@ class CountingModel:
         return self.fn(x, t)
 
 
+def bench_repa(args):
+    import numpy as np
+    import torch
+
+    from flexgen.models.vision_encoders import TimmViTEncoder
+    from flexgen.utils.latent_sizes import draw_sizes
+    device = torch.device(args.device)
+    encoder = TimmViTEncoder(args.repa_encoder).to(device)
+    grids = draw_sizes(args.repa_tokens, seed=0).tolist()
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (16 * h, 16 * w, 3), dtype=np.uint8) for h, w in grids]
+    packed = type(encoder).packs
+    per_size = property(lambda self: False)
+
+    def run(packs):
+        def call():
+            type(encoder).packs = packed if packs else per_size
+            try:
+                encoder(images, grids)
+            finally:
+                type(encoder).packs = packed
+        return call
+
+    times = interleaved({'packed': run(True), 'per size': run(False)}, args.train_rounds)
+    print(f'\n== REPA encoder ({args.repa_encoder}, random weights, {device}) on the images of '
+          f'an ImageNet-like pack: {len(grids)} images of {len({tuple(g) for g in grids})} '
+          f'sizes, {sum(h * w for h, w in grids)} patches')
+    for name in times:
+        print(f'   {name:<9} {statistics.median(times[name]):.3f} s')
+    print(f'   packed / one call per size: {ratio(times, "packed", "per size"):.2f}x the time')
+
+
 def bench_sampling(args):
     import math
     import statistics
@@ -556,10 +592,15 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--only', nargs='+',
-                        choices=['attention', 'packed', 'train', 'sampling', 'host'],
-                        default=['attention', 'packed', 'train', 'sampling', 'host'],
+                        choices=['attention', 'packed', 'train', 'repa', 'sampling', 'host'],
+                        default=['attention', 'packed', 'train', 'repa', 'sampling', 'host'],
                         metavar='SECTION', help='sections to run (default: all): attention, '
-                        'packed, train, sampling, host')
+                        'packed, train, repa, sampling, host')
+    parser.add_argument('--repa-encoder', default='vit_small_patch16_224',
+                        help='repa: the timm ViT (random weights; RADIO v2.5-H is '
+                        'vit_huge_patch16_224)')
+    parser.add_argument('--repa-tokens', type=int, default=4096,
+                        help="repa: tokens of the pack whose images the encoder sees")
     parser.add_argument('--tokens', type=int, default=16384,
                         help='attention / packed: tokens in the ImageNet-like pack')
     parser.add_argument('--rounds', type=int, default=7, help='attention: interleaved rounds')
@@ -607,6 +648,8 @@ def main(argv=None):
         bench_packed_vs_padded(args, best)
     if 'train' in args.only:
         bench_train(args)
+    if 'repa' in args.only:
+        bench_repa(args)
     if 'sampling' in args.only:
         bench_sampling(args)
     if 'host' in args.only:
