@@ -116,7 +116,9 @@ class Geometry:
         return torch.arange(self.num_tokens, device=self.device) - starts[self.tensor('image_ids')]
 
     def _build_image_sizes(self):
-        return self.sizes.to(self.device)
+        # a tensor of its own even on the host: the host-side ``sizes`` never aliases a
+        # device tensor (what a host-sync count on a CPU tells apart)
+        return self.sizes.to(self.device, copy=True)
 
     def _build_positions(self):
         widths = self.tensor('image_sizes')[:, 1][self.tensor('image_ids')]

@@ -22,7 +22,10 @@ def test_gpu_check_runs_end_to_end_at_toy_sizes(tmp_path, capsys):
     assert 'flash-attn' in attention['flash_varlen']['note']  # not installed: said why
     assert 'CUDA' in attention['torch_varlen']['note']  # a CUDA kernel: said why
     train = {r['recipe']: r for r in rows if r['check'] == 'train'}
-    assert set(train) == {'nit_xl', 'dit_xl', 'fitv2_xl'}
+    assert set(train) == {'nit_xl', 'nit_xl_repa', 'dit_xl', 'fitv2_xl'}
+    # the REPA row counts its frozen encoder's forward (a ViT over the pack's images)
+    assert train['nit_xl_repa']['encoder_flops_per_token'] > 0 == \
+        train['nit_xl']['encoder_flops_per_token']
     for name, row in train.items():
         assert row['ok'], row.get('note')
         assert row['step_ms'] > 0 and row['tokens_per_s'] > 0 and row['flops_per_token'] > 0
@@ -30,6 +33,7 @@ def test_gpu_check_runs_end_to_end_at_toy_sizes(tmp_path, capsys):
         assert abs(sum(profile['by_kind'].values()) - 1) < 1e-6
         assert profile['by_kind']['matmul'] > 0 and len(profile['top']) == 10
     assert train['nit_xl']['syncs_per_step'] == 0  # the packed recipe's hot path
+    assert train['nit_xl_repa']['syncs_per_step'] == 0  # ... with its REPA encoder
     assert train['nit_xl']['attention'] == 'auto -> sdpa'  # what 'auto' took on a CPU
     assert train['nit_xl']['tokens_per_step'] <= 1024 < 2 * train['nit_xl']['tokens_per_step']
     (sharded,) = [r for r in rows if r['check'] == 'sharded']  # FSDP2 on one gloo rank
@@ -37,7 +41,7 @@ def test_gpu_check_runs_end_to_end_at_toy_sizes(tmp_path, capsys):
     assert sharded['resume_max_diff'] == {'model': 0.0, 'ema': 0.0}  # resume is exact
     assert not torch.distributed.is_initialized()  # its process group is gone
     printed = capsys.readouterr().out
-    assert 'MFU = 3 x forward FLOPs' in printed and 'nit_xl' in printed
+    assert 'MFU = (3 x forward FLOPs + REPA encoder FLOPs)' in printed and 'nit_xl' in printed
     assert 'time by kind: ' in printed
 
 

@@ -10,7 +10,7 @@ import torch
 
 import flexgen
 from flexgen.models.data_preprocessor import FlexDataPreprocessor
-from flexgen.utils.host_sync import count_training_syncs
+from flexgen.utils.host_sync import HostSyncCounter, count_training_syncs, host_work
 from helpers import load_tool
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -39,3 +39,19 @@ def test_tiny_packed_training_step_makes_no_host_sync():
     # out (its own phase, once per save).
     assert len(events['engine']) <= len({4, 8, STEPS}), '\n'.join(events['engine'][:4])
     assert events['checkpoint']  # the counter sees the copies a save makes
+
+
+def test_host_work_is_filed_as_data_not_as_a_sync_of_the_step():
+    """A layout built on the host inside a counted forward (then moved without blocking)
+    is host work, as in the data loader; the same factory outside it counts."""
+    model = torch.nn.Linear(2, 2)
+    with HostSyncCounter('cpu') as counter:
+        counter.mark(model)
+        with host_work():
+            torch.tensor([[1, 4], [1, 5]], device='cpu').tolist()
+        model.weight.sum().item()
+    with host_work():  # no counter: a plain context
+        torch.tensor([1])
+    assert [e.splitlines()[0] for e in counter.events['default']] == ['item() of a device tensor']
+    assert [e.splitlines()[0] for e in counter.events['data']] == [
+        'tensor() of host data onto the device, blocking', 'tolist() of a device tensor']

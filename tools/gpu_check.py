@@ -17,13 +17,16 @@ own FlashAttention-2 varlen kernel, needs torch >= 2.10).
   per-image limit (dense attention on each image alone).
 - nit_xl: NiT-XL (configs/nit/nit_xl_pack_16384.py) on synthetic 16384-token packs;
   dit_xl: DiT-XL/2 (configs/dit/dit_xl_2_256.py) at batch 32 of 256 px latents; fitv2_xl:
-  FiTv2-XL/2 (configs/fit/fitv2_xl_2.py) at batch 32 of images up to 256 tokens. The
-  backbone trains on latents (no autoencoder, no REPA encoder: their weights are not
-  needed to time the model) with the config's optimiser and precision: step time (CUDA
-  events, median over steps after warm-up), tokens/s, model FLOPs utilisation
-  ``MFU = 3 x forward FLOPs / step time / peak`` (forward FLOPs counted by torch's
-  FlopCounterMode on the step's own batch, attention included; backward = 2 x forward;
-  peak: the GPU's dense bf16 rate), peak memory, and host syncs per step (CUDA's sync
+  FiTv2-XL/2 (configs/fit/fitv2_xl_2.py) at batch 32 of images up to 256 tokens;
+  nit_xl_repa: NiT-XL with its REPA encoder's network (RADIO v2.5-H is a timm ViT-H/16;
+  random weights, bf16) on each pack's images (16 px per latent cell, as NiTLatents gives
+  them), the headline command's whole step. The backbone trains on latents (no
+  autoencoder) with the config's optimiser and precision: step time (CUDA events, median
+  over steps after warm-up), tokens/s, model FLOPs utilisation
+  ``MFU = (3 x forward FLOPs + REPA encoder FLOPs) / step time / peak`` (FLOPs counted by
+  torch's FlopCounterMode on the step's own batch, attention included; backward = 2 x
+  forward; the frozen encoder runs forward only; peak: the GPU's dense bf16 rate), peak
+  memory, and host syncs per step (CUDA's sync
   debug mode; on a CPU, flexgen.utils.HostSyncCounter). NiT-XL also with its blocks
   compiled (``compile_blocks=True``), compile time included in the table. One profiled
   step per recipe gives the kernel time by kind of work (``kind_of``), the top kernels,
@@ -51,9 +54,7 @@ PEAK_BF16 = {'H100': 989.4e12, 'H200': 989.4e12, 'H800': 989.4e12, 'A100': 312e1
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--only', nargs='+', default=['attention', 'nit_xl', 'dit_xl',
-                                                       'fitv2_xl', 'sharded'],
-                        choices=['attention', 'nit_xl', 'dit_xl', 'fitv2_xl', 'sharded'],
+    parser.add_argument('--only', nargs='+', default=CHECKS, choices=CHECKS,
                         help='checks to run (default: all)')
     parser.add_argument('--out', default='gpu_check.json', help='where the JSON goes')
     parser.add_argument('--steps', type=int, default=10, help='timed steps per recipe')
@@ -204,9 +205,11 @@ def check_attention(args, device):
 # ----------------------------------------------------------------------------- training
 RECIPES = {
     'nit_xl': ('configs/nit/nit_xl_pack_16384.py', 'packs'),
+    'nit_xl_repa': ('configs/nit/nit_xl_pack_16384.py', 'packs'),
     'dit_xl': ('configs/dit/dit_xl_2_256.py', 'batch'),
     'fitv2_xl': ('configs/fit/fitv2_xl_2.py', 'fit'),
 }
+CHECKS = ['attention', 'nit_xl', 'nit_xl_repa', 'dit_xl', 'fitv2_xl', 'sharded']
 
 
 def build_recipe(name, args, device, compile_blocks=False):
@@ -224,7 +227,16 @@ def build_recipe(name, args, device, compile_blocks=False):
         backbone.update(hidden_size=64, depth=2, num_heads=2, num_classes=10)
     if compile_blocks:
         backbone['compile_blocks'] = True
-    model_cfg.update(repa=None, inputs_are_latents=True,
+    repa = None
+    if name == 'nit_xl_repa':  # RADIO v2.5-H's network (timm ViT-H/16), random weights
+        from flexgen.models.vision_encoders import CLIP_MEAN, CLIP_STD
+        encoder = dict(type='TimmViTEncoder', mean=CLIP_MEAN, std=CLIP_STD,
+                       model_name='vit_tiny_patch16_224' if args.tiny else 'vit_huge_patch16_224',
+                       dtype='bfloat16' if device.type == 'cuda' else 'float32')
+        repa = dict(model_cfg['repa'], encoder=encoder)
+        if args.tiny:
+            repa.update(feature_block=1, projector_dim=32)
+    model_cfg.update(repa=repa, inputs_are_latents=True,
                      autoencoder=dict(type='IdentityAutoencoder',
                                       channels=backbone['in_channels']))
     torch.manual_seed(0)
@@ -266,6 +278,11 @@ def recipe_batches(name, args, model, count):
         items = [dict(inputs=torch.randn(channels, h * patch, w * patch, generator=g),
                       data_samples=dict(label=i % model.num_classes, index=seed * 1000 + i))
                  for i, (h, w) in enumerate(grids)]
+        if model.repa is not None:  # NiTLatents' REPA images: uint8, 16 px per latent cell
+            for item, (h, w) in zip(items, grids):
+                item['data_samples']['image'] = torch.randint(
+                    0, 256, (16 * h * patch, 16 * w * patch, 3), generator=g,
+                    dtype=torch.uint8).numpy()
         batch = jagged_collate(items, patch_size=patch)
         if torch.cuda.is_available():
             batch = dict(inputs=batch['inputs'].pin_memory(),
@@ -323,6 +340,7 @@ def _check_recipe(name, args, device, peak, compile_blocks=False, flops_per_toke
         tokens = [b['inputs'].tokens.shape[0] for b in batches]
         images = [b['inputs'].num_images for b in batches]
         row['profile'] = profile_step(device, step, seconds)
+        encoder_flops_per_token = 0.0
         if flops_per_token is None:
             # forward FLOPs of each batch's backbone pass (counted eagerly: compiled
             # kernels bypass the counter), under the training precision
@@ -333,7 +351,11 @@ def _check_recipe(name, args, device, peak, compile_blocks=False, flops_per_toke
             backends = [m.backend for m in layers]
             for layer in layers:
                 layer.backend = SDPAAttention()
-            flops = []
+            encoders = model.repa.encoders if model.repa is not None else []
+            encoder_backends = [e.attention for e in encoders]
+            for encoder in encoders:
+                encoder.attention = SDPAAttention()
+            flops, encoder_flops = [], []
             for b in batches:
                 data = model.data_preprocessor(dict(inputs=b['inputs'], data_samples=dict(
                     b['data_samples'])), True)
@@ -342,14 +364,24 @@ def _check_recipe(name, args, device, peak, compile_blocks=False, flops_per_toke
                 with wrapper.optim_context(model):
                     flops.append(forward_flops(model.backbone, tb, t,
                                                data['data_samples']['label']))
+                if encoders:  # REPA's frozen encoder: forward only
+                    from torch.utils.flop_counter import FlopCounterMode
+                    with FlopCounterMode(display=False) as counter:
+                        model.repa.targets(data['data_samples']['image'], tb)
+                    encoder_flops.append(counter.get_total_flops())
             for layer, backend in zip(layers, backends):
                 layer.backend = backend
+            for encoder, backend in zip(encoders, encoder_backends):
+                encoder.attention = backend
             flops_per_token = sum(flops) / sum(tokens)
+            encoder_flops_per_token = sum(encoder_flops) / sum(tokens)
         tokens_per_s = statistics.mean(tokens) / seconds
+        step_flops_per_token = 3 * flops_per_token + encoder_flops_per_token
         row.update(step_ms=seconds * 1e3, tokens_per_step=statistics.mean(tokens),
                    images_per_step=statistics.mean(images), tokens_per_s=tokens_per_s,
-                   train_tflops=3 * flops_per_token * tokens_per_s / 1e12,
-                   mfu=(3 * flops_per_token * tokens_per_s / peak) if peak else None,
+                   train_tflops=step_flops_per_token * tokens_per_s / 1e12,
+                   mfu=(step_flops_per_token * tokens_per_s / peak) if peak else None,
+                   encoder_flops_per_token=encoder_flops_per_token,
                    peak_memory_gib=(torch.cuda.max_memory_allocated(device) / 2 ** 30
                                     if device.type == 'cuda' else None),
                    syncs_per_step=syncs / 2, sync_examples=where,
@@ -520,8 +552,8 @@ def print_table(env, rows):
         err = f'{r["relative_error"]:.2e}' if 'relative_error' in r else ''
         print(f'  {r["backend"]:<18}{r["ms"]:>9.2f}{r["x_limit"]:>9.2f}{r["tflops"]:>9.1f}'
               f'{err:>12}  {r["ok"]}')
-    print(f'training steps (bf16 autocast, fused AdamW; MFU = 3 x forward FLOPs / step time '
-          f'/ peak, {env["peak"]}):')
+    print(f'training steps (bf16 autocast, fused AdamW; MFU = (3 x forward FLOPs + REPA '
+          f'encoder FLOPs) / step time / peak, {env["peak"]}):')
     print(f'  {"recipe":<30}{"step ms":>9}{"tokens/s":>11}{"MFU":>7}{"TFLOP/s":>9}'
           f'{"peak GiB":>10}{"syncs/step":>11}{"setup s":>9}')
     for r in rows:
@@ -572,7 +604,7 @@ def main(argv=None):
     rows, began = [], time.perf_counter()
     if 'attention' in args.only:
         rows += check_attention(args, device)
-    for name in ('nit_xl', 'dit_xl', 'fitv2_xl'):
+    for name in ('nit_xl', 'nit_xl_repa', 'dit_xl', 'fitv2_xl'):
         if name in args.only:
             rows.append(check_recipe(name, args, device, peak))
     if 'nit_xl' in args.only and not args.no_compile:

@@ -55,7 +55,8 @@ from torch import Tensor, nn
 
 from flexgen.models.layers.attention_backends import build_attention_backend
 from flexgen.registry import MODELS
-from flexgen.structures import ImageGroups, TokenBatch, channels_first
+from flexgen.structures import Geometry, ImageGroups, TokenBatch, channels_first
+from flexgen.utils.host_sync import host_work
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -269,7 +270,11 @@ class FrozenVisionEncoder(nn.Module):
         the blocks over one packed sequence with block-diagonal attention, the final norm."""
         lengths = [x.shape[0] for x in embedded]
         x = torch.cat(list(embedded))
-        batch = TokenBatch(x, torch.tensor([[1, n] for n in lengths]))
+        with host_work():  # the layout on the host, moved without blocking (as a collate)
+            layout = Geometry([[1, n] for n in lengths]).build()
+            if x.is_cuda:
+                layout = layout.pin_memory()
+        batch = TokenBatch(x, geometry=layout.to(x.device, non_blocking=True))
         for block in self.net.blocks:
             x = _packed_vit_block(block, x, batch, self.attention)
         return [t[self.num_prefix_tokens:] for t in self.net.norm(x).split(lengths)]

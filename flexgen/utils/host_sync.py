@@ -37,6 +37,26 @@ _FACTORIES = {'tensor', 'as_tensor', 'zeros', 'ones', 'empty', 'full', 'arange',
               'full_like', 'eye'}
 
 
+_ACTIVE: List['HostSyncCounter'] = []  # the counters now counting, innermost last
+
+
+@contextlib.contextmanager
+def host_work():
+    """Code that only builds host-side data inside a counted region (e.g. a packed layout
+    made in a forward, then pinned and moved without blocking): on a GPU machine it syncs
+    nothing, so an active :class:`HostSyncCounter` files what it sees there under the
+    ``'data'`` phase (host work), as it does for the data loader."""
+    counter = _ACTIVE[-1] if _ACTIVE else None
+    if counter is None:
+        yield
+        return
+    phase, counter.phase = counter.phase, 'data'
+    try:
+        yield
+    finally:
+        counter.phase = phase
+
+
 def _name(func) -> str:
     name = resolve_name(func) or getattr(func, '__name__', str(func))
     return name.rsplit('.', 1)[-1]
@@ -56,6 +76,14 @@ class HostSyncCounter(TorchFunctionMode):
         self.phase = 'default'
         self.events: Dict[str, List[str]] = defaultdict(list)
         self._device = {}  # id -> weak reference (tensors hash and compare elementwise)
+
+    def __enter__(self):
+        _ACTIVE.append(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        _ACTIVE.remove(self)
+        return super().__exit__(*exc)
 
     # ------------------------------------------------------------------ tagging
     def mark(self, *objects) -> None:
