@@ -90,6 +90,20 @@ def test_packed_blocks_give_the_features_of_one_call_per_size(monkeypatch, kind)
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_an_encoder_with_its_own_encode_runs_it_once_per_size():
+    """A subclass that computes features its own way keeps its encode (never packed)."""
+    class Doubled(DINOv2Encoder):
+        def encode(self, x):
+            return 2 * super().encode(x)
+
+    enc = Doubled(arch='dinov2-vit-s', img_size=28, model_kwargs=TINY)
+    plain = tiny_dino()
+    assert plain.packs and not enc.packs
+    grids = [(3, 5), (2, 2), (4, 1)]
+    for a, b in zip(enc(images(), grids), plain(images(), grids)):
+        torch.testing.assert_close(a, 2 * b, rtol=1e-5, atol=1e-5)
+
+
 def test_features_are_the_timm_patch_tokens_of_the_normalised_resized_image():
     enc = tiny_dino()
     image, (h, w) = images()[0], (3, 5)

@@ -155,8 +155,8 @@ def _packed_vit_block(block: nn.Module, x: Tensor, batch: TokenBatch, attention)
     ``(sum L)^2``."""
     attn, n = block.attn, x.shape[0]
     q, k, v = attn.qkv(block.norm1(x)).view(n, 3, attn.num_heads, attn.head_dim).unbind(1)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    out = attn.proj(attn.norm(attention(q, k.to(q.dtype), v.to(q.dtype), batch).reshape(n, -1)))
+    q, k = attn.q_norm(q).to(v.dtype), attn.k_norm(k).to(v.dtype)  # one dtype, as Attention
+    out = attn.proj(attn.norm(attention(q, k, v, batch).reshape(n, -1)))
     x = x + block.ls1(out)
     return x + block.ls2(block.mlp(block.norm2(x)))
 
@@ -257,13 +257,16 @@ class FrozenVisionEncoder(nn.Module):
 
     @property
     def packs(self) -> bool:
-        """Whether the blocks can run packed: timm ViT blocks with the default attention
-        scale (anything else runs one network call per size)."""
+        """Whether the blocks can run packed: :meth:`encode` is this class's (embed,
+        blocks, final norm) over timm ViT blocks with the default attention scale; anything
+        else (an encoder with its own ``encode``) runs one network call per size."""
         from timm.models.vision_transformer import Attention, Block
-        return isinstance(self.net.blocks, nn.Sequential) and all(
+        if type(self).encode is not FrozenVisionEncoder.encode:
+            return False
+        blocks = getattr(self.net, 'blocks', None)
+        return isinstance(blocks, nn.Sequential) and all(
             type(b) is Block and type(b.attn) is Attention and getattr(b.attn, 'gate', None)
-            is None and math.isclose(b.attn.scale, b.attn.head_dim ** -0.5)
-            for b in self.net.blocks)
+            is None and math.isclose(b.attn.scale, b.attn.head_dim ** -0.5) for b in blocks)
 
     def encode_packed(self, embedded: Sequence[Tensor]) -> List[Tensor]:
         """Embedded images ``[L_i, D]`` (any lengths) -> patch tokens ``[L_i - prefix, z]``:
