@@ -366,23 +366,13 @@ def bench_repa(args):
     from flexgen.models.vision_encoders import TimmViTEncoder
     from flexgen.utils.latent_sizes import draw_sizes
     device = torch.device(args.device)
-    encoder = TimmViTEncoder(args.repa_encoder).to(device)
+    encoders = {name: TimmViTEncoder(args.repa_encoder, packed=packed).to(device)
+                for name, packed in (('packed', True), ('per size', False))}  # same weights
     grids = draw_sizes(args.repa_tokens, seed=0).tolist()
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (16 * h, 16 * w, 3), dtype=np.uint8) for h, w in grids]
-    packed = type(encoder).packs
-    per_size = property(lambda self: False)
-
-    def run(packs):
-        def call():
-            type(encoder).packs = packed if packs else per_size
-            try:
-                encoder(images, grids)
-            finally:
-                type(encoder).packs = packed
-        return call
-
-    times = interleaved({'packed': run(True), 'per size': run(False)}, args.train_rounds)
+    times = interleaved({name: (lambda e=e: e(images, grids)) for name, e in encoders.items()},
+                        args.train_rounds)
     print(f'\n== REPA encoder ({args.repa_encoder}, random weights, {device}) on the images of '
           f'an ImageNet-like pack: {len(grids)} images of {len({tuple(g) for g in grids})} '
           f'sizes, {sum(h * w for h, w in grids)} patches')

@@ -2,8 +2,8 @@
 bf16, and training steps of the headline recipes with their speed, MFU, memory and host
 syncs, printed as one table and written as JSON.
 
-    python tools/gpu_check.py [--out gpu_check.json] [--only attention nit_xl dit_xl fitv2_xl
-                              sharded]
+    python tools/gpu_check.py [--out gpu_check.json] [--only attention nit_xl nit_xl_repa
+                              dit_xl fitv2_xl sharded]
     python tools/gpu_check.py --tiny      # the same checks at toy sizes (CPU: a smoke test)
 
 One process, a few minutes on one H100 / H200; it needs the project and the packages the

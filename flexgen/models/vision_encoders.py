@@ -175,10 +175,13 @@ class FrozenVisionEncoder(nn.Module):
         antialias: antialiasing when downsizing images (REPA: False).
         input_size: ``align='features'`` only: the encoder's input ``(H, W)`` or side.
         dtype: the dtype the network runs in; features come back float32.
+        packed: run the blocks once over all images (module docstring) where the network
+            allows it; ``False``: one network call per image size.
     """
 
     def __init__(self, align: str = 'image', interpolation: str = 'bicubic',
-                 antialias: bool = False, input_size=None, dtype: str = 'float32'):
+                 antialias: bool = False, input_size=None, dtype: str = 'float32',
+                 packed: bool = True):
         super().__init__()
         if align not in ALIGN_MODES:
             raise ValueError(f'{type(self).__name__}: align must be one of {ALIGN_MODES}, '
@@ -191,6 +194,7 @@ class FrozenVisionEncoder(nn.Module):
         self.align, self.interpolation, self.antialias = align, interpolation, bool(antialias)
         self.input_size = None if input_size is None else tuple(
             [input_size] * 2 if isinstance(input_size, int) else input_size)
+        self.packed = bool(packed)
         self.attention = build_attention_backend('auto')
 
     # ------------------------------------------------------------------ module plumbing
@@ -257,11 +261,11 @@ class FrozenVisionEncoder(nn.Module):
 
     @property
     def packs(self) -> bool:
-        """Whether the blocks can run packed: :meth:`encode` is this class's (embed,
-        blocks, final norm) over timm ViT blocks with the default attention scale; anything
-        else (an encoder with its own ``encode``) runs one network call per size."""
+        """Whether the blocks run packed: asked to (``packed``), and :meth:`encode` is this
+        class's (embed, blocks, final norm) over timm ViT blocks with the default attention
+        scale; anything else (an encoder with its own ``encode``) runs one call per size."""
         from timm.models.vision_transformer import Attention, Block
-        if type(self).encode is not FrozenVisionEncoder.encode:
+        if not self.packed or type(self).encode is not FrozenVisionEncoder.encode:
             return False
         blocks = getattr(self.net, 'blocks', None)
         return isinstance(blocks, nn.Sequential) and all(
